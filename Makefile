@@ -1,0 +1,34 @@
+# make demo   create .venv if missing, install the project, run the whole DVC pipeline on the demo
+# make test   install the test extra into the same .venv and run the test suite
+#
+# Plain pip on purpose: uv and poetry ignore a machine's local torch wheels and download
+# several GB of CUDA torch.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Stage commands in dvc.yaml call `python`: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --editable .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --editable '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/dvc repro
+	@echo
+	$(BIN)/dvc metrics show
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest

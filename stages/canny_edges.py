@@ -1,0 +1,38 @@
+"""canny-edges: the ControlNet condition for every eval image (data/edges/000000.png, ...).
+
+    python -m stages.canny_edges
+
+`cv2.Canny(gt, low, high)` on the RGB ground truth, stacked to 3 channels, exactly as the
+seed recipe fed its canny ControlNet.
+"""
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from stages.common import dataset
+from stages.common.errors import run_cli
+from stages.common.io import atomic_dir, load_rgb, save_png
+from stages.common.params import load_params
+from stages.common.runtime import log, setup_logging
+
+
+def canny(image: np.ndarray, low: int, high: int) -> np.ndarray:
+    edges = cv2.Canny(image, low, high)
+    return np.stack([edges] * 3, axis=-1)
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    configs = dataset.load_eval_configs(params.paths.eval_data)
+    with atomic_dir(params.paths.edges) as edges_dir:
+        for config in tqdm(configs, desc="canny-edges"):
+            gt = load_rgb(dataset.gt_path(params.paths.eval_data, config["index"]))
+            save_png(dataset.edge_path(edges_dir, config["index"]),
+                     canny(gt, params.canny.low_threshold, params.canny.high_threshold))
+    log.info("canny-edges: wrote %d edge maps to %s", len(configs), params.paths.edges)
+
+
+if __name__ == "__main__":
+    run_cli(main)

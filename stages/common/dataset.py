@@ -1,0 +1,64 @@
+"""The on-disk layout of the extracted data, and its readers. File names inside the stage
+folders are written here and nowhere else.
+
+    <train_data>/images.npy         uint8 (N, H, W, 3), memory-mapped by training
+    <train_data>/captions.json      {"prompts": [...], "product_ids": [...], "rows": [...]}
+    <eval_data>/gt/000000.png       ground truth, one per eval product
+    <eval_data>/eval_configs.json   [{"index", "image", "prompt", "product_id", "row", ...}]
+    <edges>/000000.png              canny edges of gt/000000.png
+    <generated_baseline>/000000.png, <generated_lora>/000000.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stages.common.errors import StageError
+from stages.common.io import index_name, read_json
+
+TRAIN_IMAGES = "images.npy"
+TRAIN_CAPTIONS = "captions.json"
+EVAL_CONFIGS = "eval_configs.json"
+GT_DIR = "gt"
+VARIANTS = ("baseline", "lora")
+
+
+def load_train_set(train_dir: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Training images (memory-mapped, never read whole) and their prompts."""
+    train_dir = Path(train_dir)
+    images_path = train_dir / TRAIN_IMAGES
+    if not images_path.is_file():
+        raise StageError(f"{images_path}: not found; run `dvc repro extract` first")
+    images = np.load(images_path, mmap_mode="r")
+    prompts = read_json(train_dir / TRAIN_CAPTIONS)["prompts"]
+    if len(prompts) != len(images):
+        raise StageError(f"{train_dir}: {len(images)} images but {len(prompts)} prompts; rerun `dvc repro extract`")
+    return images, prompts
+
+
+def load_eval_configs(eval_dir: str | Path) -> list[dict]:
+    path = Path(eval_dir) / EVAL_CONFIGS
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run `dvc repro extract` first")
+    return read_json(path)
+
+
+def gt_path(eval_dir: str | Path, index: int) -> Path:
+    return Path(eval_dir) / GT_DIR / index_name(index)
+
+
+def edge_path(edges_dir: str | Path, index: int) -> Path:
+    return Path(edges_dir) / index_name(index)
+
+
+def generated_dir(paths, variant: str) -> Path:
+    """`paths.generated_baseline` or `paths.generated_lora`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    return Path(getattr(paths, f"generated_{variant}"))
+
+
+def generated_path(paths, variant: str, index: int) -> Path:
+    return generated_dir(paths, variant) / index_name(index)

@@ -1,0 +1,76 @@
+"""ControlNet generation over the eval set, shared by generate-baseline and generate-lora.
+
+Image i is drawn with its own generator seeded `generate.seed + i`, so it does not depend on
+the batch size or on which images were already done. The output folder is a DVC `persist`
+output: a rerun after a crash skips the images already written, and a rerun after any input
+changed (fingerprint in generation_config.json) starts from an empty folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from stages.common import dataset
+from stages.common.io import fingerprint, read_json, save_png, write_json
+from stages.common import models
+from stages.common.models import load_controlnet_pipeline
+from stages.common.params import as_dict, load_params
+from stages.common.runtime import device, inference_dtype, log, setup_logging
+
+CONFIG_FILE = "generation_config.json"
+
+
+def run(variant: str) -> None:
+    setup_logging()
+    params = load_params()
+    cfg, paths = params.generate, params.paths
+    dev = device()
+    dtype = inference_dtype(cfg.precision, dev)
+    configs = dataset.load_eval_configs(paths.eval_data)
+    out_dir = dataset.generated_dir(paths, variant)
+
+    settings = {k: v for k, v in as_dict(cfg).items() if k != "batch_size"}
+    # Every DVC dep of the stage, code included, so a resumed folder never mixes old and new images.
+    inputs = [paths.eval_data, paths.edges, paths.base_model, paths.controlnet, __file__, models.__file__]
+    if variant == "lora":
+        inputs.append(paths.lora)
+    else:
+        settings.pop("lora_scale")
+    expected = fingerprint({**settings, "variant": variant, "dtype": str(dtype)}, *inputs)
+    config_path = out_dir / CONFIG_FILE
+    if out_dir.exists() and (not config_path.is_file() or read_json(config_path)["fingerprint"] != expected):
+        log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, out_dir)
+        shutil.rmtree(out_dir)
+    write_json(config_path, {"fingerprint": expected, "variant": variant, "generate": as_dict(cfg),
+                             "dtype": str(dtype), "device": str(dev), "images": len(configs)})
+    todo = [c for c in configs if not dataset.generated_path(paths, variant, c["index"]).exists()]
+    if not todo:
+        log.info("generate-%s: all %d images already in %s", variant, len(configs), out_dir)
+        return
+
+    pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, cfg.scheduler, dtype, dev,
+                                    lora=paths.lora if variant == "lora" else None)
+    extra = {"cross_attention_kwargs": {"scale": cfg.lora_scale}} if variant == "lora" else {}
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate-{variant}", unit="batch"):
+        batch = todo[start:start + cfg.batch_size]
+        edges = [Image.open(dataset.edge_path(paths.edges, c["index"])).convert("RGB") for c in batch]
+        images = pipe(
+            prompt=[c["prompt"] for c in batch],
+            negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
+            image=edges, height=edges[0].height, width=edges[0].width,
+            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+            controlnet_conditioning_scale=cfg.controlnet_scale,
+            generator=[torch.Generator(dev).manual_seed(cfg.seed + c["index"]) for c in batch],
+            **extra,
+        ).images
+        for config, image in zip(batch, images, strict=True):
+            save_png(dataset.generated_path(paths, variant, config["index"]), image)
+    rate = len(todo) / (time.perf_counter() - started)
+    log.info("generate-%s: wrote %d images (%.2f images/s, %s %s, %d steps) to %s",
+             variant, len(todo), rate, dev, dtype, cfg.steps, out_dir)

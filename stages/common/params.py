@@ -1,0 +1,272 @@
+"""Typed, validated view of `params.yaml`.
+
+One frozen dataclass per `params.yaml` section. `load_params()` checks the whole file before a
+stage does any work: an unknown key, a missing key, a wrong type or an out-of-range value raises
+`ParamsError` naming the key, e.g. `params.yaml: train.learning_rate: expected a float, got 'abc'`.
+
+Paths live in the `paths` section only; `dvc.yaml` interpolates the same keys (`${paths.lora}`),
+so every path is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from stages.common.errors import StageError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(StageError):
+    """A params.yaml problem; the message names the file and the key."""
+
+
+def _doc(text: str, **kwargs):
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes. dvc.yaml uses these same keys."""
+
+    demo_h5: str = _doc("synthetic FashionGen-schema file written by demo-data")
+    base_model: str = _doc("SD 1.5 in diffusers layout (unet/, vae/, text_encoder/, ...)")
+    controlnet: str = _doc("canny ControlNet in diffusers layout")
+    eval_models: str = _doc("metric backbones: inception/, lpips/, clip/")
+    train_data: str = _doc("training images (one .npy) and captions")
+    eval_data: str = _doc("ground-truth PNGs and eval_configs.json")
+    edges: str = _doc("canny edge PNGs, one per eval image")
+    lora: str = _doc("trained LoRA weights and the resolved training config")
+    loss_log: str = _doc("training loss per optimiser step (CSV, DVC-cached, a `dvc plots` source)")
+    checkpoints: str = _doc("training checkpoints (DVC persist: survives reruns, used to resume)")
+    generated_baseline: str = _doc("images from the ControlNet without LoRA")
+    generated_lora: str = _doc("images from the ControlNet with the trained LoRA")
+    metrics: str = _doc("summary metrics JSON (git-tracked)")
+    per_sample: str = _doc("per-image LPIPS / CLIP table (git-tracked)")
+    plots: str = _doc("PNG plots")
+
+
+@dataclass(frozen=True)
+class Demo:
+    seed: int = _doc("seed of the synthetic garment generator")
+    products: int = _doc("number of products; each has 1-6 poses in consecutive rows")
+
+    def __post_init__(self):
+        _check(self.products >= 2, "demo.products", "must be at least 2")
+
+
+@dataclass(frozen=True)
+class Models:
+    mode: Literal["tiny", "hub"] = _doc("tiny: random-initialised tiny models built offline; hub: real weights")
+    seed: int = _doc("seed for the tiny models' random init")
+    base_id: str = _doc("hub id of the SD 1.5 base model (hub mode)")
+    controlnet_id: str = _doc("hub id of the canny ControlNet (hub mode)")
+    clip_id: str = _doc("hub id of the CLIP model used for the CLIP score (hub mode)")
+
+
+@dataclass(frozen=True)
+class Extract:
+    h5: str = _doc("FashionGen H5 to read (the demo file by default)")
+    train_products: int = _doc("products used for training (all their poses)")
+    eval_products: int = _doc("products held out for evaluation (first pose of each)")
+    resolution: int = _doc("working resolution in px; training, edges and generation all use it")
+    prompt: Literal["first_clause", "description", "name"] = _doc(
+        "caption: first comma clause of the description (seed recipe), the whole description, or the product name"
+    )
+    seed: int = _doc("seed of the product-level train/eval shuffle")
+    read_chunk: int = _doc("rows per H5 read; the real file is 51 GB decoded, never read whole")
+
+    def __post_init__(self):
+        _check(self.train_products >= 1, "extract.train_products", "must be at least 1")
+        _check(self.eval_products >= 1, "extract.eval_products", "must be at least 1")
+        _check(self.resolution >= 32 and self.resolution % 8 == 0, "extract.resolution",
+               "must be a multiple of 8 and at least 32 (LPIPS alex needs 31 px)")
+        _check(self.read_chunk >= 1, "extract.read_chunk", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class Canny:
+    low_threshold: int = _doc("cv2.Canny hysteresis low threshold")
+    high_threshold: int = _doc("cv2.Canny hysteresis high threshold")
+
+    def __post_init__(self):
+        _check(0 <= self.low_threshold <= self.high_threshold, "canny.low_threshold",
+               "must be >= 0 and <= canny.high_threshold")
+
+
+@dataclass(frozen=True)
+class Train:
+    max_steps: int = _doc("optimiser steps")
+    batch_size: int = _doc("samples per micro-batch")
+    grad_accumulation: int = _doc("micro-batches per optimiser step")
+    learning_rate: float = _doc("peak AdamW learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _doc("diffusers schedule name")
+    warmup_steps: int = _doc("linear warmup steps")
+    adam_beta1: float = _doc("AdamW beta1")
+    adam_beta2: float = _doc("AdamW beta2")
+    adam_weight_decay: float = _doc("AdamW weight decay")
+    adam_epsilon: float = _doc("AdamW epsilon")
+    max_grad_norm: float = _doc("gradient clipping norm, applied for real (upstream's was a no-op); 0 disables")
+    rank: int = _doc("LoRA rank")
+    alpha: float = _doc("LoRA alpha (scale = alpha / rank)")
+    target_modules: list[str] = _doc("UNet attention projections that get LoRA")
+    random_flip: bool = _doc("random horizontal flip, p=0.5")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
+        "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"
+    )
+    checkpoint_every: int = _doc("steps between resumable checkpoints")
+    num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)")
+    seed: int = _doc("seed for data order, augmentation, noise and timesteps")
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accumulation", "rank", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be positive")
+        _check(0 <= self.warmup_steps, "train.warmup_steps", "must be >= 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        _check(len(self.target_modules) > 0, "train.target_modules", "must name at least one module")
+
+
+@dataclass(frozen=True)
+class Generate:
+    steps: int = _doc("denoising steps")
+    guidance_scale: float = _doc("classifier-free guidance scale")
+    scheduler: Literal["unipc", "pndm", "ddim", "euler"] = _doc("sampler; the seed recipe used UniPC")
+    controlnet_scale: float = _doc("ControlNet conditioning scale")
+    negative_prompt: str = _doc("negative prompt for CFG (empty = unconditional)")
+    lora_scale: float = _doc("LoRA strength in generate-lora")
+    batch_size: int = _doc("images per pipeline call; each image has its own seeded generator")
+    seed: int = _doc("image i uses seed + i, so results do not depend on batch size")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = _doc("auto: fp16 on CUDA, fp32 on CPU")
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "generate.steps", "must be at least 1")
+        _check(self.batch_size >= 1, "generate.batch_size", "must be at least 1")
+        _check(self.guidance_scale >= 0, "generate.guidance_scale", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    batch_size: int = _doc("images per feature-extractor batch")
+    kid_subsets: int = _doc("KID subsets (clean-fid's default is 100)")
+    kid_subset_size: int = _doc("max images per KID subset (clean-fid's default is 1000)")
+    seed: int = _doc("seed for KID subset sampling")
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "metrics.batch_size", "must be at least 1")
+        _check(self.kid_subsets >= 1, "metrics.kid_subsets", "must be at least 1")
+        _check(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be at least 2")
+
+
+@dataclass(frozen=True)
+class Plots:
+    grid_samples: int = _doc("eval samples (rows) in the qualitative grid")
+
+    def __post_init__(self):
+        _check(self.grid_samples >= 1, "plots.grid_samples", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths
+    demo: Demo
+    models: Models
+    extract: Extract
+    canny: Canny
+    train: Train
+    generate: Generate
+    metrics: Metrics
+    plots: Plots
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ParamsError(f"{key}: {message}")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # YAML reads 1e-4 as a string (it wants 1.0e-4); accept both spellings.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise ParamsError(f"{prefix or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f"did you mean {dotted(close[0])}?" if close else f"known keys: {', '.join(names)}"
+        raise ParamsError(f"{dotted(unknown[0])}: unknown key; {hint}")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ParamsError(f"{dotted(missing[0])}: missing key")
+    return cls(**{n: _coerce(data[n], hints[n], dotted(n)) for n in names})
+
+
+def parse_params(data: dict, source: str = str(PARAMS_FILE)) -> Params:
+    """Validate an already-parsed params mapping."""
+    try:
+        return _build(Params, data, "")
+    except ParamsError as err:
+        raise ParamsError(f"{source}: {err}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raises ParamsError naming the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run stages from the repository root (where params.yaml lives)")
+    with path.open() as f:
+        data = yaml.safe_load(f)
+    return parse_params(data, str(path))
+
+
+def as_dict(section) -> dict:
+    """A section as a plain dict, for saving the resolved config beside an output."""
+    return dataclasses.asdict(section)
+

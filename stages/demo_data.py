@@ -1,0 +1,26 @@
+"""demo-data: write the embedded synthetic FashionGen file (data/raw/fashiongen_demo.h5).
+
+    python -m stages.demo_data
+
+Procedural garments with truthful descriptions, in the real file's exact schema; see
+stages/common/demo_garments.py. Deterministic from `demo.seed`.
+"""
+
+from stages.common import demo_garments
+from stages.common.errors import run_cli
+from stages.common.io import atomic_file
+from stages.common.params import load_params
+from stages.common.runtime import log, setup_logging
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    garments = demo_garments.make_garments(params.demo.seed, params.demo.products)
+    with atomic_file(params.paths.demo_h5) as tmp:
+        rows = demo_garments.write_h5(tmp, garments)
+    log.info("demo-data: wrote %d products (%d rows) to %s", len(garments), rows, params.paths.demo_h5)
+
+
+if __name__ == "__main__":
+    run_cli(main)

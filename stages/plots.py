@@ -1,0 +1,74 @@
+"""plots: the training-loss curve and a qualitative grid (edges | ground truth | baseline | LoRA).
+
+    python -m stages.plots
+
+Writes plots/train_loss.png and plots/samples_grid.png. The loss CSV itself is also declared
+as a DVC plot in dvc.yaml, so `dvc plots show` / `dvc plots diff` draw it interactively.
+"""
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: Kaggle kernels and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stages.common import dataset  # noqa: E402
+from stages.common.errors import run_cli
+from stages.common.io import atomic_file, load_rgb  # noqa: E402
+from stages.common.params import load_params  # noqa: E402
+from stages.common.runtime import log, setup_logging  # noqa: E402
+
+LOSS_PNG = "train_loss.png"
+GRID_PNG = "samples_grid.png"
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def loss_figure(loss_log: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(loss_log["step"], loss_log["loss"], alpha=0.35, label="loss per step")
+    window = max(5, len(loss_log) // 20)
+    ax.plot(loss_log["step"], loss_log["loss"].rolling(window, min_periods=1).mean(), label=f"mean of {window}")
+    ax.set(xlabel="optimiser step", ylabel="MSE (epsilon)", title="train-lora loss")
+    ax.legend()
+    return fig
+
+
+def grid_figure(rows: list[dict], paths) -> plt.Figure:
+    columns = [("edges", lambda i: dataset.edge_path(paths.edges, i)),
+               ("ground truth", lambda i: dataset.gt_path(paths.eval_data, i)),
+               *[(v, lambda i, v=v: dataset.generated_path(paths, v, i)) for v in dataset.VARIANTS]]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.4 * len(rows)), squeeze=False)
+    for r, config in enumerate(rows):
+        for c, (title, path_of) in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(load_rgb(path_of(config["index"])))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title)
+        axes[r][0].set_ylabel("\n".join(textwrap.wrap(config["prompt"], 22)[:3]), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    paths = params.paths
+    out = Path(paths.plots)
+    save_figure(loss_figure(pd.read_csv(paths.loss_log)), out / LOSS_PNG)
+    rows = dataset.load_eval_configs(paths.eval_data)[:params.plots.grid_samples]
+    save_figure(grid_figure(rows, paths), out / GRID_PNG)
+    log.info("plots: wrote %s and %s", out / LOSS_PNG, out / GRID_PNG)
+
+
+if __name__ == "__main__":
+    run_cli(main)

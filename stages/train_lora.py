@@ -1,0 +1,214 @@
+"""train-lora: LoRA fine-tune of the SD 1.5 UNet on the extracted training set.
+
+    python -m stages.train_lora
+
+The seed recipe (diffusers' train_text_to_image_lora.py with the notebooks' flags): LoRA on the
+UNet's to_q/to_k/to_v/to_out.0 with gaussian init, frozen VAE and text encoder, epsilon-MSE on
+`latent_dist.sample() * scaling_factor` at t ~ U[0, 1000), AdamW + cosine schedule with warmup,
+gradient accumulation. Two deliberate differences: gradients are clipped for real (upstream's
+clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed run reloads the
+LoRA (diffusers #12689).
+
+Every random draw is a function of (train.seed, sample or step number), so a run resumed from a
+checkpoint in `paths.checkpoints` continues exactly as if it had never stopped. Writes
+pytorch_lora_weights.safetensors (diffusers key names) and training_config.json to `paths.lora`,
+and one loss row per optimiser step to `paths.loss_log`.
+"""
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from stages.common import dataset
+from stages.common.errors import run_cli
+from stages.common.io import atomic_dir, atomic_file, fingerprint, write_json
+from stages.common import models
+from stages.common.models import LORA_WEIGHTS, load_training_models
+from stages.common.params import as_dict, load_params
+from stages.common.runtime import device, log, seed_everything, setup_logging, training_dtype
+
+LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
+# Knobs that change how the run goes, not what it learns: a checkpoint stays valid across them.
+HOW_NOT_WHAT = ("checkpoint_every", "num_workers")
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Item k is the k-th sample of the whole run: epoch k // N in a seeded order, with a seeded
+    flip and crop. Indexing by k (not by image) is what makes resuming exact."""
+
+    def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, resolution: int, flip: bool, seed: int):
+        self.images, self.prompts, self.resolution, self.flip, self.seed = images, prompts, resolution, flip, seed
+        self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
+                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        self._order = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int):
+        epoch, pos = divmod(k, len(self.images))
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
+        i = int(self._order[1][pos])
+        rng = np.random.default_rng([self.seed, epoch, pos])
+        img = Image.fromarray(np.asarray(self.images[i]))
+        scale = self.resolution / min(img.size)  # Resize(shorter side, LANCZOS), then RandomCrop
+        if scale != 1:
+            img = img.resize((max(self.resolution, round(img.width * scale)),
+                              max(self.resolution, round(img.height * scale))), Image.Resampling.LANCZOS)
+        left = int(rng.integers(0, img.width - self.resolution + 1))
+        top = int(rng.integers(0, img.height - self.resolution + 1))
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+        return pixels, self.input_ids[i]
+
+
+def latest_checkpoint(folder: Path, expected: str):
+    """The newest checkpoint made from the same inputs, or None; stale ones are deleted."""
+    checkpoints = sorted(folder.glob("checkpoint-*.pt"))
+    if not checkpoints:
+        return None
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    if state["fingerprint"] != expected:
+        log.info("train-lora: %s was made from other params, data or code; starting afresh", checkpoints[-1])
+        for path in checkpoints:
+            path.unlink()
+        return None
+    return state
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    path = folder / f"checkpoint-{state['step']:06d}.pt"
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+    for old in folder.glob("checkpoint-*.pt"):  # keep only the newest
+        if old != path:
+            old.unlink()
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    cfg, paths = params.train, params.paths
+    from diffusers import StableDiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    dev = device()
+    dtype = training_dtype(cfg.mixed_precision, dev)
+    seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG
+    images, prompts = dataset.load_train_set(paths.train_data)
+    m = load_training_models(paths.base_model, dtype)
+    m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                  target_modules=list(cfg.target_modules)))
+    for module in (m.unet, m.vae, m.text_encoder):
+        module.to(dev)
+    cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
+    lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+
+    checkpoints = Path(paths.checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in HOW_NOT_WHAT}
+    # The code is an input too: a checkpoint from an older training loop must not be resumed.
+    expected = fingerprint({**settings, "resolution": params.extract.resolution}, paths.train_data, paths.base_model,
+                           __file__, models.__file__)
+    state = latest_checkpoint(checkpoints, expected)
+    start_step, loss_log = 0, []
+    if state is not None:
+        set_peft_model_state_dict(m.unet, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, loss_log = state["step"], state["loss_log"]
+        log.info("train-lora: resuming from step %d", start_step)
+
+    per_step = cfg.batch_size * cfg.grad_accumulation
+    samples = TrainSamples(images, prompts, m.tokenizer, params.extract.resolution, cfg.random_flip, cfg.seed)
+    loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                         sampler=range(start_step * per_step, cfg.max_steps * per_step),
+                                         pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    batches = iter(loader)
+    prediction_type = m.noise_scheduler.config.prediction_type
+    m.unet.train()
+    started, progress = time.perf_counter(), tqdm(range(start_step, cfg.max_steps), initial=start_step,
+                                                  total=cfg.max_steps, desc="train-lora")
+    for step in progress:
+        generator = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + step)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accumulation):
+            pixels, input_ids = (t.to(dev, non_blocking=True) for t in next(batches))
+            with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                latents = m.vae.encode(pixels.to(dtype)).latent_dist.sample(generator) * m.vae.config.scaling_factor
+                text = m.text_encoder(input_ids)[0]
+            noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+            timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=generator, device=dev)
+            noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+            if prediction_type == "epsilon":
+                target = noise
+            else:
+                target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                prediction = m.unet(noisy, timesteps, text).sample
+            loss = F.mse_loss(prediction.float(), target.float()) / cfg.grad_accumulation
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+        scaler.unscale_(optimizer)
+        # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_log.append({"step": step + 1, "loss": step_loss, "lr": lr,
+                         "grad_norm": float(grad_norm)})
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(checkpoints, {
+                "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "scaler": scaler.state_dict(),
+                "lora": get_peft_model_state_dict(m.unet), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict()})
+    elapsed = time.perf_counter() - started
+    trained = cfg.max_steps - start_step
+
+    with atomic_dir(paths.lora) as out:
+        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS,
+                                                  safe_serialization=True)
+        write_json(out / "training_config.json", {
+            "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
+            "train_images": len(images), "fingerprint": expected, "device": str(dev), "dtype": str(dtype),
+            "lora_parameters": sum(p.numel() for p in lora_params), "lora_tensors": len(lora_state),
+            "resumed_from_step": start_step,
+            "samples_per_second": round(trained * per_step / elapsed, 2) if trained else None})
+    with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(loss_log)
+    log.info("train-lora: %d steps (%d resumed) on %s/%s, final loss %.4f; wrote %s/%s",
+             cfg.max_steps, start_step, dev, dtype, loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
+
+
+if __name__ == "__main__":
+    run_cli(main)

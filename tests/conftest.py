@@ -1,0 +1,151 @@
+"""Hermetic fixtures: tiny models and a small demo H5 built in-process, offline, on the CPU."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from stages.common import dataset
+from stages.common.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The CI machine has 2 shared cores; more threads only make tiny models slower.
+torch.set_num_threads(1)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["FASHION_DEVICE"] = "cpu"
+
+# Small but complete: every stage runs for real, in seconds.
+SMALL = {
+    "demo.products": 16,
+    "extract.train_products": 10,
+    "extract.eval_products": 4,
+    "extract.read_chunk": 5,
+    "train.max_steps": 4,
+    "train.warmup_steps": 1,
+    "train.checkpoint_every": 2,
+    "generate.steps": 3,
+    "generate.batch_size": 4,
+    "plots.grid_samples": 2,
+}
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def set_dotted(data: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data[part]
+    data[leaf] = value
+
+
+class Project:
+    """A throwaway project folder: params.yaml plus outputs, with stages run in-process."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.params = repo_params()
+        self.set(SMALL)
+
+    def set(self, overrides: dict) -> Project:
+        for key, value in overrides.items():
+            set_dotted(self.params, key, value)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(self.params, sort_keys=False))
+        return self
+
+    def typed(self):
+        return load_params(self.root / "params.yaml")
+
+    def path(self, key: str) -> Path:
+        return self.root / self.params["paths"][key]
+
+    def run(self, stage: str, **overrides) -> None:
+        """Run `python -m stages.<stage>`'s main() here (cwd is the project root)."""
+        if overrides:
+            self.set({k.replace("__", "."): v for k, v in overrides.items()})
+        module = importlib.import_module(f"stages.{stage}")
+        if stage.startswith("generate_"):
+            module.run(stage.removeprefix("generate_"))
+        else:
+            module.main()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """models/ (base, controlnet, eval) built once per session by the real fetch-models stage."""
+    root = tmp_path_factory.mktemp("models_root")
+    project = Project(root)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        project.run("fetch_models")
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_models) -> Project:
+    """An empty project with the session's tiny models in place and cwd set to it."""
+    project = Project(tmp_path)
+    for key in ("base_model", "controlnet", "eval_models"):
+        shutil.copytree(tiny_models / project.params["paths"][key], project.path(key))
+    monkeypatch.chdir(tmp_path)
+    return project
+
+
+@pytest.fixture
+def extracted(project) -> Project:
+    """A project after demo-data, extract and canny-edges."""
+    for stage in ("demo_data", "extract", "canny_edges"):
+        project.run(stage)
+    return project
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_models) -> Path:
+    """A session-wide project that has run every stage up to and including train-lora."""
+    root = tmp_path_factory.mktemp("trained")
+    project = Project(root)
+    for key in ("base_model", "controlnet", "eval_models"):
+        shutil.copytree(tiny_models / project.params["paths"][key], project.path(key))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for stage in ("demo_data", "extract", "canny_edges", "train_lora"):
+            project.run(stage)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def trained_project(trained, tmp_path, monkeypatch) -> Project:
+    """A private copy of the trained project, cwd set to it."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    project = Project(tmp_path)
+    return project
+
+
+def fill_generated(project: Project, source) -> None:
+    """Fill both generated folders with copies of `source(index)` (ground truth, edges, ...)."""
+    paths = project.typed().paths
+    for variant in dataset.VARIANTS:
+        for c in dataset.load_eval_configs(project.path("eval_data")):
+            target = dataset.generated_path(paths, variant, c["index"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source(c["index"]), target)
+
+
+def image_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())

@@ -1,0 +1,61 @@
+"""The CUDA paths: bf16 and fp16 (T4-style, GradScaler) training, fp16 generation, metrics on
+the GPU. Skipped where there is no GPU, so CI (CPU-only) never runs them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.common import dataset
+from stages.common.io import load_rgb, read_json
+from stages.common.models import LORA_WEIGHTS
+from tests.conftest import fill_generated
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def on_cuda(trained_project, monkeypatch):
+    monkeypatch.setenv("FASHION_DEVICE", "cuda")
+    for ckpt in trained_project.path("checkpoints").glob("*.pt"):
+        ckpt.unlink()
+    return trained_project
+
+
+@pytest.mark.parametrize("precision, dtype",
+                         [("auto", "torch.bfloat16"), ("fp16", "torch.float16"), ("no", "torch.float32")])
+def test_training_precisions(on_cuda, precision, dtype):
+    p = on_cuda
+    p.run("train_lora", train__mixed_precision=precision, train__max_steps=6)
+    config = read_json(p.path("lora") / "training_config.json")
+    assert config["device"] == "cuda" and config["dtype"] == dtype
+    weights = load_file(p.path("lora") / LORA_WEIGHTS)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))
+    print(json.dumps({"precision": precision, "samples_per_second": config["samples_per_second"]}))
+
+
+def test_fp16_generation_and_lora(on_cuda):
+    p = on_cuda
+    p.run("train_lora")
+    p.run("generate_baseline")
+    p.run("generate_lora")
+    paths = p.typed().paths
+    for c in dataset.load_eval_configs(p.path("eval_data")):
+        base = load_rgb(dataset.generated_path(paths, "baseline", c["index"]))
+        assert base.std() > 1, "not a blank image (no NaNs turned black)"
+    assert read_json(paths.generated_baseline + "/generation_config.json")["dtype"] == "torch.float16"
+
+
+def test_metrics_agree_between_cpu_and_cuda(on_cuda, monkeypatch):
+    p = on_cuda
+    fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
+    p.run("metrics")
+    gpu = read_json(p.path("metrics"))
+    monkeypatch.setenv("FASHION_DEVICE", "cpu")
+    p.run("metrics")
+    cpu = read_json(p.path("metrics"))
+    for key in ("fid", "kid", "lpips", "clip_score"):
+        np.testing.assert_allclose(gpu["baseline"][key], cpu["baseline"][key], rtol=2e-3, atol=1e-4, err_msg=key)

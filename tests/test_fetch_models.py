@@ -1,0 +1,68 @@
+"""fetch-models (tiny mode) writes real diffusers/transformers layouts that the real loaders read."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.common import models
+from stages.common.errors import StageError
+from tests.conftest import Project
+
+
+def test_layouts_load_with_the_real_loaders(tiny_models):
+    project = Project(tiny_models)
+    base, controlnet = project.path("base_model"), project.path("controlnet")
+    assert json.loads((base / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    m = models.load_training_models(base, torch.float32)
+    ids = m.tokenizer(["Café Noir® dress"], padding="max_length", truncation=True,
+                      max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and ids[0, 0] == 512 and ids[0, -1] == 513
+    assert m.noise_scheduler.config.num_train_timesteps == 1000
+    pipe = models.load_controlnet_pipeline(base, controlnet, "unipc", torch.float32, torch.device("cpu"))
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+
+
+def test_lora_targets_match_sd15(tiny_models):
+    """Same block structure as SD 1.5, so the same 128 LoRA layers and 256 saved keys."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = models.load_training_models(Project(tiny_models).path("base_model"), torch.float32).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    assert len(get_peft_model_state_dict(unet)) == 256
+
+
+def test_controlnet_output_convs_are_not_zero(tiny_models):
+    weights = load_file(Project(tiny_models).path("controlnet") / "diffusion_pytorch_model.safetensors")
+    zero_conv_keys = [k for k in weights if k.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+    assert zero_conv_keys and all(weights[k].abs().sum() > 0 for k in zero_conv_keys if k.endswith("weight"))
+
+
+def test_metric_backbones(tiny_models):
+    folder = Project(tiny_models).path("eval_models")
+    inception = models.load_inception(folder, torch.device("cpu"))
+    assert inception(torch.rand(2, 3, 299, 299) * 255).shape == (2, 2048)
+    lpips = models.load_lpips(folder, torch.device("cpu"))
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert lpips(x, x).item() == 0 and lpips(x, -x).item() > 0
+    clip, processor = models.load_clip(folder, torch.device("cpu"))
+    assert clip.config.text_config.max_position_embeddings == 77
+    assert json.loads((folder / models.BACKBONES_FILE).read_text())["clip"] == "tiny-random-clip"
+
+
+def test_tiny_models_are_deterministic(project, tiny_models):
+    project.run("fetch_models")  # rebuild into the project, same seed
+    session_base = Project(tiny_models).path("base_model")
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (project.path("base_model") / part).read_bytes() == (session_base / part).read_bytes()
+
+
+def test_missing_models_and_hub_mode_are_clear(project, tmp_path):
+    with pytest.raises(StageError, match="run `dvc repro fetch-models`"):
+        models.load_training_models(tmp_path / "nowhere", torch.float32)
+    project.set({"models.mode": "hub"})
+    with pytest.raises(StageError, match="models.mode: hub is not implemented yet"):
+        project.run("fetch_models")

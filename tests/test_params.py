@@ -1,0 +1,95 @@
+"""params.yaml is typed and validated before any work; dvc.yaml only names keys that exist."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.common.params import Params, ParamsError, load_params, parse_params
+from tests.conftest import REPO, repo_params, set_dotted
+
+
+def test_committed_params_load_with_types():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.train.learning_rate == pytest.approx(1e-3)
+    assert params.train.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert params.extract.h5 == params.paths.demo_h5  # the YAML anchor keeps them one path
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.max_steps", "ten", "train.max_steps: expected an integer, got 'ten'"),
+    ("train.random_flip", 1, "train.random_flip: expected true or false, got 1"),
+    ("train.max_steps", 2.5, "train.max_steps: expected an integer"),
+    ("train.learning_rate", "fast", "train.learning_rate: expected a number, got 'fast'"),
+    ("generate.scheduler", "dpm", "generate.scheduler: expected one of 'unipc'"),
+    ("train.target_modules", "to_q", "train.target_modules: expected a list of a string"),
+    ("extract.resolution", 60, "extract.resolution: must be a multiple of 8"),
+    ("canny.low_threshold", 300, "canny.low_threshold: must be >= 0 and <= canny.high_threshold"),
+    ("paths", None, "paths: expected a mapping"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    data = repo_params()
+    set_dotted(data, key, value)
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        parse_params(data)
+
+
+def test_typo_suggests_the_right_key():
+    data = repo_params()
+    data["train"]["learnin_rate"] = data["train"].pop("learning_rate")
+    message = "train.learnin_rate: unknown key; did you mean train.learning_rate?"
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        parse_params(data)
+
+
+def test_missing_key_and_missing_section():
+    data = repo_params()
+    del data["generate"]["steps"]
+    with pytest.raises(ParamsError, match="generate.steps: missing key"):
+        parse_params(data)
+    data = repo_params()
+    del data["metrics"]
+    with pytest.raises(ParamsError, match="metrics: missing key"):
+        parse_params(data)
+
+
+def test_yaml_float_spellings():
+    data = repo_params()
+    data["train"]["learning_rate"] = "1e-4"  # PyYAML reads 1e-4 (no dot) as a string
+    assert parse_params(data).train.learning_rate == pytest.approx(1e-4)
+
+
+def test_stage_prints_one_line_error(tmp_path):
+    data = repo_params()
+    data["train"]["learnin_rate"] = data["train"].pop("learning_rate")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    result = subprocess.run([sys.executable, "-m", "stages.train_lora"], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: train.learnin_rate: unknown key; did you mean train.learning_rate?"]
+
+
+def test_dvc_yaml_names_only_existing_params_and_paths():
+    params = repo_params()
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+    def exists(dotted):
+        node = params
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    text = "\n".join(line.split("#")[0] for line in (REPO / "dvc.yaml").read_text().splitlines())
+    for ref in re.findall(r"\$\{([^}]+)\}", text):
+        assert exists(ref), f"dvc.yaml interpolates ${{{ref}}}, which params.yaml lacks"
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"] == f"python -m stages.{name.replace('-', '_')}"
+        assert (REPO / "stages" / f"{name.replace('-', '_')}.py").is_file()
+        for key in stage.get("params", []):
+            assert exists(key), f"stage {name} depends on {key}, which params.yaml lacks"

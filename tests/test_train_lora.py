@@ -1,0 +1,82 @@
+"""train-lora: diffusers-format output, a loss log, exact resume, real clipping."""
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import train_lora
+from stages.common.io import read_json
+from stages.common.models import LORA_WEIGHTS
+
+
+def lora_weights(project):
+    return load_file(project.path("lora") / LORA_WEIGHTS)
+
+
+def test_output_is_diffusers_format_with_a_loss_log(trained_project):
+    p = trained_project
+    weights = lora_weights(p)
+    assert len(weights) == 256
+    assert all(k.startswith("unet.") and k.endswith(("lora.down.weight", "lora.up.weight")) for k in weights)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    down = next(v for k, v in weights.items() if k.endswith("lora.down.weight"))
+    assert down.shape[0] == p.params["train"]["rank"]
+    log = pd.read_csv(p.path("loss_log"))
+    assert log["step"].tolist() == list(range(1, p.params["train"]["max_steps"] + 1))
+    assert log["loss"].between(0, 10).all()
+    assert log["lr"].max() == pytest.approx(p.params["train"]["learning_rate"])  # the lr each step used
+    config = read_json(p.path("lora") / "training_config.json")
+    assert config["train"]["max_steps"] == p.params["train"]["max_steps"] and config["resumed_from_step"] == 0
+    # up weights start at zero; training moved them
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))
+
+
+def test_resume_continues_exactly(trained_project, monkeypatch):
+    """Kill the run right after its step-2 checkpoint, rerun: the result equals an unbroken run."""
+    p = trained_project
+    unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    for ckpt in p.path("checkpoints").glob("*.pt"):
+        ckpt.unlink()
+
+    real_save = train_lora.save_checkpoint
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_lora, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        p.run("train_lora")
+    monkeypatch.setattr(train_lora, "save_checkpoint", real_save)
+    p.run("train_lora")
+
+    assert read_json(p.path("lora") / "training_config.json")["resumed_from_step"] == 2
+    resumed = lora_weights(p)
+    for key, value in unbroken.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log)
+
+
+def test_changed_params_do_not_resume_a_stale_checkpoint(trained_project):
+    p = trained_project
+    p.run("train_lora", train__seed=7)
+    assert read_json(p.path("lora") / "training_config.json")["resumed_from_step"] == 0
+    assert len(list(p.path("checkpoints").glob("*.pt"))) == 1
+
+
+def test_gradients_are_really_clipped(trained_project):
+    """With clipping to 1e-12 the gradients fall far below AdamW's eps, so the LoRA barely moves;
+    upstream's no-op clipping would have left the update unchanged."""
+    p = trained_project
+
+    def up_norm(**overrides):
+        for ckpt in p.path("checkpoints").glob("*.pt"):
+            ckpt.unlink()
+        p.run("train_lora", train__max_steps=1, train__warmup_steps=0, train__adam_weight_decay=0.0, **overrides)
+        return sum(v.norm() for k, v in lora_weights(p).items() if k.endswith("lora.up.weight"))
+
+    clipped, free = up_norm(train__max_grad_norm=1e-12), up_norm(train__max_grad_norm=0.0)
+    assert clipped < 0.05 * free
+    assert pd.read_csv(p.path("loss_log"))["grad_norm"].iloc[0] > 1e-12  # logged before clipping
