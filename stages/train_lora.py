@@ -26,10 +26,9 @@ from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from stages.common import dataset
+from stages.common import dataset, models
 from stages.common.errors import run_cli
 from stages.common.io import atomic_dir, atomic_file, fingerprint, write_json
-from stages.common import models
 from stages.common.models import LORA_WEIGHTS, load_training_models
 from stages.common.params import as_dict, load_params
 from stages.common.runtime import device, log, seed_everything, setup_logging, training_dtype
@@ -200,14 +199,16 @@ def main() -> None:
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "train_images": len(images), "fingerprint": expected, "device": str(dev), "dtype": str(dtype),
             "lora_parameters": sum(p.numel() for p in lora_params), "lora_tensors": len(lora_state),
-            "resumed_from_step": start_step,
-            "samples_per_second": round(trained * per_step / elapsed, 2) if trained else None})
+            "resumed_from_step": start_step})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         writer.writeheader()
         writer.writerows(loss_log)
-    log.info("train-lora: %d steps (%d resumed) on %s/%s, final loss %.4f; wrote %s/%s",
-             cfg.max_steps, start_step, dev, dtype, loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
+    # Throughput goes to the log, not to training_config.json: timing noise in an output would
+    # make every downstream stage rerun after an otherwise identical retrain.
+    log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s, final loss %.4f; wrote %s/%s",
+             cfg.max_steps, start_step, dev, dtype, trained * per_step / elapsed if trained else 0.0,
+             loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
 
 
 if __name__ == "__main__":

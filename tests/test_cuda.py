@@ -1,8 +1,6 @@
 """The CUDA paths: bf16 and fp16 (T4-style, GradScaler) training, fp16 generation, metrics on
 the GPU. Skipped where there is no GPU, so CI (CPU-only) never runs them."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -34,7 +32,6 @@ def test_training_precisions(on_cuda, precision, dtype):
     weights = load_file(p.path("lora") / LORA_WEIGHTS)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))
-    print(json.dumps({"precision": precision, "samples_per_second": config["samples_per_second"]}))
 
 
 def test_fp16_generation_and_lora(on_cuda):

@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import dataset
+from stages.common import dataset, models
 from stages.common.io import fingerprint, read_json, save_png, write_json
-from stages.common import models
 from stages.common.models import load_controlnet_pipeline
 from stages.common.params import as_dict, load_params
 from stages.common.runtime import device, inference_dtype, log, setup_logging
@@ -47,7 +46,7 @@ def run(variant: str) -> None:
         log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, out_dir)
         shutil.rmtree(out_dir)
     write_json(config_path, {"fingerprint": expected, "variant": variant, "generate": as_dict(cfg),
-                             "dtype": str(dtype), "device": str(dev), "images": len(configs)})
+                             "dtype": str(dtype), "images": len(configs)})
     todo = [c for c in configs if not dataset.generated_path(paths, variant, c["index"]).exists()]
     if not todo:
         log.info("generate-%s: all %d images already in %s", variant, len(configs), out_dir)
