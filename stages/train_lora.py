@@ -87,8 +87,8 @@ def latest_checkpoint(folder: Path, expected: str):
 
 def save_checkpoint(folder: Path, state: dict) -> None:
     path = folder / f"checkpoint-{state['step']:06d}.pt"
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)  # a file object, so the archive is not named after the random temp name
     for old in folder.glob("checkpoint-*.pt"):  # keep only the newest
         if old != path:
             old.unlink()

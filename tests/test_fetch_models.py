@@ -53,11 +53,15 @@ def test_metric_backbones(tiny_models):
     assert json.loads((folder / models.BACKBONES_FILE).read_text())["clip"] == "tiny-random-clip"
 
 
-def test_tiny_models_are_deterministic(project, tiny_models):
-    project.run("fetch_models")  # rebuild into the project, same seed
-    session_base = Project(tiny_models).path("base_model")
-    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
-        assert (project.path("base_model") / part).read_bytes() == (session_base / part).read_bytes()
+def test_tiny_models_are_byte_identical_wherever_built(project, tiny_models):
+    """Same seed, other folder: every file equal, so dvc.lock hashes match on every machine."""
+    project.run("fetch_models")
+    for key in ("base_model", "controlnet", "eval_models"):
+        ours, theirs = project.path(key), Project(tiny_models).path(key)
+        files = sorted(f.relative_to(ours) for f in ours.rglob("*") if f.is_file())
+        assert files == sorted(f.relative_to(theirs) for f in theirs.rglob("*") if f.is_file())
+        for f in files:
+            assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
 
 
 def test_missing_models_and_hub_mode_are_clear(project, tmp_path):

@@ -98,6 +98,7 @@ def load_inception(eval_models: str | Path, device: torch.device):
     with warnings.catch_warnings():
         # The reference Inception is a TorchScript file; torch now calls jit.load deprecated.
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return InceptionV3W(str(folder), download=False, resize_inside=False).to(device).eval()
 
 

@@ -8,8 +8,10 @@ About 25 MB in all; the numbers they produce mean nothing beyond "the code path 
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -132,6 +134,25 @@ class TinyInception(nn.Module):
         return self.layers((x - 128) / 128).flatten(1)
 
 
+def save_torchscript(module: nn.Module, path: Path) -> None:
+    """Script `module` and save it byte-for-byte reproducibly.
+
+    clean-fid loads a TorchScript file, so the stand-in must be one. TorchScript's *.debug_pkl
+    entries embed the absolute path of this source file, which would give every checkout a
+    different models/eval hash in dvc.lock; loading does not need them, so they are dropped.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch calls jit deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.script(module), buffer)
+    source = zipfile.ZipFile(buffer)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                target.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), source.read(info))
+
+
 def build_eval_models(folder: Path) -> dict:
     """Metric backbones: inception/ (clean-fid TorchScript), lpips/ (AlexNet features), clip/.
     Returns the names metrics.json reports for them."""
@@ -140,10 +161,7 @@ def build_eval_models(folder: Path) -> dict:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
 
     (folder / "inception").mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # clean-fid loads a TorchScript file, so the stand-in must be one; torch calls jit deprecated.
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(TinyInception().eval()).save(str(folder / "inception" / "inception-2015-12-05.pt"))
+    save_torchscript(TinyInception().eval(), folder / "inception" / "inception-2015-12-05.pt")
 
     (folder / "lpips").mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
