@@ -1,6 +1,9 @@
 """fetch-models (tiny mode) writes real diffusers/transformers layouts that the real loaders read."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from safetensors.torch import load_file
 
 from stages.common import models
 from stages.common.errors import StageError
-from tests.conftest import Project
+from tests.conftest import REPO, Project
 
 
 def test_layouts_load_with_the_real_loaders(tiny_models):
@@ -70,3 +73,14 @@ def test_missing_models_and_hub_mode_are_clear(project, tmp_path):
     project.set({"models.mode": "hub"})
     with pytest.raises(StageError, match="models.mode: hub is not implemented yet"):
         project.run("fetch_models")
+
+
+def test_torchscript_stand_in_is_identical_across_processes(tmp_path):
+    """String hashing differs per process; the saved TorchScript must not."""
+    script = ("import sys, torch; from pathlib import Path; "
+              "from stages.common.tiny_models import TinyInception, save_torchscript; "
+              "torch.manual_seed(0); save_torchscript(TinyInception().eval(), Path(sys.argv[1]))")
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{seed}.pt")], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+    assert (tmp_path / "1.pt").read_bytes() == (tmp_path / "2.pt").read_bytes()

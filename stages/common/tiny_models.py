@@ -109,16 +109,25 @@ def build_controlnet(base: Path, folder: Path) -> None:
 
 
 class _InceptionLayers(nn.Module):
+    """Three random convs to 2048 features. Plain parameters rather than nn.Conv2d: TorchScript
+    writes nn.Conv2d's constants in string-hash order, which changes the file from run to run."""
+
     def __init__(self):
         super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(3, 32, 5, stride=4, padding=2), nn.ReLU(),
-            nn.Conv2d(32, 128, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(128, 2048, 1, stride=2), nn.ReLU(),
-        )
+        self.w1, self.b1 = _conv_params(3, 32, 5)
+        self.w2, self.b2 = _conv_params(32, 128, 3)
+        self.w3, self.b3 = _conv_params(128, 2048, 1)
 
     def forward(self, x):
-        return F.adaptive_avg_pool2d(self.convs(x), 1)
+        x = F.relu(F.conv2d(x, self.w1, self.b1, stride=4, padding=2))
+        x = F.relu(F.conv2d(x, self.w2, self.b2, stride=2, padding=1))
+        x = F.relu(F.conv2d(x, self.w3, self.b3, stride=2))
+        return F.adaptive_avg_pool2d(x, 1)
+
+
+def _conv_params(cin: int, cout: int, kernel: int) -> tuple[nn.Parameter, nn.Parameter]:
+    conv = nn.Conv2d(cin, cout, kernel)  # for PyTorch's default init
+    return conv.weight, conv.bias
 
 
 class TinyInception(nn.Module):
