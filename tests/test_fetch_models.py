@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,12 +76,23 @@ def test_missing_models_and_hub_mode_are_clear(project, tmp_path):
         project.run("fetch_models")
 
 
+SAVE_SCRIPT = ("import sys, torch; from pathlib import Path; "
+               "from stages.common.tiny_models import TinyInception, save_torchscript; "
+               "torch.manual_seed(0); save_torchscript(TinyInception().eval(), Path(sys.argv[1]))")
+
+
 def test_torchscript_stand_in_is_identical_across_processes(tmp_path):
     """String hashing differs per process; the saved TorchScript must not."""
-    script = ("import sys, torch; from pathlib import Path; "
-              "from stages.common.tiny_models import TinyInception, save_torchscript; "
-              "torch.manual_seed(0); save_torchscript(TinyInception().eval(), Path(sys.argv[1]))")
     for seed in ("1", "2"):
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{seed}.pt")], check=True, cwd=REPO,
+        subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path / f"{seed}.pt")], check=True, cwd=REPO,
                        env={**os.environ, "PYTHONHASHSEED": seed})
     assert (tmp_path / "1.pt").read_bytes() == (tmp_path / "2.pt").read_bytes()
+
+
+def test_torchscript_stand_in_does_not_depend_on_the_checkout_path(tmp_path):
+    """TorchScript records the source file's absolute path; the saved file must not."""
+    for name in ("a", "b"):
+        shutil.copytree(REPO / "stages", tmp_path / name / "stages")
+        subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path / f"{name}.pt")], check=True,
+                       cwd=tmp_path / name, env={**os.environ, "PYTHONPATH": str(tmp_path / name)})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

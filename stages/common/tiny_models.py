@@ -8,6 +8,7 @@ About 25 MB in all; the numbers they produce mean nothing beyond "the code path 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -147,8 +148,9 @@ def save_torchscript(module: nn.Module, path: Path) -> None:
     """Script `module` and save it byte-for-byte reproducibly.
 
     clean-fid loads a TorchScript file, so the stand-in must be one. TorchScript's *.debug_pkl
-    entries embed the absolute path of this source file, which would give every checkout a
-    different models/eval hash in dvc.lock; loading does not need them, so they are dropped.
+    entries embed the absolute path of this source file, and its serialization_id checksums
+    them, which would give every checkout a different models/eval hash in dvc.lock. Loading
+    needs neither: the debug entries are dropped and the id is recomputed from what is kept.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch calls jit deprecated
@@ -156,10 +158,13 @@ def save_torchscript(module: nn.Module, path: Path) -> None:
         buffer = io.BytesIO()
         torch.jit.save(torch.jit.script(module), buffer)
     source = zipfile.ZipFile(buffer)
+    kept = {i.filename: source.read(i) for i in source.infolist() if not i.filename.endswith(".debug_pkl")}
+    id_name = next(name for name in kept if name.endswith(".data/serialization_id"))
+    digest = hashlib.sha256(b"".join(v for k, v in kept.items() if k != id_name)).hexdigest()
+    kept[id_name] = str(int(digest, 16))[:40].encode()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
-        for info in source.infolist():
-            if not info.filename.endswith(".debug_pkl"):
-                target.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), source.read(info))
+        for name, data in kept.items():
+            target.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
 def build_eval_models(folder: Path) -> dict:
