@@ -11,10 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.common import dataset
-from stages.common.errors import run_cli
+from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import atomic_dir, load_rgb, save_png
 from stages.common.params import load_params
-from stages.common.runtime import log, setup_logging
 
 
 def canny(image: np.ndarray, low: int, high: int) -> np.ndarray:

@@ -7,10 +7,9 @@ stages/common/demo_garments.py. Deterministic from `demo.seed`.
 """
 
 from stages.common import demo_garments
-from stages.common.errors import run_cli
+from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import atomic_file
 from stages.common.params import load_params
-from stages.common.runtime import log, setup_logging
 
 
 def main() -> None:

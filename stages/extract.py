@@ -16,10 +16,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common import dataset
-from stages.common.errors import StageError, run_cli
+from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import atomic_dir, save_png, write_json
 from stages.common.params import load_params
-from stages.common.runtime import log, setup_logging
 
 REQUIRED_KEYS = ("input_image", "input_productID", "input_description", "input_name", "input_category")
 

@@ -9,12 +9,10 @@ weights; it is the only stage allowed to touch the network.
 
 from pathlib import Path
 
-from stages.common import tiny_models
-from stages.common.errors import StageError, run_cli
+from stages.common import dataset, tiny_models
+from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import atomic_dir, write_json
-from stages.common.models import BACKBONES_FILE
 from stages.common.params import load_params
-from stages.common.runtime import log, setup_logging
 
 
 def main() -> None:
@@ -29,7 +27,7 @@ def main() -> None:
     with atomic_dir(paths.base_model) as base, atomic_dir(paths.controlnet) as controlnet, \
             atomic_dir(paths.eval_models) as eval_models:
         backbones = tiny_models.build_all(Path(base), Path(controlnet), Path(eval_models), models.seed)
-        write_json(Path(eval_models) / BACKBONES_FILE, backbones)
+        write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)
     log.info("fetch-models: built tiny models (seed %d) in %s, %s and %s",
              models.seed, paths.base_model, paths.controlnet, paths.eval_models)
 

@@ -6,7 +6,7 @@ ControlNet on the base SD 1.5 and no LoRA: the reference the LoRA is judged agai
 Writes `paths.generated_baseline`/000000.png, ...; see stages/common/generation.py.
 """
 
-from stages.common.errors import run_cli
+from stages.common.cli import run_cli
 from stages.common.generation import run
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ ControlNet on SD 1.5 plus the trained LoRA at `generate.lora_scale`.
 Writes `paths.generated_lora`/000000.png, ...; see stages/common/generation.py.
 """
 
-from stages.common.errors import run_cli
+from stages.common.cli import run_cli
 from stages.common.generation import run
 
 if __name__ == "__main__":

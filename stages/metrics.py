@@ -7,9 +7,10 @@
   `sqrtm(disp=False)` (gone in SciPy 1.18) and draw KID subsets from the global, unseeded
   `np.random`. FID is biased at small n, so n is reported beside it; KID is unbiased.
 - LPIPS (alex): each generated image against its own ground truth.
-- CLIP score: cosine of CLIP image and prompt embeddings (the public numbers' scale,
-  `logits_per_image / 100`), prompts truncated to 77 tokens with EOS kept. Computed with
-  transformers directly: torchmetrics' CLIPScore crashes on transformers 5.
+- CLIP score: per image max(cos, 0) of CLIP image and prompt embeddings, i.e. torchmetrics'
+  definition / 100, the scale of the published 0.28-0.30 (`logits_per_image / 100`). Prompts
+  are truncated to 77 tokens with EOS kept. Computed with transformers directly: torchmetrics'
+  CLIPScore crashes on transformers 5 and its truncation drops EOS.
 Writes metrics.json (`dvc metrics show`) and a per-image table.
 """
 
@@ -19,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from stages.common import dataset
-from stages.common.errors import StageError, run_cli
+from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import atomic_file, load_rgb, read_json, write_json
-from stages.common.models import BACKBONES_FILE, load_clip, load_inception, load_lpips
+from stages.common.models import load_clip, load_inception, load_lpips, require_dir
 from stages.common.params import load_params
-from stages.common.runtime import device, log, setup_logging
+from stages.common.runtime import device
 
 
 def _factor(feats: np.ndarray) -> np.ndarray:
@@ -88,7 +89,7 @@ def lpips_scores(model, gt_files, gen_files, dev, batch_size: int) -> np.ndarray
 
 
 @torch.no_grad()
-def clip_scores(model, processor, files, prompts, dev, batch_size: int) -> np.ndarray:
+def clip_cosines(model, processor, files, prompts, dev, batch_size: int) -> np.ndarray:
     scores = []
     for chunk in _batches(list(zip(files, prompts, strict=True)), batch_size):
         text = processor.tokenizer([p for _, p in chunk], padding=True, truncation=True, max_length=77,
@@ -118,14 +119,14 @@ def main() -> None:
     indices = [c["index"] for c in configs]
     prompts = [c["prompt"] for c in configs]
     gt_files = [dataset.gt_path(paths.eval_data, i) for i in indices]
-    backbones = read_json(f"{paths.eval_models}/{BACKBONES_FILE}")
+    backbones = read_json(require_dir(paths.eval_models, dataset.BACKBONES_FILE) / dataset.BACKBONES_FILE)
     table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts})
 
     inception = load_inception(paths.eval_models, dev)
     lpips_model = load_lpips(paths.eval_models, dev)
     clip_model, clip_processor = load_clip(paths.eval_models, dev)
     gt_feats = inception_features(gt_files, inception, dev, cfg.batch_size)
-    clip_gt = clip_scores(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size)
+    clip_gt = np.maximum(clip_cosines(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size), 0)
     table["clip_ground_truth"] = clip_gt
     mean, ci = summary(clip_gt)
     results = {}
@@ -138,7 +139,8 @@ def main() -> None:
         feats = inception_features(files, inception, dev, cfg.batch_size)
         kid, kid_std = kernel_distance(gt_feats, feats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
         table[f"lpips_{variant}"] = lpips_scores(lpips_model, gt_files, files, dev, cfg.batch_size)
-        table[f"clip_{variant}"] = clip_scores(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
+        cosines = clip_cosines(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
+        table[f"clip_{variant}"] = np.maximum(cosines, 0)
         lpips_mean, lpips_ci = summary(table[f"lpips_{variant}"].to_numpy())
         clip_mean, clip_ci = summary(table[f"clip_{variant}"].to_numpy())
         results[variant] = {"n": len(files), "fid": frechet_distance(gt_feats, feats), "kid": kid, "kid_std": kid_std,

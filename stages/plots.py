@@ -9,30 +9,26 @@ as a DVC plot in dvc.yaml, so `dvc plots show` / `dvc plots diff` draw it intera
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-matplotlib.use("Agg")  # headless: Kaggle kernels and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from stages.common import dataset  # noqa: E402
-from stages.common.errors import run_cli
-from stages.common.io import atomic_file, load_rgb  # noqa: E402
-from stages.common.params import load_params  # noqa: E402
-from stages.common.runtime import log, setup_logging  # noqa: E402
+from stages.common import dataset
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.io import atomic_file, load_rgb
+from stages.common.params import load_params
 
 LOSS_PNG = "train_loss.png"
 GRID_PNG = "samples_grid.png"
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
-def loss_figure(loss_log: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(7, 4))
+def loss_figure(loss_log: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(loss_log["step"], loss_log["loss"], alpha=0.35, label="loss per step")
     window = max(5, len(loss_log) // 20)
     ax.plot(loss_log["step"], loss_log["loss"].rolling(window, min_periods=1).mean(), label=f"mean of {window}")
@@ -41,11 +37,12 @@ def loss_figure(loss_log: pd.DataFrame):
     return fig
 
 
-def grid_figure(rows: list[dict], paths) -> plt.Figure:
+def grid_figure(rows: list[dict], paths) -> Figure:
     columns = [("edges", lambda i: dataset.edge_path(paths.edges, i)),
                ("ground truth", lambda i: dataset.gt_path(paths.eval_data, i)),
                *[(v, lambda i, v=v: dataset.generated_path(paths, v, i)) for v in dataset.VARIANTS]]
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.4 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(columns), 2.4 * len(rows)))
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, config in enumerate(rows):
         for c, (title, path_of) in enumerate(columns):
             ax = axes[r][c]

@@ -26,16 +26,14 @@ from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from stages.common import dataset, models
-from stages.common.errors import run_cli
-from stages.common.io import atomic_dir, atomic_file, fingerprint, write_json
+from stages.common import dataset
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.io import atomic_dir, atomic_file, fingerprint, source_files, write_json
 from stages.common.models import LORA_WEIGHTS, load_training_models
-from stages.common.params import as_dict, load_params
-from stages.common.runtime import device, log, seed_everything, setup_logging, training_dtype
+from stages.common.params import as_dict, load_params, what_keys
+from stages.common.runtime import device, seed_everything, training_dtype
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
-# Knobs that change how the run goes, not what it learns: a checkpoint stays valid across them.
-HOW_NOT_WHAT = ("checkpoint_every", "num_workers")
 
 
 class TrainSamples(torch.utils.data.Dataset):
@@ -77,7 +75,7 @@ def latest_checkpoint(folder: Path, expected: str):
     if not checkpoints:
         return None
     state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
-    if state["fingerprint"] != expected:
+    if state.get("fingerprint") != expected:
         log.info("train-lora: %s was made from other params, data or code; starting afresh", checkpoints[-1])
         for path in checkpoints:
             path.unlink()
@@ -126,17 +124,16 @@ def main() -> None:
 
     checkpoints = Path(paths.checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in HOW_NOT_WHAT}
-    # The code is an input too: a checkpoint from an older training loop must not be resumed.
-    expected = fingerprint({**settings, "resolution": params.extract.resolution}, paths.train_data, paths.base_model,
-                           __file__, models.__file__)
+    settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype)}
+    expected = fingerprint(settings, paths.train_data, paths.base_model, *source_files())
     state = latest_checkpoint(checkpoints, expected)
     start_step, loss_log = 0, []
     if state is not None:
         set_peft_model_state_dict(m.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty unless the run used fp16, which the fingerprint pins
+            scaler.load_state_dict(state["scaler"])
         start_step, loss_log = state["step"], state["loss_log"]
         log.info("train-lora: resuming from step %d", start_step)
 
@@ -171,14 +168,16 @@ def main() -> None:
             loss = F.mse_loss(prediction.float(), target.float()) / cfg.grad_accumulation
             scaler.scale(loss).backward()
             step_loss += loss.item()
+        scale = scaler.get_scale()
         scaler.unscale_(optimizer)
         # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, max_norm)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
         scaler.update()
         lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-        lr_scheduler.step()
+        if scaler.get_scale() >= scale:  # as accelerate does: no schedule step for a skipped update
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_log.append({"step": step + 1, "loss": step_loss, "lr": lr,
                          "grad_norm": float(grad_norm)})
@@ -197,15 +196,14 @@ def main() -> None:
                                                   safe_serialization=True)
         write_json(out / "training_config.json", {
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
-            "train_images": len(images), "fingerprint": expected, "device": str(dev), "dtype": str(dtype),
-            "lora_parameters": sum(p.numel() for p in lora_params), "lora_tensors": len(lora_state),
-            "resumed_from_step": start_step})
+            "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),
+            "lora_parameters": sum(p.numel() for p in lora_params), "lora_tensors": len(lora_state)})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         writer.writeheader()
         writer.writerows(loss_log)
-    # Throughput goes to the log, not to training_config.json: timing noise in an output would
-    # make every downstream stage rerun after an otherwise identical retrain.
+    # Throughput and resume point go to the log, not to training_config.json: anything that
+    # varies between otherwise identical runs would make every downstream stage rerun.
     log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s, final loss %.4f; wrote %s/%s",
              cfg.max_steps, start_step, dev, dtype, trained * per_step / elapsed if trained else 0.0,
              loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)

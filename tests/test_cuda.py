@@ -22,13 +22,13 @@ def on_cuda(trained_project, monkeypatch):
     return trained_project
 
 
-@pytest.mark.parametrize("precision, dtype",
-                         [("auto", "torch.bfloat16"), ("fp16", "torch.float16"), ("no", "torch.float32")])
-def test_training_precisions(on_cuda, precision, dtype):
+@pytest.mark.parametrize("precision", ["auto", "fp16", "no"])
+def test_training_precisions(on_cuda, precision):
     p = on_cuda
     p.run("train_lora", train__mixed_precision=precision, train__max_steps=6)
-    config = read_json(p.path("lora") / "training_config.json")
-    assert config["device"] == "cuda" and config["dtype"] == dtype
+    auto = "torch.bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "torch.float16"  # T4: fp16
+    expected = {"auto": auto, "fp16": "torch.float16", "no": "torch.float32"}[precision]
+    assert read_json(p.path("lora") / "training_config.json")["dtype"] == expected
     weights = load_file(p.path("lora") / LORA_WEIGHTS)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))

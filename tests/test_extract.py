@@ -6,7 +6,7 @@ import pytest
 
 from stages import extract
 from stages.common import dataset, demo_garments
-from stages.common.errors import StageError
+from stages.common.cli import StageError
 from stages.common.io import load_rgb, read_json
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.common import models
-from stages.common.errors import StageError
+from stages.common import dataset, models
+from stages.common.cli import StageError
 from tests.conftest import REPO, Project
 
 
@@ -54,7 +54,7 @@ def test_metric_backbones(tiny_models):
     assert lpips(x, x).item() == 0 and lpips(x, -x).item() > 0
     clip, processor = models.load_clip(folder, torch.device("cpu"))
     assert clip.config.text_config.max_position_embeddings == 77
-    assert json.loads((folder / models.BACKBONES_FILE).read_text())["clip"] == "tiny-random-clip"
+    assert json.loads((folder / dataset.BACKBONES_FILE).read_text())["clip"] == "tiny-random-clip"
 
 
 def test_tiny_models_are_byte_identical_wherever_built(project, tiny_models):

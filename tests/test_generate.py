@@ -3,8 +3,10 @@
 import os
 
 import numpy as np
+import pytest
 
 from stages.common import dataset
+from stages.common.cli import StageError
 from stages.common.generation import CONFIG_FILE
 from stages.common.io import load_rgb, read_json
 from tests.conftest import image_diff
@@ -49,12 +51,19 @@ def test_resume_skips_finished_images_and_restarts_on_new_params(trained_project
     mtimes = {f.name: f.stat().st_mtime_ns for f in folder.glob("*.png")}
     p.run("generate_baseline")
     assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.png") if f.name in mtimes} == mtimes
-    assert image_diff(generated(p, "baseline")[1], first[1]) == 0
+    assert image_diff(generated(p, "baseline")[1], first[1]) <= 2  # made alone now, in a batch before
     # a different step count invalidates every image already there
     os.utime(folder / "000000.png", ns=(0, 0))
     p.run("generate_baseline", generate__steps=2)
     assert (folder / "000000.png").stat().st_mtime_ns != 0
     assert image_diff(generated(p, "baseline")[0], first[0]) > 0
+
+
+def test_missing_edges_are_named_before_loading_models(trained_project):
+    p = trained_project
+    dataset.edge_path(p.path("edges"), 1).unlink()
+    with pytest.raises(StageError, match=r"000001.png: not found \(1 missing\); run `dvc repro canny-edges`"):
+        p.run("generate_baseline")
 
 
 def test_lora_changes_images_and_scale_zero_is_baseline(trained_project):

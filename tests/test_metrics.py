@@ -8,7 +8,7 @@ from cleanfid import fid as cleanfid
 
 from stages import metrics
 from stages.common import dataset
-from stages.common.errors import StageError
+from stages.common.cli import StageError
 from stages.common.io import read_json
 from stages.common.models import load_clip
 from tests.conftest import fill_generated
@@ -60,7 +60,9 @@ def test_different_images_score_worse(extracted):
     fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
     p.run("metrics")
     result = read_json(p.path("metrics"))
-    assert result["baseline"]["fid"] > 0.01 and result["baseline"]["lpips"] > 0.05
+    for variant in dataset.VARIANTS:
+        assert result[variant]["fid"] > 0.01 and result[variant]["lpips"] > 0.05
+    assert (pd.read_csv(p.path("per_sample"))[["clip_baseline", "clip_lora"]] >= 0).all().all()  # max(cos, 0)
 
 
 def test_clip_score_is_the_cosine_of_clip_embeddings(extracted):
@@ -69,7 +71,7 @@ def test_clip_score_is_the_cosine_of_clip_embeddings(extracted):
     files = [dataset.gt_path(p.path("eval_data"), c["index"]) for c in configs]
     prompts = [c["prompt"] for c in configs]
     model, processor = load_clip(p.path("eval_models"), torch.device("cpu"))
-    ours = metrics.clip_scores(model, processor, files, prompts, torch.device("cpu"), batch_size=3)
+    ours = metrics.clip_cosines(model, processor, files, prompts, torch.device("cpu"), batch_size=3)
     from PIL import Image
     with torch.no_grad():
         inputs = processor(text=prompts, images=[Image.open(f) for f in files], return_tensors="pt", padding=True)
@@ -77,6 +79,19 @@ def test_clip_score_is_the_cosine_of_clip_embeddings(extracted):
     # logits_per_image = logit_scale * cosine; the diagonal pairs each image with its own prompt
     expected = (out.logits_per_image.diagonal() / model.logit_scale.exp()).detach().numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_truncates_long_prompts_keeping_eos(extracted):
+    p = extracted
+    model, processor = load_clip(p.path("eval_models"), torch.device("cpu"))
+    gt = dataset.gt_path(p.path("eval_data"), 0)
+    head = "x" * 75  # the byte-level tiny tokenizer: one token per character; BOS + 75 + EOS = 77
+    prompts = [head + "y" * 300, head + "z" * 300, head[:-1] + "w"]
+    scores = metrics.clip_cosines(model, processor, [gt] * 3, prompts, torch.device("cpu"), batch_size=3)
+    assert np.isfinite(scores).all()
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # both cut to the same 77 tokens
+    # had truncation dropped EOS, CLIP would pool the wrong position and all three would agree
+    assert scores[2] != pytest.approx(scores[0], abs=1e-6)
 
 
 def test_missing_generations_are_named(extracted):

@@ -1,5 +1,6 @@
 """params.yaml is typed and validated before any work; dvc.yaml only names keys that exist."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from stages.common.params import Params, ParamsError, load_params, parse_params
+from stages.common.params import Params, ParamsError, load_params, parse_params, what_keys
 from tests.conftest import REPO, repo_params, set_dotted
 
 
@@ -93,3 +94,47 @@ def test_dvc_yaml_names_only_existing_params_and_paths():
         assert (REPO / "stages" / f"{name.replace('-', '_')}.py").is_file()
         for key in stage.get("params", []):
             assert exists(key), f"stage {name} depends on {key}, which params.yaml lacks"
+
+
+# Which params.yaml sections each stage reads, beyond its own; "how" knobs are never listed.
+STAGE_SECTIONS = {"demo-data": ["demo"], "fetch-models": ["models"], "extract": ["extract"], "canny-edges": ["canny"],
+                  "train-lora": ["train"], "generate-baseline": ["generate"], "generate-lora": ["generate"],
+                  "metrics": ["metrics"], "plots": ["plots"]}
+EXTRA = {"train-lora": {"extract.resolution"}}
+NOT_A_PARAM = {"extract.h5",  # a dep (interpolated path), not a param
+               "generate.lora_scale@generate-baseline"}
+
+
+def test_each_stage_lists_exactly_the_params_it_uses():
+    params = load_params(REPO / "params.yaml")
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name, sections in STAGE_SECTIONS.items():
+        expected = {f"{s}.{k}" for s in sections for k in what_keys(getattr(params, s))} | EXTRA.get(name, set())
+        expected = {k for k in expected if k not in NOT_A_PARAM and f"{k}@{name}" not in NOT_A_PARAM}
+        assert set(dvc["stages"][name]["params"]) == expected, name
+
+
+NO_OUTPUT_EFFECT = {"stages/common/cli.py", "stages/common/params.py", "stages/common/__init__.py"}
+
+
+def _imported_modules(path, seen=None) -> set[str]:
+    """stages/... files that `path` imports, transitively."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse((REPO / path).read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages"):
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            file = name.replace(".", "/") + ".py"
+            if (REPO / file).is_file() and file not in seen:
+                seen.add(file)
+                _imported_modules(file, seen)
+    return seen
+
+
+def test_each_stage_depends_on_exactly_the_code_it_imports():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        module = f"stages/{name.replace('-', '_')}.py"
+        code = {d for d in stage["deps"] if d.startswith("stages/")}
+        assert code == ({module} | _imported_modules(module)) - NO_OUTPUT_EFFECT, name

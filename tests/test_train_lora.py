@@ -1,11 +1,15 @@
 """train-lora: diffusers-format output, a loss log, exact resume, real clipping."""
 
+import logging
+
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from stages import train_lora
+from stages.common import runtime
+from stages.common.cli import StageError
 from stages.common.io import read_json
 from stages.common.models import LORA_WEIGHTS
 
@@ -27,12 +31,12 @@ def test_output_is_diffusers_format_with_a_loss_log(trained_project):
     assert log["loss"].between(0, 10).all()
     assert log["lr"].max() == pytest.approx(p.params["train"]["learning_rate"])  # the lr each step used
     config = read_json(p.path("lora") / "training_config.json")
-    assert config["train"]["max_steps"] == p.params["train"]["max_steps"] and config["resumed_from_step"] == 0
+    assert config["train"]["max_steps"] == p.params["train"]["max_steps"] and config["lora_tensors"] == 256
     # up weights start at zero; training moved them
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))
 
 
-def test_resume_continues_exactly(trained_project, monkeypatch):
+def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     """Kill the run right after its step-2 checkpoint, rerun: the result equals an unbroken run."""
     p = trained_project
     unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
@@ -50,20 +54,29 @@ def test_resume_continues_exactly(trained_project, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         p.run("train_lora")
     monkeypatch.setattr(train_lora, "save_checkpoint", real_save)
-    p.run("train_lora")
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("train_lora")
 
-    assert read_json(p.path("lora") / "training_config.json")["resumed_from_step"] == 2
+    assert "resuming from step 2" in caplog.text
     resumed = lora_weights(p)
     for key, value in unbroken.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
     pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log)
 
 
-def test_changed_params_do_not_resume_a_stale_checkpoint(trained_project):
+def test_changed_params_do_not_resume_a_stale_checkpoint(trained_project, caplog):
     p = trained_project
-    p.run("train_lora", train__seed=7)
-    assert read_json(p.path("lora") / "training_config.json")["resumed_from_step"] == 0
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("train_lora", train__seed=7)
+    assert "starting afresh" in caplog.text and "resuming" not in caplog.text
     assert len(list(p.path("checkpoints").glob("*.pt"))) == 1
+
+
+def test_how_knobs_keep_a_checkpoint_valid(trained_project, caplog):
+    p = trained_project
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("train_lora", train__checkpoint_every=3, train__num_workers=1)
+    assert f"resuming from step {p.params['train']['max_steps']}" in caplog.text
 
 
 def test_gradients_are_really_clipped(trained_project):
@@ -80,3 +93,13 @@ def test_gradients_are_really_clipped(trained_project):
     clipped, free = up_norm(train__max_grad_norm=1e-12), up_norm(train__max_grad_norm=0.0)
     assert clipped < 0.05 * free
     assert pd.read_csv(p.path("loss_log"))["grad_norm"].iloc[0] > 1e-12  # logged before clipping
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_auto_precision_picks_fp16_on_a_t4(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert runtime.training_dtype("auto", torch.device("cuda")) == expected
+    assert runtime.training_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(StageError, match="train.mixed_precision: fp16 needs a CUDA device"):
+        runtime.training_dtype("fp16", torch.device("cpu"))

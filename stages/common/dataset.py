@@ -1,5 +1,5 @@
-"""The on-disk layout of the extracted data, and its readers. File names inside the stage
-folders are written here and nowhere else.
+"""The on-disk layout inside the stage folders, and its readers. File names inside the stage
+folders are written here and nowhere else (the folders themselves are `paths:` in params.yaml).
 
     <train_data>/images.npy         uint8 (N, H, W, 3), memory-mapped by training
     <train_data>/captions.json      {"prompts": [...], "product_ids": [...], "rows": [...]}
@@ -7,6 +7,7 @@ folders are written here and nowhere else.
     <eval_data>/eval_configs.json   [{"index", "image", "prompt", "product_id", "row", ...}]
     <edges>/000000.png              canny edges of gt/000000.png
     <generated_baseline>/000000.png, <generated_lora>/000000.png
+    <eval_models>/backbones.json    names of the metric backbones, reported beside every number
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common.errors import StageError
+from stages.common.cli import StageError
 from stages.common.io import index_name, read_json
 
 TRAIN_IMAGES = "images.npy"
@@ -23,6 +24,7 @@ TRAIN_CAPTIONS = "captions.json"
 EVAL_CONFIGS = "eval_configs.json"
 GT_DIR = "gt"
 VARIANTS = ("baseline", "lora")
+BACKBONES_FILE = "backbones.json"
 
 
 def load_train_set(train_dir: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -31,8 +33,11 @@ def load_train_set(train_dir: str | Path) -> tuple[np.ndarray, list[str]]:
     images_path = train_dir / TRAIN_IMAGES
     if not images_path.is_file():
         raise StageError(f"{images_path}: not found; run `dvc repro extract` first")
+    captions_path = train_dir / TRAIN_CAPTIONS
+    if not captions_path.is_file():
+        raise StageError(f"{captions_path}: not found; rerun `dvc repro extract`")
     images = np.load(images_path, mmap_mode="r")
-    prompts = read_json(train_dir / TRAIN_CAPTIONS)["prompts"]
+    prompts = read_json(captions_path)["prompts"]
     if len(prompts) != len(images):
         raise StageError(f"{train_dir}: {len(images)} images but {len(prompts)} prompts; rerun `dvc repro extract`")
     return images, prompts

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import dataset, models
-from stages.common.io import fingerprint, read_json, save_png, write_json
+from stages.common import dataset
+from stages.common.cli import StageError, log, setup_logging
+from stages.common.io import fingerprint, read_json, save_png, source_files, write_json
 from stages.common.models import load_controlnet_pipeline
-from stages.common.params import as_dict, load_params
-from stages.common.runtime import device, inference_dtype, log, setup_logging
+from stages.common.params import load_params, what_keys
+from stages.common.runtime import device, inference_dtype
 
 CONFIG_FILE = "generation_config.json"
 
@@ -33,19 +34,23 @@ def run(variant: str) -> None:
     configs = dataset.load_eval_configs(paths.eval_data)
     out_dir = dataset.generated_dir(paths, variant)
 
-    settings = {k: v for k, v in as_dict(cfg).items() if k != "batch_size"}
-    # Every DVC dep of the stage, code included, so a resumed folder never mixes old and new images.
-    inputs = [paths.eval_data, paths.edges, paths.base_model, paths.controlnet, __file__, models.__file__]
+    missing = [c for c in configs if not dataset.edge_path(paths.edges, c["index"]).is_file()]
+    if missing:
+        raise StageError(f"{dataset.edge_path(paths.edges, missing[0]['index'])}: not found ({len(missing)} missing); "
+                         "run `dvc repro canny-edges`")
+    settings = what_keys(cfg)
+    # Every input, code included, so a resumed folder never mixes images of old and new inputs.
+    inputs = [paths.eval_data, paths.edges, paths.base_model, paths.controlnet, *source_files()]
     if variant == "lora":
         inputs.append(paths.lora)
     else:
         settings.pop("lora_scale")
     expected = fingerprint({**settings, "variant": variant, "dtype": str(dtype)}, *inputs)
     config_path = out_dir / CONFIG_FILE
-    if out_dir.exists() and (not config_path.is_file() or read_json(config_path)["fingerprint"] != expected):
+    if out_dir.exists() and (not config_path.is_file() or read_json(config_path).get("fingerprint") != expected):
         log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, out_dir)
         shutil.rmtree(out_dir)
-    write_json(config_path, {"fingerprint": expected, "variant": variant, "generate": as_dict(cfg),
+    write_json(config_path, {"fingerprint": expected, "variant": variant, "generate": settings,
                              "dtype": str(dtype), "images": len(configs)})
     todo = [c for c in configs if not dataset.generated_path(paths, variant, c["index"]).exists()]
     if not todo:

@@ -82,6 +82,12 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
+def source_files() -> list[Path]:
+    """Every .py file of the `stages` package: the code behind any output. Resume fingerprints
+    hash all of it, a superset of a stage's DVC code deps, so stale partial work is never reused."""
+    return sorted(Path(__file__).resolve().parents[1].rglob("*.py"))
+
+
 def fingerprint(settings: dict, *inputs: str | Path) -> str:
     """A short hash of `settings` plus the bytes of every file in `inputs` (files or folders).
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from stages.common.errors import StageError
+from stages.common.cli import StageError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-BACKBONES_FILE = "backbones.json"
 
 
 def _quiet_loading() -> None:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from stages.common.errors import StageError
+from stages.common.cli import StageError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -28,8 +28,11 @@ class ParamsError(StageError):
     """A params.yaml problem; the message names the file and the key."""
 
 
-def _doc(text: str, **kwargs):
-    return field(metadata={"doc": text}, **kwargs)
+def _doc(text: str, how: bool = False):
+    """A documented field. `how=True` marks a knob that changes how a stage runs, never what it
+    produces (batch sizes for inference, workers, read chunks): such keys are left out of
+    dvc.yaml's params and of resume fingerprints, so changing them reruns nothing."""
+    return field(metadata={"doc": text, "how": how})
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,11 @@ class Extract:
         "caption: first comma clause of the description (seed recipe), the whole description, or the product name"
     )
     seed: int = _doc("seed of the product-level train/eval shuffle")
-    read_chunk: int = _doc("rows per H5 read; the real file is 51 GB decoded, never read whole")
+    read_chunk: int = _doc("rows per H5 read; the real file is 51 GB decoded, never read whole", how=True)
 
     def __post_init__(self):
         _check(self.train_products >= 1, "extract.train_products", "must be at least 1")
-        _check(self.eval_products >= 1, "extract.eval_products", "must be at least 1")
+        _check(self.eval_products >= 2, "extract.eval_products", "must be at least 2 (FID, KID and CIs need two)")
         _check(self.resolution >= 32 and self.resolution % 8 == 0, "extract.resolution",
                "must be a multiple of 8 and at least 32 (LPIPS alex needs 31 px)")
         _check(self.read_chunk >= 1, "extract.read_chunk", "must be at least 1")
@@ -121,8 +124,8 @@ class Train:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
         "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"
     )
-    checkpoint_every: int = _doc("steps between resumable checkpoints")
-    num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)")
+    checkpoint_every: int = _doc("steps between resumable checkpoints", how=True)
+    num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)", how=True)
     seed: int = _doc("seed for data order, augmentation, noise and timesteps")
 
     def __post_init__(self):
@@ -143,7 +146,7 @@ class Generate:
     controlnet_scale: float = _doc("ControlNet conditioning scale")
     negative_prompt: str = _doc("negative prompt for CFG (empty = unconditional)")
     lora_scale: float = _doc("LoRA strength in generate-lora")
-    batch_size: int = _doc("images per pipeline call; each image has its own seeded generator")
+    batch_size: int = _doc("images per pipeline call; each image has its own seeded generator", how=True)
     seed: int = _doc("image i uses seed + i, so results do not depend on batch size")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _doc("auto: fp16 on CUDA, fp32 on CPU")
 
@@ -155,7 +158,7 @@ class Generate:
 
 @dataclass(frozen=True)
 class Metrics:
-    batch_size: int = _doc("images per feature-extractor batch")
+    batch_size: int = _doc("images per feature-extractor batch", how=True)
     kid_subsets: int = _doc("KID subsets (clean-fid's default is 100)")
     kid_subset_size: int = _doc("max images per KID subset (clean-fid's default is 1000)")
     seed: int = _doc("seed for KID subset sampling")
@@ -269,4 +272,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 def as_dict(section) -> dict:
     """A section as a plain dict, for saving the resolved config beside an output."""
     return dataclasses.asdict(section)
+
+
+def what_keys(section) -> dict:
+    """The section's fields that shape outputs (all but the `how=True` ones)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata["how"]}
 

@@ -1,26 +1,14 @@
-"""Device, precision, seeding and logging: how a stage runs, chosen in one place."""
+"""Device, precision and seeding, chosen in one place."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
-import sys
 
 import numpy as np
 import torch
 
-from stages.common.errors import StageError
-
-log = logging.getLogger("stages")
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    # Everything loads from local folders; make any accidental hub access fail fast instead of hanging.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from stages.common.cli import StageError, log
 
 
 def device() -> torch.device:
@@ -36,10 +24,13 @@ def training_dtype(mixed_precision: str, dev: torch.device) -> torch.dtype:
     if mixed_precision == "auto":
         if dev.type != "cuda":
             return torch.float32
-        # T4s (Kaggle) have no bf16: fp16 with a GradScaler there.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # T4s (Kaggle, sm_75) have no bf16 units: fp16 with a GradScaler there. Not
+        # is_bf16_supported(), which also says yes for (slow) emulated bf16.
+        return torch.bfloat16 if torch.cuda.get_device_capability(dev)[0] >= 8 else torch.float16
     if mixed_precision != "no" and dev.type != "cuda":
         raise StageError(f"train.mixed_precision: {mixed_precision} needs a CUDA device; set it to 'auto' or 'no'")
+    if mixed_precision == "bf16" and torch.cuda.get_device_capability(dev)[0] < 8:
+        log.warning("train.mixed_precision: bf16 is emulated (slowly) on this GPU; 'auto' picks fp16 here")
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
