@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import StageError, log, run_cli, setup_logging
-from stages.common.io import atomic_dir, save_png, write_json
+from stages.common.io import atomic_dir, resize_shorter_side, save_png, write_json
 from stages.common.params import load_params
 
 REQUIRED_KEYS = ("input_image", "input_productID", "input_description", "input_name", "input_category")
@@ -38,14 +38,9 @@ def make_prompt(description: str, name: str, style: str) -> str:
 
 def to_resolution(image: np.ndarray, size: int) -> np.ndarray:
     """Shorter side to `size` with LANCZOS, then a centre crop (FashionGen is square already)."""
-    img = Image.fromarray(image)
-    if img.size != (size, size):
-        scale = size / min(img.size)
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-                         Image.Resampling.LANCZOS)
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img)
+    img = resize_shorter_side(Image.fromarray(image), size)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
 def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int, source: str):

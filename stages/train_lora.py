@@ -22,13 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import atomic_dir, atomic_file, fingerprint, source_files, write_json
+from stages.common.io import atomic_dir, atomic_file, fingerprint, resize_shorter_side, source_files, write_json
 from stages.common.models import LORA_WEIGHTS, load_training_models
 from stages.common.params import as_dict, load_params, what_keys
 from stages.common.runtime import device, seed_everything, training_dtype
@@ -41,7 +47,7 @@ class TrainSamples(torch.utils.data.Dataset):
     flip and crop. Indexing by k (not by image) is what makes resuming exact."""
 
     def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, resolution: int, flip: bool, seed: int):
-        self.images, self.prompts, self.resolution, self.flip, self.seed = images, prompts, resolution, flip, seed
+        self.images, self.resolution, self.flip, self.seed = images, resolution, flip, seed
         self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
                                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         self._order = (-1, None)
@@ -55,11 +61,7 @@ class TrainSamples(torch.utils.data.Dataset):
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
         i = int(self._order[1][pos])
         rng = np.random.default_rng([self.seed, epoch, pos])
-        img = Image.fromarray(np.asarray(self.images[i]))
-        scale = self.resolution / min(img.size)  # Resize(shorter side, LANCZOS), then RandomCrop
-        if scale != 1:
-            img = img.resize((max(self.resolution, round(img.width * scale)),
-                              max(self.resolution, round(img.height * scale))), Image.Resampling.LANCZOS)
+        img = resize_shorter_side(Image.fromarray(np.asarray(self.images[i])), self.resolution)  # then RandomCrop
         left = int(rng.integers(0, img.width - self.resolution + 1))
         top = int(rng.integers(0, img.height - self.resolution + 1))
         img = img.crop((left, top, left + self.resolution, top + self.resolution))
@@ -74,7 +76,7 @@ def latest_checkpoint(folder: Path, expected: str):
     checkpoints = sorted(folder.glob("checkpoint-*.pt"))
     if not checkpoints:
         return None
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
     if state.get("fingerprint") != expected:
         log.info("train-lora: %s was made from other params, data or code; starting afresh", checkpoints[-1])
         for path in checkpoints:
@@ -96,13 +98,6 @@ def main() -> None:
     setup_logging()
     params = load_params()
     cfg, paths = params.train, params.paths
-    from diffusers import StableDiffusionPipeline
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
     dev = device()
     dtype = training_dtype(cfg.mixed_precision, dev)
     seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG

@@ -76,6 +76,15 @@ def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
         image.save(tmp, format="PNG")
 
 
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` with LANCZOS (the seed recipe's Resize); a no-op when it already is."""
+    scale = size / min(img.size)
+    if scale == 1:
+        return img
+    return img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                      Image.Resampling.LANCZOS)
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """An image as an HxWx3 uint8 RGB array."""
     with Image.open(path) as img:
