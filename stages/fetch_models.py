@@ -2,34 +2,82 @@
 
     python -m stages.fetch_models
 
-`models.mode: tiny` (the default) builds random-initialised tiny models offline from
-`models.seed`, in the real diffusers/transformers layouts. `hub` mode downloads the real
-weights; it is the only stage allowed to touch the network.
+`models.mode` says where they come from:
+- `tiny` (the demo): random tiny models built offline from `models.seed`.
+- `hub`: the real weights. SD 1.5, the ControlNet and CLIP come from the Hugging Face hub
+  (`models.*_id` at `models.*_revision`; HF_ENDPOINT and HF_TOKEN are honoured), only the files
+  the stages load, fp16 where `models.variant` asks and the repo has it. clean-fid's Inception and
+  torchvision's AlexNet come from their URLs, checked against `models.*_sha256`. Downloads go
+  to the usual caches and resume when rerun. This is the only stage that touches the network.
+- `local`: the same models from folders and files you already have (`models.local.*`),
+  checked the same way, then hard-linked (or copied) into models/.
+
+Whatever the mode, the folders have the same layout, all or nothing, and models/sources.json
+records where each file came from (repo commit, URL, sha256).
 """
 
 from pathlib import Path
 
-from stages.common import dataset, tiny_models
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common import dataset
+from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import atomic_dir, write_json
 from stages.common.params import load_params
 
 
+def fetch_real(models, base: Path, controlnet: Path, eval_models: Path) -> tuple[dict, dict]:
+    """Hub or local mode: every model installed into the temp folders; returns (record, backbones)."""
+    from stages.common import model_sources as sources
+
+    targets = {"base": base, "controlnet": controlnet, "clip": eval_models / dataset.CLIP_DIR}
+    files = {"inception": eval_models / dataset.INCEPTION_FILE, "alexnet": eval_models / dataset.ALEXNET_FILE}
+    record = {"mode": models.mode, "variant": models.variant}
+    for key, target in targets.items():
+        if models.mode == "hub":
+            record[key] = sources.from_hub(getattr(models, f"{key}_id"), getattr(models, f"{key}_revision"),
+                                           sources.LAYOUTS[key], models.variant, key, target)
+        else:
+            record[key] = sources.from_local(getattr(models.local, key), sources.LAYOUTS[key], models.variant,
+                                             f"models.local.{key}", target)
+    for key, target in files.items():
+        sha_key = f"models.{key}_sha256"
+        if models.mode == "hub":
+            record[key] = sources.from_url(getattr(models, f"{key}_url"), getattr(models, f"{key}_sha256"),
+                                           f"models.{key}_url", sha_key, target)
+        else:
+            record[key] = sources.local_file(getattr(models.local, key), getattr(models, f"{key}_sha256"),
+                                             f"models.local.{key}", sha_key, target)
+    downloaded = sum(r.pop("downloaded_bytes", 0) for r in record.values() if isinstance(r, dict))
+    if models.mode == "hub":
+        log.info("fetch-models: downloaded %.1f MB (the rest was already in the caches)", downloaded / 1e6)
+
+    clip_weights = next(name for name in record["clip"]["files"] if name.endswith((".safetensors", ".bin")))
+    clip_digest = sources.sha256_of(targets["clip"] / clip_weights)[:12]
+    revision = f"@{record['clip']['commit'][:12]}" if models.mode == "hub" else ""
+    backbones = {
+        "fid": f"clean-fid inception-2015-12-05 (sha256 {record['inception']['sha256'][:12]})",
+        "lpips": f"lpips v0.1 alex on torchvision AlexNet (sha256 {record['alexnet']['sha256'][:12]})",
+        "clip": f"{models.clip_id}{revision} (weights sha256 {clip_digest})",
+    }
+    return record, backbones
+
+
 def main() -> None:
-    setup_logging()
+    setup_logging(network=True)
     params = load_params()
     paths, models = params.paths, params.models
-    if models.mode == "hub":
-        raise StageError(
-            "models.mode: hub is not implemented yet (snapshot download of "
-            f"{models.base_id}, {models.controlnet_id}, {models.clip_id}); "
-            "use models.mode: tiny, or place the diffusers folders under models/ yourself")
     with atomic_dir(paths.base_model) as base, atomic_dir(paths.controlnet) as controlnet, \
             atomic_dir(paths.eval_models) as eval_models:
-        backbones = tiny_models.build_all(Path(base), Path(controlnet), Path(eval_models), models.seed)
+        if models.mode == "tiny":
+            from stages.common import random_models
+
+            backbones = random_models.build_all(Path(base), Path(controlnet), Path(eval_models), models.seed)
+            record = {"mode": "tiny", "seed": models.seed}
+        else:
+            record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)
-    log.info("fetch-models: built tiny models (seed %d) in %s, %s and %s",
-             models.seed, paths.base_model, paths.controlnet, paths.eval_models)
+        write_json(paths.model_sources, record)
+    log.info("fetch-models: %s models in %s, %s and %s (sources: %s)", models.mode, paths.base_model,
+             paths.controlnet, paths.eval_models, paths.model_sources)
 
 
 if __name__ == "__main__":

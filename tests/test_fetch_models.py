@@ -68,16 +68,17 @@ def test_tiny_models_are_byte_identical_wherever_built(project, tiny_models):
             assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
 
 
-def test_missing_models_and_hub_mode_are_clear(project, tmp_path):
+def test_missing_models_and_offline_hub_mode_are_clear(project, tmp_path):
     with pytest.raises(StageError, match="run `dvc repro fetch-models`"):
         models.load_training_models(tmp_path / "nowhere", torch.float32)
-    project.set({"models.mode": "hub"})
-    with pytest.raises(StageError, match="models.mode: hub is not implemented yet"):
+    project.set({"models.mode": "hub"})  # the tests run with HF_HUB_OFFLINE=1
+    with pytest.raises(StageError, match=r"cannot reach .* \(HF_HUB_OFFLINE is set\) .* `dvc pull fetch-models`"):
         project.run("fetch_models")
+    assert (project.path("base_model") / "model_index.json").is_file(), "the models already there survive"
 
 
 SAVE_SCRIPT = ("import sys, torch; from pathlib import Path; "
-               "from stages.common.tiny_models import TinyInception, save_torchscript; "
+               "from stages.common.random_models import TinyInception, save_torchscript; "
                "torch.manual_seed(0); save_torchscript(TinyInception().eval(), Path(sys.argv[1]))")
 
 

@@ -30,6 +30,11 @@ def test_committed_params_load_with_types():
     ("extract.resolution", 60, "extract.resolution: must be a multiple of 8"),
     ("canny.low_threshold", 300, "canny.low_threshold: must be >= 0 and <= canny.high_threshold"),
     ("paths", None, "paths: expected a mapping"),
+    ("models.mode", "cloud", "models.mode: expected one of 'tiny', 'hub', 'local'"),
+    ("models.alexnet_sha256", "7BE5", "models.alexnet_sha256: expected lowercase hex, 8 to 64 digits, or empty"),
+    ("models.base_revision", "", "models.base_revision: must not be empty; use main"),
+    ("models.local", "/data/sd15", "models.local: expected a mapping"),
+    ("models.local.unet", "/data/unet", "models.local.unet: unknown key; known keys: base, controlnet"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     data = repo_params()
@@ -54,6 +59,15 @@ def test_missing_key_and_missing_section():
     data = repo_params()
     del data["metrics"]
     with pytest.raises(ParamsError, match="metrics: missing key"):
+        parse_params(data)
+
+
+def test_hub_ids_are_checked_outside_tiny_mode():
+    data = repo_params()
+    data["models"]["controlnet_id"] = "control_v11p_sd15_canny"
+    parse_params(data)  # tiny mode never uses the id
+    data["models"]["mode"] = "hub"
+    with pytest.raises(ParamsError, match="models.controlnet_id: expected a hub id like owner/name"):
         parse_params(data)
 
 

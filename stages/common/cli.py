@@ -16,11 +16,14 @@ class StageError(Exception):
     the file, key or param and says what to do."""
 
 
-def setup_logging() -> None:
+def setup_logging(network: bool = False) -> None:
+    """Log to stderr. Stages load everything from local folders, so unless `network` (only
+    fetch-models' hub mode) any accidental hub access fails fast instead of hanging."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
-    # Everything loads from local folders; make any accidental hub access fail fast instead of hanging.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # huggingface_hub's client logs every request
+    if not network:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 

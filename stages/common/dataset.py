@@ -8,6 +8,9 @@ folders are written here and nowhere else (the folders themselves are `paths:` i
     <edges>/000000.png              canny edges of gt/000000.png
     <generated_baseline>/000000.png, <generated_lora>/000000.png
     <eval_models>/backbones.json    names of the metric backbones, reported beside every number
+    <eval_models>/inception/inception-2015-12-05.pt   clean-fid's Inception (TorchScript)
+    <eval_models>/lpips/alexnet.pth  torchvision AlexNet state dict, the LPIPS backbone
+    <eval_models>/clip/             transformers CLIP folder for the CLIP score
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ EVAL_CONFIGS = "eval_configs.json"
 GT_DIR = "gt"
 VARIANTS = ("baseline", "lora")
 BACKBONES_FILE = "backbones.json"
+INCEPTION_FILE = "inception/inception-2015-12-05.pt"  # clean-fid loads it by this name from its folder
+ALEXNET_FILE = "lpips/alexnet.pth"
+CLIP_DIR = "clip"
 
 
 def load_train_set(train_dir: str | Path) -> tuple[np.ndarray, list[str]]:

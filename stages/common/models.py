@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from stages.common import dataset
 from stages.common.cli import StageError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -90,34 +91,46 @@ def load_controlnet_pipeline(base: str | Path, controlnet: str | Path, scheduler
 
 
 def load_inception(eval_models: str | Path, device: torch.device):
-    """clean-fid's Inception (or the tiny stand-in) from a local folder, never downloaded."""
+    """clean-fid's Inception (or a random stand-in) from a local folder, never downloaded."""
     from cleanfid.inception_torchscript import InceptionV3W
 
-    folder = require_dir(Path(eval_models) / "inception", "inception-2015-12-05.pt")
+    path = Path(eval_models) / dataset.INCEPTION_FILE
+    require_dir(path.parent, path.name)
     with warnings.catch_warnings():
         # The reference Inception is a TorchScript file; torch now calls jit.load deprecated.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return InceptionV3W(str(folder), download=False, resize_inside=False).to(device).eval()
+        return InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
 
 
 def load_lpips(eval_models: str | Path, device: torch.device):
-    """LPIPS (alex): linear heads from the lpips package, AlexNet features from our folder."""
+    """LPIPS (alex): linear heads from the lpips package, AlexNet features from torchvision's
+    state dict in our folder (`features.N.*`, which lpips splits into slice1..slice5)."""
     import lpips
-    from safetensors.torch import load_file
 
-    weights = require_dir(Path(eval_models) / "lpips", "alexnet.safetensors") / "alexnet.safetensors"
+    path = Path(eval_models) / dataset.ALEXNET_FILE
+    require_dir(path.parent, path.name)
     with warnings.catch_warnings():
         # lpips asks torchvision for `pretrained=False`; we never let it download AlexNet.
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    model.net.load_state_dict(load_file(weights))
+    torchvision_state = torch.load(path, map_location="cpu", weights_only=True)
+    names = {f"{slice_name}.{layer}.{param}": f"features.{layer}.{param}"
+             for slice_name, block in model.net.named_children() for layer, module in block.named_children()
+             for param, _ in module.named_parameters()}
+    missing = [theirs for theirs in names.values() if theirs not in torchvision_state]
+    if missing:
+        raise StageError(f"{path}: no {missing[0]}; it must be a torchvision AlexNet state dict "
+                         "(alexnet-owt-7be5be79.pth): rerun `dvc repro fetch-models`")
+    model.net.load_state_dict({ours: torchvision_state[theirs] for ours, theirs in names.items()})
     return model.to(device).eval()
 
 
 def load_clip(eval_models: str | Path, device: torch.device):
+    """CLIP for the CLIP score; openai's repos ship it as pytorch_model.bin, which transformers
+    loads with weights_only."""
     from transformers import CLIPModel, CLIPProcessor
 
     _quiet_loading()
-    folder = require_dir(Path(eval_models) / "clip", "config.json")
+    folder = require_dir(Path(eval_models) / dataset.CLIP_DIR, "config.json")
     return CLIPModel.from_pretrained(folder).to(device).eval(), CLIPProcessor.from_pretrained(folder)

@@ -43,6 +43,7 @@ class Paths:
     base_model: str = _doc("SD 1.5 in diffusers layout (unet/, vae/, text_encoder/, ...)")
     controlnet: str = _doc("canny ControlNet in diffusers layout")
     eval_models: str = _doc("metric backbones: inception/, lpips/, clip/")
+    model_sources: str = _doc("where fetch-models took each model from: repo commits, URLs, sha256s")
     train_data: str = _doc("training images (one .npy) and captions")
     eval_data: str = _doc("ground-truth PNGs and eval_configs.json")
     edges: str = _doc("canny edge PNGs, one per eval image")
@@ -66,12 +67,52 @@ class Demo:
 
 
 @dataclass(frozen=True)
+class LocalModels:
+    """Where `models.mode: local` takes each model from: folders or files you already have (an
+    attached Kaggle dataset, a shared disk, a mirror), laid out as on the hub."""
+
+    base: str = _doc("SD 1.5 diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    controlnet: str = _doc("canny ControlNet folder (config.json and diffusion_pytorch_model.*)")
+    clip: str = _doc("CLIP folder for the CLIP score (config.json, weights, tokenizer and preprocessor files)")
+    inception: str = _doc("clean-fid's inception-2015-12-05.pt")
+    alexnet: str = _doc("torchvision's alexnet-owt-7be5be79.pth (LPIPS backbone)")
+
+
+@dataclass(frozen=True)
 class Models:
-    mode: Literal["tiny", "hub"] = _doc("tiny: random-initialised tiny models built offline; hub: real weights")
-    seed: int = _doc("seed for the tiny models' random init")
-    base_id: str = _doc("hub id of the SD 1.5 base model (hub mode)")
-    controlnet_id: str = _doc("hub id of the canny ControlNet (hub mode)")
-    clip_id: str = _doc("hub id of the CLIP model used for the CLIP score (hub mode)")
+    mode: Literal["tiny", "hub", "local"] = _doc(
+        "tiny: random tiny models built offline (the demo); hub: download the real weights; "
+        "local: copy or link the real weights from models.local.*")
+    seed: int = _doc("seed for the tiny models' random init (tiny mode)")
+    variant: Literal["fp16", "fp32"] = _doc(
+        "fp16: take a repo's *.fp16.* weights where it has them (half the download); fp32: only the plain files")
+    base_id: str = _doc("hub id of the SD 1.5 base model")
+    base_revision: str = _doc("branch, tag or commit of base_id; a commit pins the run")
+    controlnet_id: str = _doc("hub id of the canny ControlNet (the seed used v1.1: lllyasviel/control_v11p_sd15_canny)")
+    controlnet_revision: str = _doc("branch, tag or commit of controlnet_id")
+    clip_id: str = _doc("hub id of the CLIP model for the CLIP score")
+    clip_revision: str = _doc("branch, tag or commit of clip_id")
+    inception_url: str = _doc("clean-fid's Inception TorchScript; a mirror may stand in")
+    inception_sha256: str = _doc("its sha256 (64 hex digits, or a prefix of at least 8); empty: not pinned, "
+                                 "the stage prints the digest to pin")
+    alexnet_url: str = _doc("torchvision's AlexNet weights, the LPIPS backbone; a mirror may stand in")
+    alexnet_sha256: str = _doc("its sha256 or a prefix of at least 8 hex digits (torchvision names files by one)")
+    local: LocalModels = _doc("local mode: where each model already is")
+
+    def __post_init__(self):
+        for key in ("inception_sha256", "alexnet_sha256"):
+            digest = getattr(self, key)
+            _check(digest == "" or (8 <= len(digest) <= 64 and all(c in "0123456789abcdef" for c in digest)),
+                   f"models.{key}", f"expected lowercase hex, 8 to 64 digits, or empty; got {digest!r}")
+        for key in ("base_id", "controlnet_id", "clip_id"):
+            _check(self.mode == "tiny" or getattr(self, key).count("/") == 1, f"models.{key}",
+                   f"expected a hub id like owner/name, got {getattr(self, key)!r}")
+        for key in ("base_revision", "controlnet_revision", "clip_revision"):
+            _check(getattr(self, key) != "", f"models.{key}", "must not be empty; use main for the default branch")
+        if self.mode == "local":
+            for f in dataclasses.fields(LocalModels):
+                _check(getattr(self.local, f.name) != "", f"models.local.{f.name}",
+                       f"empty, but models.mode is local; set it to the {f.metadata['doc']}")
 
 
 @dataclass(frozen=True)

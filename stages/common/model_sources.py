@@ -1,0 +1,306 @@
+"""Where the real models come from: the Hugging Face hub, plain URLs, or folders the user has.
+
+Hub and local mode share one path. From a repo's file list, `select()` picks what the stages
+load: config and tokenizer files, and one weights file per model folder, the fp16 variant first
+when asked for, a safetensors file before its .bin twin. It never picks safety_checker/, the
+single-file or non-EMA checkpoints, or Flax/TF weights. `install()` then links or copies the
+picked files into a folder under their plain names (`diffusion_pytorch_model.fp16.safetensors`
+becomes `diffusion_pytorch_model.safetensors`). So loaders never need a variant, and a models/
+folder hashes the same whichever way its weights arrived.
+
+Only fetch-models imports this module: it is the one stage allowed to touch the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.common.cli import StageError, log
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, transformers .bin
+WEIGHT_ORDER = {"fp16": (".fp16.safetensors", ".safetensors", ".fp16.bin", ".bin"), "fp32": (".safetensors", ".bin")}
+CONFIG_SUFFIXES = (".json", ".txt")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one model folder must hold. `required` maps each subfolder ("" is the top) to the files
+    it needs ("a|b": either); `weights` lists the subfolders that need one weights file."""
+
+    what: str
+    required: dict[str, tuple[str, ...]]
+    weights: tuple[str, ...]
+
+
+LAYOUTS = {
+    "base": Layout("an SD 1.5 diffusers folder", {
+        "": ("model_index.json",),
+        "scheduler": ("scheduler_config.json",),
+        "tokenizer": ("vocab.json", "merges.txt"),
+        "text_encoder": ("config.json",),
+        "vae": ("config.json",),
+        "unet": ("config.json",),
+    }, weights=("text_encoder", "vae", "unet")),
+    "controlnet": Layout("a diffusers ControlNet folder", {"": ("config.json",)}, weights=("",)),
+    "clip": Layout("a transformers CLIP folder", {
+        "": ("config.json", "preprocessor_config.json|processor_config.json", "vocab.json|tokenizer.json"),
+    }, weights=("",)),
+}
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def select(layout: Layout, files: list[str], variant: str) -> tuple[dict[str, str], list[str]]:
+    """Pick the files to install from a repo's (or folder's) relative paths.
+
+    Returns ({installed name: source name}, [missing required files]). Only files directly in
+    a layout subfolder are considered, so nothing outside them (safety_checker/, images/,
+    root-level checkpoints) is ever picked.
+    """
+    by_folder: dict[str, set[str]] = {}
+    for path in files:
+        folder, _, name = path.rpartition("/")
+        by_folder.setdefault(folder, set()).add(name)
+    chosen, missing = {}, []
+    for folder, needed in layout.required.items():
+        names = by_folder.get(folder, set())
+        for name in sorted(names):
+            if name.endswith(CONFIG_SUFFIXES) and ".index.json" not in name:
+                chosen[_join(folder, name)] = _join(folder, name)
+        missing += [_join(folder, n.split("|")[0]) for n in needed if not any(a in names for a in n.split("|"))]
+        if folder in layout.weights:
+            weights = next((stem + suffix for suffix in WEIGHT_ORDER[variant] for stem in WEIGHT_STEMS
+                            if stem + suffix in names), None)
+            if weights is None:
+                missing.append(_join(folder, f"diffusion_pytorch_model{WEIGHT_ORDER[variant][0]} "
+                                             f"(or another {variant} weights file)"))
+            else:
+                chosen[_join(folder, weights.replace(".fp16.", "."))] = _join(folder, weights)
+    return chosen, missing
+
+
+def link_or_copy(source: Path, target: Path) -> bool:
+    """Hard-link `source` (symlinks resolved, as in the hub cache) to `target`, or copy it when
+    they are on different file systems or links are not allowed. Returns True if linked."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(os.path.realpath(source), target)
+        return True
+    except OSError:
+        shutil.copyfile(source, target)
+        return False
+
+
+def install(root: Path, chosen: dict[str, str], target: Path, key: str) -> dict[str, dict]:
+    """Put `chosen` ({installed name: source name under root}) into `target`; returns a record of
+    each file (source name and size) for models/sources.json."""
+    linked = 0
+    record = {}
+    for name, source in sorted(chosen.items()):
+        linked += link_or_copy(root / source, target / name)
+        record[name] = {"from": source, "size": (target / name).stat().st_size}
+    log.info("fetch-models: %s: %d files (%.1f MB), %d hard-linked, %d copied", key, len(chosen),
+             sum(r["size"] for r in record.values()) / 1e6, linked, len(chosen) - linked)
+    return record
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, key: str, source: str) -> str:
+    """`path`'s sha256, which must start with `expected` (empty: not pinned, the digest is logged)."""
+    actual = sha256_of(path)
+    if not expected:
+        log.warning("fetch-models: %s is not pinned; %s has sha256 %s: set %s to it", key, source, actual, key)
+    elif not actual.startswith(expected):
+        raise StageError(f"{key}: {source} has sha256 {actual[:16]}..., expected {expected}...; "
+                         "the file is corrupt or another file: check the URL or path, then rerun")
+    return actual
+
+
+# ---------------------------------------------------------------------------------------- local
+
+
+def list_folder(folder: Path) -> list[str]:
+    """Every file under `folder` as a relative posix path (symlinked files count as files)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def from_local(folder: str, layout: Layout, variant: str, key: str, target: Path) -> dict:
+    """Validate a user's model folder and install it into `target`."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise StageError(f"{key}: {root} is not a folder; set it to {layout.what}")
+    chosen, missing = select(layout, list_folder(root), variant)
+    if missing:
+        raise StageError(f"{key}: {root / missing[0]} is missing; {root} must be {layout.what}")
+    return {"path": str(root), "files": install(root, chosen, target, key)}
+
+
+def local_file(path: str, expected_sha256: str, key: str, sha_key: str, target: Path) -> dict:
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise StageError(f"{key}: {source} not found; set it to the file's path")
+    digest = check_sha256(source, expected_sha256, sha_key, str(source))
+    link_or_copy(source, target)
+    return {"path": str(source), "sha256": digest, "size": target.stat().st_size}
+
+
+# ------------------------------------------------------------------------------------------ hub
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str, key: str):
+    """Turn huggingface_hub's exceptions into one line that says what to do next."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    where = f"{repo_id}@{revision} on {constants.ENDPOINT}"
+    # huggingface_hub keeps finished files in its cache but drops a half-downloaded one.
+    rerun = "rerun `dvc repro fetch-models`: files already downloaded are kept"
+    offline = ("hub mode needs the network: `dvc pull fetch-models` takes the models from a DVC remote, "
+               "or set models.mode: local and models.local.* to folders you have")
+    try:
+        yield
+    except GatedRepoError:
+        raise StageError(f"models.{key}_id: {where} is gated: accept its terms on the hub with your account, "
+                         "then set HF_TOKEN to a read token and rerun") from None
+    except RevisionNotFoundError:
+        raise StageError(f"models.{key}_revision: {revision!r} is not a branch, tag or commit of {repo_id}") from None
+    except RepositoryNotFoundError:
+        raise StageError(f"models.{key}_id: {where} not found, or private: check the id, or set HF_TOKEN "
+                         "to a token that can read it") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
+        reason = "HF_HUB_OFFLINE is set" if isinstance(err, OfflineModeIsEnabled) or os.environ.get(
+            "HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else "no connection"
+        raise StageError(f"cannot reach {constants.ENDPOINT} ({reason}) for {repo_id}; {offline}") from None
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else "?"
+        if status == 401:
+            raise StageError(f"models.{key}_id: {where} refused the token (HTTP 401): set HF_TOKEN to a valid "
+                             "read token") from None
+        raise StageError(f"{where}: HTTP {status}; {rerun}") from None
+    except OSError as err:  # the connection dropped mid-download (httpx's own errors: below)
+        raise StageError(f"download of {where} interrupted ({type(err).__name__}); {rerun}") from None
+    except Exception as err:
+        if type(err).__module__.startswith(("httpx", "httpcore")):  # httpx2's transport errors
+            if "Connect" in type(err).__name__:
+                raise StageError(f"cannot reach {constants.ENDPOINT} ({type(err).__name__}) for {repo_id}; "
+                                 f"{offline}") from None
+            raise StageError(f"download of {where} interrupted ({type(err).__name__}); {rerun}") from None
+        raise
+
+
+def from_hub(repo_id: str, revision: str, layout: Layout, variant: str, key: str, target: Path) -> dict:
+    """Download what `layout` needs from a hub repo (resumable, into the HF cache), verify every
+    LFS file's sha256 against the hub's listing, and install it into `target`."""
+    from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.hf_api import RepoFile
+
+    api = HfApi()
+    with hub_errors(repo_id, revision, key):
+        commit = api.model_info(repo_id, revision=revision).sha
+        tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                if isinstance(f, RepoFile)}
+        chosen, missing = select(layout, list(tree), variant)
+        if missing:
+            raise StageError(f"models.{key}_id: {repo_id}@{revision} has no {missing[0]}; "
+                             f"it must be {layout.what}")
+        sources = sorted(set(chosen.values()))
+        cached = sum(tree[s].size for s in sources
+                     if isinstance(try_to_load_from_cache(repo_id, s, revision=commit), str))
+        total = sum(tree[s].size for s in sources)
+        log.info("fetch-models: %s@%s (%s): %d files, %.1f MB, %.1f MB to download", repo_id, revision,
+                 commit[:12], len(sources), total / 1e6, (total - cached) / 1e6)
+        snapshot = Path(snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(s) for s in sources]))
+    for source in sources:
+        lfs = tree[source].lfs
+        if lfs is not None and sha256_of(snapshot / source) != lfs.sha256:
+            Path(os.path.realpath(snapshot / source)).unlink()  # the blob, or the next run would reuse it
+            (snapshot / source).unlink(missing_ok=True)
+            raise StageError(f"models.{key}_id: {repo_id}/{source} does not match the sha256 the hub lists "
+                             f"({lfs.sha256[:16]}...); removed it from the cache: rerun `dvc repro fetch-models`")
+    files = install(snapshot, chosen, target, f"models.{key}_id")
+    for name, entry in files.items():
+        if tree[entry["from"]].lfs is not None:
+            entry["sha256"] = tree[entry["from"]].lfs.sha256
+    return {"id": repo_id, "revision": revision, "commit": commit, "files": files,
+            "downloaded_bytes": total - cached}
+
+
+# ----------------------------------------------------------------------------------------- URLs
+
+
+def download_cache() -> Path:
+    """Where URL downloads (the metric backbones) are kept between runs, so a rerun resumes."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fashion-controlnet-lora" / "downloads"
+
+
+def _download(url: str, part: Path) -> None:
+    """Fetch `url` into `part`, resuming from its current size when the server allows it."""
+    done = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        if done and err.code == 416:  # the part file is already whole
+            return
+        raise
+    with response:
+        if done and response.status != 206:  # no range support: start again
+            done = 0
+        total = done + int(response.headers.get("Content-Length", 0))
+        with part.open("ab" if done else "wb") as f, tqdm(total=total, initial=done, unit="B", unit_scale=True,
+                                                          desc=url.rsplit("/", 1)[-1]) as bar:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                bar.update(len(block))
+        if total and part.stat().st_size != total:
+            raise ConnectionError(f"got {part.stat().st_size} of {total} bytes")
+
+
+def from_url(url: str, expected_sha256: str, key: str, sha_key: str, target: Path) -> dict:
+    """Download `url` (resumable, cached), verify its sha256 and link it to `target`."""
+    cache = download_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(url.encode()).hexdigest()[:12] + "-" + url.rsplit("/", 1)[-1]
+    done, part = cache / name, cache / (name + ".part")
+    downloaded = 0
+    if not done.exists():
+        before = part.stat().st_size if part.exists() else 0
+        try:
+            _download(url, part)
+        except urllib.error.HTTPError as err:
+            raise StageError(f"{key}: {url}: HTTP {err.code} {err.reason}; set {key} to a working URL or mirror, "
+                             "or use models.mode: local") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise StageError(f"{key}: download of {url} stopped ({reason}); rerun `dvc repro fetch-models` to "
+                             "resume, or `dvc pull fetch-models` to take the models from a DVC remote") from None
+        downloaded = part.stat().st_size - before
+        os.replace(part, done)
+    try:
+        digest = check_sha256(done, expected_sha256, sha_key, url)
+    except StageError:
+        done.unlink()  # never keep a file that failed its check
+        raise
+    link_or_copy(done, target)
+    return {"url": url, "sha256": digest, "size": target.stat().st_size, "downloaded_bytes": downloaded}
