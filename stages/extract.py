@@ -2,10 +2,13 @@
 
     python -m stages.extract
 
-Reads `extract.h5` in slices (the real file is 51 GB decoded), shuffles *products* with
-`extract.seed`, holds out `eval_products` of them (first pose each) and trains on all poses of
-the next `train_products`, so no eval garment leaks into training. Text is latin-1 bytes of
-shape (N, 1); decoding it as UTF-8 would silently drop é and ®.
+Shuffles *products* with `extract.seed`, holds out `eval_products` of them (first pose each) and
+trains on all poses of the next `train_products`, so no eval garment leaks into training. The
+real file is 51 GB decoded: it is read once, front to back, in covering slices (h5py reads a
+slice about 20x faster than the same rows picked by a list with gaps), and training images are
+streamed to disk, so memory stays flat whatever the file's size. Text is latin-1 bytes of shape
+(N, 1); decoding it as UTF-8 would silently drop é and ®. Both folders appear together or not at
+all, with a split summary (`dvc metrics show`) beside them.
 """
 
 from pathlib import Path
@@ -20,11 +23,12 @@ from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import atomic_dir, resize_shorter_side, save_png, write_json
 from stages.common.params import load_params
 
-REQUIRED_KEYS = ("input_image", "input_productID", "input_description", "input_name", "input_category")
+TEXT_KEYS = ("input_description", "input_name", "input_category")
+MAX_GAP = 4  # rows: reading a few unwanted rows in a slice costs less than a second read call
 
 
 def decode(cell) -> str:
-    """One (1,)-shaped fixed-width latin-1 cell -> str."""
+    """One fixed-width latin-1 cell, of shape (1,) as in FashionGen or a scalar -> str."""
     return bytes(np.asarray(cell).reshape(-1)[0]).decode("latin-1").strip()
 
 
@@ -38,9 +42,48 @@ def make_prompt(description: str, name: str, style: str) -> str:
 
 def to_resolution(image: np.ndarray, size: int) -> np.ndarray:
     """Shorter side to `size` with LANCZOS, then a centre crop (FashionGen is square already)."""
+    if image.shape[:2] == (size, size):
+        return image
     img = resize_shorter_side(Image.fromarray(image), size)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def open_h5(path: Path) -> h5py.File:
+    if not path.is_file():
+        raise StageError(f"extract.h5: {path} not found; set extract.h5 in params.yaml to a FashionGen "
+                         "H5 (e.g. fashiongen_256_256_train.h5), or run `dvc repro demo-data` for the demo")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        reason = str(err).split("(")[0].strip().rstrip(":")
+        raise StageError(f"extract.h5: {path} is not a readable HDF5 file ({reason}); a truncated "
+                         "download? Compare its size with the source's and fetch it again") from None
+
+
+def check_layout(f: h5py.File, path: Path, resolution: int) -> int:
+    """FashionGen's layout, checked before any work: returns the row count."""
+    for key in ("input_image", "input_productID", *TEXT_KEYS):
+        if key not in f:
+            raise StageError(f"{path}: key {key!r} missing; extract.h5 must point to a FashionGen H5")
+    images = f["input_image"]
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        raise StageError(f"{path}: input_image is {images.dtype} of shape {images.shape}; expected uint8 "
+                         "(N, H, W, 3) RGB as in FashionGen")
+    rows = images.shape[0]
+    if min(images.shape[1:3]) < resolution:
+        raise StageError(f"extract.resolution: {resolution} px is above {path}'s {min(images.shape[1:3])} px "
+                         "images; lower it rather than upscale")
+    ids = f["input_productID"]
+    if ids.shape not in ((rows,), (rows, 1)) or ids.dtype.kind not in "iu":
+        raise StageError(f"{path}: input_productID is {ids.dtype} of shape {ids.shape}; expected integers of "
+                         f"shape ({rows}, 1), one per input_image row")
+    for key in TEXT_KEYS:
+        column = f[key]
+        if column.shape not in ((rows,), (rows, 1)) or column.dtype.kind != "S":
+            raise StageError(f"{path}: {key} is {column.dtype} of shape {column.shape}; expected fixed-width "
+                             f"bytes of shape ({rows}, 1), one per input_image row")
+    return rows
 
 
 def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int, source: str):
@@ -55,14 +98,49 @@ def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int
     return train_rows, eval_rows
 
 
-def read_rows(f: h5py.File, rows: np.ndarray, chunk: int, size: int, desc: str):
-    """Yield (row, image, description, name, category) for sorted `rows`, reading `chunk` at a time."""
-    for start in tqdm(range(0, len(rows), chunk), desc=desc, unit="chunk"):
-        idx = rows[start:start + chunk]
-        images = f["input_image"][idx]  # h5py fancy indexing wants increasing indices
-        texts = [f[k][idx] for k in ("input_description", "input_name", "input_category")]
-        for j, row in enumerate(idx):
-            yield int(row), to_resolution(images[j], size), *(decode(t[j]) for t in texts)
+def blocks(rows: np.ndarray, chunk: int):
+    """Split sorted `rows` into (start, stop, picks): covering slices of at most `chunk` rows, cut
+    wherever the gap between wanted rows exceeds MAX_GAP."""
+    first = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] - rows[i - 1] > MAX_GAP or rows[i] - rows[first] >= chunk:
+            start = int(rows[first])
+            yield start, int(rows[i - 1]) + 1, rows[first:i] - start
+            first = i
+
+
+def read_rows(f: h5py.File, rows: np.ndarray, chunk: int, size: int, path: Path):
+    """Yield (row, image, description, name, category) for sorted `rows`, one covering slice at a time."""
+    progress = tqdm(total=len(rows), desc="extract", unit="img")
+    for start, stop, picks in blocks(rows, chunk):
+        try:
+            images = f["input_image"][start:stop]
+            texts = [f[k][start:stop] for k in TEXT_KEYS]
+        except OSError as err:  # a corrupt or truncated chunk
+            raise StageError(f"extract.h5: {path}: cannot read rows {start}-{stop - 1} "
+                             f"({str(err).split('(')[0].strip()}); the file is damaged: fetch it again") from None
+        for j in picks:
+            yield start + int(j), to_resolution(images[j], size), *(decode(t[j]) for t in texts)
+        progress.update(len(picks))
+    progress.close()
+
+
+def count_long_prompts(prompts: list[str], tokenizer_dir: Path) -> int:
+    """Prompts the CLIP tokenizer cuts (over 77 tokens with BOS and EOS); each unique prompt once."""
+    from transformers import CLIPTokenizer
+
+    if not (tokenizer_dir / "vocab.json").is_file():
+        raise StageError(f"{tokenizer_dir}: no tokenizer; run `dvc repro fetch-models` first")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    unique = sorted(set(prompts))
+    lengths = dict(zip(unique, (len(ids) for ids in tokenizer(unique, truncation=False)["input_ids"]), strict=True))
+    return sum(lengths[p] > tokenizer.model_max_length for p in prompts)
+
+
+def side_summary(ids: list[int], categories: list[str], descriptions: list[str], long_prompts: int) -> dict:
+    """Headline counts only: `dvc metrics show` puts every key in a column."""
+    return {"products": len(set(ids)), "images": len(ids), "categories": len(set(categories)),
+            "empty_descriptions": sum(d == "" for d in descriptions), "prompts_over_77_tokens": long_prompts}
 
 
 def main() -> None:
@@ -70,43 +148,52 @@ def main() -> None:
     params = load_params()
     cfg, paths = params.extract, params.paths
     h5_path = Path(cfg.h5)
-    if not h5_path.is_file():
-        raise StageError(f"extract.h5: {h5_path} not found; set extract.h5 in params.yaml to a FashionGen "
-                                "H5 (e.g. fashiongen_256_256_train.h5), or run `dvc repro demo-data` for the demo")
-    with h5py.File(h5_path, "r") as f:
-        missing = [k for k in REQUIRED_KEYS if k not in f]
-        if missing:
-            raise StageError(f"{h5_path}: key {missing[0]!r} missing; extract.h5 must point to a FashionGen H5")
+    with open_h5(h5_path) as f, atomic_dir(paths.train_data) as train_dir, atomic_dir(paths.eval_data) as eval_dir:
+        total = check_layout(f, h5_path, cfg.resolution)
         product_ids = f["input_productID"][:].reshape(-1)
         train_rows, eval_rows = split_products(product_ids, cfg.train_products, cfg.eval_products, cfg.seed,
                                                str(h5_path))
+        rows = np.union1d(train_rows, eval_rows)  # one pass over the file for both sides
+        is_eval = np.isin(rows, eval_rows)
+        shape = (len(train_rows), cfg.resolution, cfg.resolution, 3)
+        train = {"prompts": [], "categories": [], "descriptions": []}
+        configs, eval_descriptions = [], []
+        # Plain buffered writes: a memmap's dirty pages would count against memory, 5 GB for 30k images.
+        with (train_dir / dataset.TRAIN_IMAGES).open("wb") as images:
+            np.lib.format.write_array_header_1_0(images, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for wanted_eval, (row, image, description, name, category) in zip(
+                    is_eval, read_rows(f, rows, cfg.read_chunk, cfg.resolution, h5_path), strict=True):
+                prompt = make_prompt(description, name, cfg.prompt)
+                if wanted_eval:
+                    index = len(configs)
+                    gt = dataset.gt_path(eval_dir, index)
+                    save_png(gt, image)
+                    configs.append({"index": index, "image": gt.relative_to(eval_dir).as_posix(), "prompt": prompt,
+                                    "product_id": int(product_ids[row]), "row": row, "name": name,
+                                    "category": category})
+                    eval_descriptions.append(description)
+                else:
+                    images.write(np.ascontiguousarray(image).tobytes())
+                    for key, value in zip(train, (prompt, category, description), strict=True):
+                        train[key].append(value)
+        write_json(train_dir / dataset.TRAIN_CAPTIONS, {
+            "prompts": train["prompts"], "product_ids": product_ids[train_rows].tolist(), "rows": train_rows.tolist()})
+        write_json(eval_dir / dataset.EVAL_CONFIGS, configs)
 
-        with atomic_dir(paths.train_data) as train_dir:
-            images = np.lib.format.open_memmap(train_dir / dataset.TRAIN_IMAGES, mode="w+", dtype=np.uint8,
-                                               shape=(len(train_rows), cfg.resolution, cfg.resolution, 3))
-            prompts = []
-            for i, (_, image, description, name, _) in enumerate(
-                    read_rows(f, train_rows, cfg.read_chunk, cfg.resolution, "extract train")):
-                images[i] = image
-                prompts.append(make_prompt(description, name, cfg.prompt))
-            images.flush()
-            del images
-            write_json(train_dir / dataset.TRAIN_CAPTIONS, {
-                "prompts": prompts, "product_ids": product_ids[train_rows].tolist(), "rows": train_rows.tolist()})
+        tokenizer_dir = Path(paths.base_model) / dataset.TOKENIZER_DIR
+        summary = {
+            "source_rows": total, "source_products": int(len(np.unique(product_ids))),
+            "train": side_summary(product_ids[train_rows].tolist(), train["categories"], train["descriptions"],
+                                  count_long_prompts(train["prompts"], tokenizer_dir)),
+            "eval": side_summary([c["product_id"] for c in configs], [c["category"] for c in configs],
+                                 eval_descriptions, count_long_prompts([c["prompt"] for c in configs], tokenizer_dir)),
+            "train_categories_not_in_eval": len(set(train["categories"]) - {c["category"] for c in configs}),
+        }
+        write_json(paths.split_summary, summary)  # last: a failure above leaves every output as it was
 
-        with atomic_dir(paths.eval_data) as eval_dir:
-            configs = []
-            for index, (row, image, description, name, category) in enumerate(
-                    read_rows(f, eval_rows, cfg.read_chunk, cfg.resolution, "extract eval")):
-                gt = dataset.gt_path(eval_dir, index)
-                save_png(gt, image)
-                configs.append({"index": index, "image": gt.relative_to(eval_dir).as_posix(),
-                                "prompt": make_prompt(description, name, cfg.prompt),
-                                "product_id": int(product_ids[row]), "row": row, "name": name, "category": category})
-            write_json(eval_dir / dataset.EVAL_CONFIGS, configs)
-
-    log.info("extract: wrote %d train images (%d products) to %s and %d eval images to %s",
-             len(train_rows), cfg.train_products, paths.train_data, len(eval_rows), paths.eval_data)
+    log.info("extract: wrote %d train images (%d products) to %s and %d eval images to %s; summary in %s",
+             len(train_rows), cfg.train_products, paths.train_data, len(eval_rows), paths.eval_data,
+             paths.split_summary)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,10 @@ def test_each_stage_depends_on_exactly_the_code_it_imports():
         module = f"stages/{name.replace('-', '_')}.py"
         code = {d for d in stage["deps"] if d.startswith("stages/")}
         assert code == ({module} | _imported_modules(module)) - NO_OUTPUT_EFFECT, name
+
+
+def test_extract_depends_on_the_tokenizer_it_reads():
+    from stages.common.dataset import TOKENIZER_DIR
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["extract"]["deps"]
+    assert f"${{paths.base_model}}/{TOKENIZER_DIR}" in deps

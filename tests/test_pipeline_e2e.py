@@ -49,7 +49,8 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
 
     assert sorted(reproduce(tmp_path)) == sorted(ALL_STAGES)
     p = params["paths"]
-    for key in ("demo_h5", "base_model", "controlnet", "eval_models", "train_data", "eval_data", "edges", "lora",
+    for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
+                "split_summary", "edges", "lora",
                 "loss_log", "checkpoints", "generated_baseline", "generated_lora", "metrics", "per_sample", "plots"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()

@@ -31,6 +31,7 @@ BACKBONES_FILE = "backbones.json"
 INCEPTION_FILE = "inception/inception-2015-12-05.pt"  # clean-fid loads it by this name from its folder
 ALEXNET_FILE = "lpips/alexnet.pth"
 CLIP_DIR = "clip"
+TOKENIZER_DIR = "tokenizer"  # inside <base_model>, as in every diffusers SD folder
 
 
 def load_train_set(train_dir: str | Path) -> tuple[np.ndarray, list[str]]:

@@ -49,7 +49,7 @@ def load_training_models(base: str | Path, dtype: torch.dtype) -> TrainingModels
     _quiet_loading()
     base = require_dir(base, "model_index.json")
     models = TrainingModels(
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder=dataset.TOKENIZER_DIR),
         text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype),
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=dtype),
         unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype),

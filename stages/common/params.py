@@ -46,6 +46,8 @@ class Paths:
     model_sources: str = _doc("where fetch-models took each model from: repo commits, URLs, sha256s")
     train_data: str = _doc("training images (one .npy) and captions")
     eval_data: str = _doc("ground-truth PNGs and eval_configs.json")
+    split_summary: str = _doc("products, images, categories and long prompts on each side of the split "
+                              "(a DVC metric)")
     edges: str = _doc("canny edge PNGs, one per eval image")
     lora: str = _doc("trained LoRA weights and the resolved training config")
     loss_log: str = _doc("training loss per optimiser step (CSV, DVC-cached, a `dvc plots` source)")

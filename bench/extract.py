@@ -1,0 +1,148 @@
+"""Benchmark: `extract` on FashionGen-sized files, for throughput and peak memory.
+
+    python -m bench.extract [--rows 30000] [--workdir /tmp/fashion-bench] [--skip-large]
+
+Writes a synthetic FashionGen H5 of `--rows` rows with the project's own writer (the real file's
+layout: one gzip chunk per 256x256x3 image, text fields (N, 1) latin-1 bytes), then a file 4x as
+large by copying its compressed chunks under new product ids. Runs the real stage on each, as
+DVC would (`python -m stages.extract` in a scratch project, 256 px), and prints images/s and
+peak RSS. The goals (issue 5, on a 2-core machine): >= 300 images/s, peak RSS <= 1 GB, and flat
+when the file is 4x larger. Files are kept in --workdir and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.common import demo_garments, random_models  # noqa: E402
+
+
+def write_base_file(path: Path, rows: int) -> None:
+    """A FashionGen-schema file of exactly `rows` rows (the last product keeps fewer poses)."""
+    garments, total = [], 0
+    for g in demo_garments.make_garments(seed=1, products=rows):  # more than enough products
+        take = min(g.poses, rows - total)
+        garments.append(dataclasses.replace(g, poses=take))
+        total += take
+        if total == rows:
+            break
+    tmp = path.with_suffix(".tmp")
+    started = time.perf_counter()
+    demo_garments.write_h5(tmp, garments)
+    tmp.rename(path)
+    print(f"wrote {path} ({rows} rows, {len(garments)} products) in {time.perf_counter() - started:.0f} s")
+
+
+def write_scaled_file(source: Path, path: Path, factor: int) -> None:
+    """`factor` copies of `source`, product ids shifted per copy; image chunks copied compressed."""
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(source) as f, h5py.File(tmp, "w") as g:
+        rows = f["input_image"].shape[0]
+        offset = int(f["input_productID"][:].max()) + 1
+        for key in f:
+            d = f[key]
+            if key == "input_image":
+                out = g.create_dataset(key, shape=(rows * factor, *d.shape[1:]), dtype=d.dtype, chunks=d.chunks,
+                                       compression=d.compression)
+                for i in range(rows):
+                    mask, chunk = d.id.read_direct_chunk((i, 0, 0, 0))
+                    for k in range(factor):
+                        out.id.write_direct_chunk((k * rows + i, 0, 0, 0), chunk, mask)
+            else:
+                data = d[:]
+                tiled = np.concatenate([data + k * offset if key == "input_productID" else data
+                                        for k in range(factor)])
+                g.create_dataset(key, data=tiled)
+    tmp.rename(path)
+    print(f"wrote {path} ({rows * factor} rows) by copying chunks")
+
+
+def run_extract(workdir: Path, h5: Path, train_products: int, eval_products: int) -> dict:
+    """The real stage in a scratch project; returns wall time, peak RSS and the split summary."""
+    project = workdir / "project"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["extract"].update(h5=str(h5), resolution=256, train_products=train_products,
+                             eval_products=eval_products)
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tokenizer = project / params["paths"]["base_model"] / "tokenizer"
+    if not tokenizer.exists():
+        try:
+            random_models.write_clip_tokenizer(tokenizer, "full")  # the real CLIP vocabulary
+        except RuntimeError:
+            random_models.write_clip_tokenizer(tokenizer, "tiny")
+    started = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "stages.extract"], cwd=project,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(result.stderr)
+    peak_kb = int(result.stderr.strip().splitlines()[-1])
+    summary = json.loads((project / params["paths"]["split_summary"]).read_text())
+    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024, "summary": summary}
+
+
+def report(name: str, rows: int, run: dict) -> None:
+    train, evaluation = run["summary"]["train"], run["summary"]["eval"]
+    images = train["images"] + evaluation["images"]
+    print(f"{name:<34} file {rows:>7} rows | train {train['images']:>6} img ({train['products']} products), "
+          f"eval {evaluation['images']:>5} | {run['wall_s']:6.1f} s, {images / run['wall_s']:5.0f} images/s, "
+          f"peak RSS {run['peak_rss_mb']:6.0f} MB | prompts > 77 tokens: {train['prompts_over_77_tokens']}")
+
+
+def products_for(h5: Path, train_images: int, eval_products: int) -> int:
+    """Train products (after the eval hold-out, in the stage's own order) that give `train_images`."""
+    from stages.extract import split_products
+
+    with h5py.File(h5) as f:
+        ids = f["input_productID"][:].reshape(-1)
+    unique, counts = np.unique(ids, return_counts=True)
+    order = np.random.default_rng(0).permutation(len(unique))
+    per_product = counts[order[eval_products:]]
+    train = int(np.searchsorted(np.cumsum(per_product), train_images)) + 1
+    assert len(split_products(ids, train, eval_products, 0, str(h5))[0]) >= train_images
+    return train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=30_000)
+    parser.add_argument("--eval-products", type=int, default=3_000)
+    parser.add_argument("--train-images", type=int, default=30_000, help="training images from the 4x file")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fashion-bench"))
+    parser.add_argument("--skip-large", action="store_true", help="only the --rows file")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base, large = args.workdir / f"fashiongen_{args.rows}.h5", args.workdir / f"fashiongen_{4 * args.rows}.h5"
+    if not base.exists():
+        write_base_file(base, args.rows)
+    with h5py.File(base) as f:
+        all_products = len(np.unique(f["input_productID"][:]))
+    runs = [(f"{args.rows} rows, every product", base, all_products - args.eval_products)]
+    if not args.skip_large:
+        if not large.exists():
+            write_scaled_file(base, large, 4)
+        runs += [(f"4x file, {args.train_images} train images", large,
+                  products_for(large, args.train_images, args.eval_products)),
+                 ("4x file, every product", large, 4 * all_products - args.eval_products)]
+    for name, h5, train_products in runs:
+        with h5py.File(h5) as f:
+            rows = f["input_image"].shape[0]
+        report(name, rows, run_extract(args.workdir, h5, train_products, args.eval_products))
+
+
+if __name__ == "__main__":
+    main()
