@@ -1,5 +1,7 @@
 # make demo   create .venv if missing, install the project, run the whole DVC pipeline on the demo
 # make test   install the test extra into the same .venv and run the test suite
+# make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
+# make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
 #
 # Plain pip on purpose: uv and poetry ignore a machine's local torch wheels and download
 # several GB of CUDA torch.
@@ -10,7 +12,7 @@ BIN    := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test install
+.PHONY: demo test test-fullsize bench-extract install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --editable '.[test]'
 	touch $@
 
+$(VENV)/.installed-fullsize: $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet --editable '.[test,fullsize]'
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -32,3 +38,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+test-fullsize: $(VENV)/.installed-fullsize
+	$(BIN)/python -m pytest -m fullsize -s tests/test_full_size.py
+
+bench-extract: $(VENV)/.installed
+	$(BIN)/python -m bench.extract

@@ -24,7 +24,7 @@ from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import atomic_file, load_rgb, read_json, write_json
 from stages.common.models import load_clip, load_inception, load_lpips, require_dir
 from stages.common.params import load_params
-from stages.common.runtime import device
+from stages.common.runtime import device, peak_memory
 
 
 def _factor(feats: np.ndarray) -> np.ndarray:
@@ -153,9 +153,9 @@ def main() -> None:
     with atomic_file(paths.per_sample) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6f")
     write_json(paths.metrics, results)
-    log.info("metrics: n=%d; FID %.2f -> %.2f, LPIPS %.3f -> %.3f, CLIP %.4f -> %.4f (baseline -> lora); wrote %s",
+    log.info("metrics: n=%d; FID %.2f -> %.2f, LPIPS %.3f -> %.3f, CLIP %.4f -> %.4f (baseline -> lora)%s; wrote %s",
              len(indices), results["baseline"]["fid"], results["lora"]["fid"], results["baseline"]["lpips"],
-             results["lora"]["lpips"], results["baseline"]["clip_score"], results["lora"]["clip_score"], paths.metrics)
+             results["lora"]["lpips"], results["baseline"]["clip_score"], results["lora"]["clip_score"], peak_memory(dev), paths.metrics)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import atomic_dir, atomic_file, fingerprint, resize_shorter_side, source_files, write_json
 from stages.common.models import LORA_WEIGHTS, load_training_models
 from stages.common.params import as_dict, load_params, what_keys
-from stages.common.runtime import device, seed_everything, training_dtype
+from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
 
@@ -199,9 +199,9 @@ def main() -> None:
         writer.writerows(loss_log)
     # Throughput and resume point go to the log, not to training_config.json: anything that
     # varies between otherwise identical runs would make every downstream stage rerun.
-    log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s, final loss %.4f; wrote %s/%s",
+    log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s%s, final loss %.4f; wrote %s/%s",
              cfg.max_steps, start_step, dev, dtype, trained * per_step / elapsed if trained else 0.0,
-             loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
+             peak_memory(dev), loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
 
 
 if __name__ == "__main__":

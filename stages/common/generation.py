@@ -20,7 +20,7 @@ from stages.common.cli import StageError, log, setup_logging
 from stages.common.io import fingerprint, read_json, save_png, source_files, write_json
 from stages.common.models import load_controlnet_pipeline
 from stages.common.params import load_params, what_keys
-from stages.common.runtime import device, inference_dtype
+from stages.common.runtime import device, inference_dtype, peak_memory
 
 CONFIG_FILE = "generation_config.json"
 
@@ -76,5 +76,5 @@ def run(variant: str) -> None:
         for config, image in zip(batch, images, strict=True):
             save_png(dataset.generated_path(paths, variant, config["index"]), image)
     rate = len(todo) / (time.perf_counter() - started)
-    log.info("generate-%s: wrote %d images (%.2f images/s, %s %s, %d steps) to %s",
-             variant, len(todo), rate, dev, dtype, cfg.steps, out_dir)
+    log.info("generate-%s: wrote %d images (%.2f images/s, %s %s, %d steps%s) to %s",
+             variant, len(todo), rate, dev, dtype, cfg.steps, peak_memory(dev), out_dir)

@@ -294,8 +294,16 @@ def build_eval_models(folder: Path) -> dict:
     return {"fid": "tiny-random-inception", "lpips": "tiny-random-alexnet", "clip": "tiny-random-clip"}
 
 
+def _quiet_saving() -> None:
+    """transformers draws a progress bar for every one-shard save: noise beside the stage's log."""
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def build_all(base: Path, controlnet: Path, eval_models: Path, seed: int) -> dict:
     """Build every tiny model from `seed`; returns the backbone names metrics will report."""
+    _quiet_saving()
     torch.manual_seed(seed)
     build_sd15(base)
     build_controlnet(base / "unet", controlnet)
@@ -309,6 +317,7 @@ def build_full_size_sources(folder: Path, seed: int = 0) -> dict[str, Path]:
     sources = {"base": folder / "stable-diffusion-v1-5", "controlnet": folder / "control_v11p_sd15_canny",
                "clip": folder / "clip-vit-base-patch32", "inception": folder / "inception-2015-12-05.pt",
                "alexnet": folder / "alexnet-owt-7be5be79.pth"}
+    _quiet_saving()
     build_sd15(sources["base"], "full")
     build_controlnet(sources["base"] / "unet", sources["controlnet"], "full")
     build_clip(sources["clip"], "full")

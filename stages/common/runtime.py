@@ -47,3 +47,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def peak_memory(dev: torch.device) -> str:
+    """', peak GPU memory 12.3 GB' for a stage's closing log line; empty on the CPU."""
+    if dev.type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 1e9:.1f} GB"
