@@ -11,6 +11,7 @@ streamed to disk, so memory stays flat whatever the file's size. Text is latin-1
 all, with a split summary (`dvc metrics show`) beside them.
 """
 
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -137,10 +138,10 @@ def count_long_prompts(prompts: list[str], tokenizer_dir: Path) -> int:
     return sum(lengths[p] > tokenizer.model_max_length for p in prompts)
 
 
-def side_summary(ids: list[int], categories: list[str], descriptions: list[str], long_prompts: int) -> dict:
+def side_summary(ids: list[int], categories: set[str], empty_descriptions: int, long_prompts: int) -> dict:
     """Headline counts only: `dvc metrics show` puts every key in a column."""
-    return {"products": len(set(ids)), "images": len(ids), "categories": len(set(categories)),
-            "empty_descriptions": sum(d == "" for d in descriptions), "prompts_over_77_tokens": long_prompts}
+    return {"products": len(set(ids)), "images": len(ids), "categories": len(categories),
+            "empty_descriptions": empty_descriptions, "prompts_over_77_tokens": long_prompts}
 
 
 def main() -> None:
@@ -156,14 +157,18 @@ def main() -> None:
         rows = np.union1d(train_rows, eval_rows)  # one pass over the file for both sides
         is_eval = np.isin(rows, eval_rows)
         shape = (len(train_rows), cfg.resolution, cfg.resolution, 3)
-        train = {"prompts": [], "categories": [], "descriptions": []}
-        configs, eval_descriptions = [], []
+        # Per training image only what captions.json needs; the rest is counted as it streams past.
+        prompts, categories, empty = [], {"train": set(), "eval": set()}, Counter()
+        configs = []
         # Plain buffered writes: a memmap's dirty pages would count against memory, 5 GB for 30k images.
         with (train_dir / dataset.TRAIN_IMAGES).open("wb") as images:
             np.lib.format.write_array_header_1_0(images, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for wanted_eval, (row, image, description, name, category) in zip(
                     is_eval, read_rows(f, rows, cfg.read_chunk, cfg.resolution, h5_path), strict=True):
                 prompt = make_prompt(description, name, cfg.prompt)
+                side = "eval" if wanted_eval else "train"
+                categories[side].add(category)
+                empty[side] += description == ""
                 if wanted_eval:
                     index = len(configs)
                     gt = dataset.gt_path(eval_dir, index)
@@ -171,25 +176,23 @@ def main() -> None:
                     configs.append({"index": index, "image": gt.relative_to(eval_dir).as_posix(), "prompt": prompt,
                                     "product_id": int(product_ids[row]), "row": row, "name": name,
                                     "category": category})
-                    eval_descriptions.append(description)
                 else:
                     images.write(np.ascontiguousarray(image).tobytes())
-                    for key, value in zip(train, (prompt, category, description), strict=True):
-                        train[key].append(value)
+                    prompts.append(prompt)
         write_json(train_dir / dataset.TRAIN_CAPTIONS, {
-            "prompts": train["prompts"], "product_ids": product_ids[train_rows].tolist(), "rows": train_rows.tolist()})
+            "prompts": prompts, "product_ids": product_ids[train_rows].tolist(), "rows": train_rows.tolist()})
         write_json(eval_dir / dataset.EVAL_CONFIGS, configs)
 
         tokenizer_dir = Path(paths.base_model) / dataset.TOKENIZER_DIR
         summary = {
             "source_rows": total, "source_products": int(len(np.unique(product_ids))),
-            "train": side_summary(product_ids[train_rows].tolist(), train["categories"], train["descriptions"],
-                                  count_long_prompts(train["prompts"], tokenizer_dir)),
-            "eval": side_summary([c["product_id"] for c in configs], [c["category"] for c in configs],
-                                 eval_descriptions, count_long_prompts([c["prompt"] for c in configs], tokenizer_dir)),
-            "train_categories_not_in_eval": len(set(train["categories"]) - {c["category"] for c in configs}),
+            "train": side_summary(product_ids[train_rows].tolist(), categories["train"], empty["train"],
+                                  count_long_prompts(prompts, tokenizer_dir)),
+            "eval": side_summary([c["product_id"] for c in configs], categories["eval"], empty["eval"],
+                                 count_long_prompts([c["prompt"] for c in configs], tokenizer_dir)),
+            "train_categories_not_in_eval": len(categories["train"] - categories["eval"]),
         }
-        write_json(paths.split_summary, summary)  # last: a failure above leaves every output as it was
+    write_json(paths.split_summary, summary)  # once the folders it describes are in place
 
     log.info("extract: wrote %d train images (%d products) to %s and %d eval images to %s; summary in %s",
              len(train_rows), cfg.train_products, paths.train_data, len(eval_rows), paths.eval_data,

@@ -19,7 +19,7 @@ records where each file came from (repo commit, URL, sha256).
 from pathlib import Path
 
 from stages.common import dataset
-from stages.common.cli import log, run_cli, setup_logging
+from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import atomic_dir, write_json
 from stages.common.params import load_params
 
@@ -73,9 +73,14 @@ def main() -> None:
             backbones = random_models.build_all(Path(base), Path(controlnet), Path(eval_models), models.seed)
             record = {"mode": "tiny", "seed": models.seed}
         else:
-            record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
+            from stages.common.model_sources import disk_error
+
+            try:
+                record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
+            except OSError as err:  # a full disk or a read-only folder, while linking or copying
+                raise StageError(disk_error(err)) from None
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)
-        write_json(paths.model_sources, record)
+    write_json(paths.model_sources, record)  # once the folders it describes are in place
     log.info("fetch-models: %s models in %s, %s and %s (sources: %s)", models.mode, paths.base_model,
              paths.controlnet, paths.eval_models, paths.model_sources)
 

@@ -394,3 +394,38 @@ def test_local_alexnet_checksum_is_verified(local_sources, hub_content, tmp_path
 def test_download_cache_honours_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert model_sources.download_cache() == tmp_path / "fashion-controlnet-lora" / "downloads"
+
+
+def test_a_backbone_that_does_not_load_is_refused(hub_project, hub):
+    """Unpinned, an HTML error page would pass any checksum; it must not pass as Inception."""
+    hub.urls["inception-2015-12-05.pt"] = b"<html>502 Bad Gateway</html>"
+    hub_project.set({"models.inception_sha256": ""})
+    line = error_line(fetch(hub_project, hub.url))
+    assert line.startswith("error: models.inception_url: http") and "does not load" in line
+    assert not list(model_sources_cache(hub_project).glob("*inception*")), "the bad file is not kept"
+
+
+def test_storage_client_failures_read_as_one_line(hub_project, hub, monkeypatch):
+    """The real hub serves large files through hf_xet, whose failures are RuntimeErrors."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def xet_fails(*args, **kwargs):
+        raise RuntimeError("Data processing error: CAS service error : Reqwest Error")
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", xet_fails)
+    with pytest.raises(model_sources.StageError, match=r"download of .* failed \(Data processing error: CAS "
+                                                        r"service error.*\); rerun .*HF_HUB_DISABLE_XET=1"):
+        model_sources.from_hub(SD15, "main", LAYOUTS["base"], "fp16", "base", hub_project.root / "x")
+
+
+def test_disk_errors_say_which_disk():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/models/base/unet")
+    assert model_sources.disk_error(full).startswith("/data/models/base/unet: no space left on the device; free")
+    denied = OSError(errno.EACCES, "Permission denied", "/kaggle/input/sd15/unet")
+    assert model_sources.disk_error(denied) == ("/kaggle/input/sd15/unet: Permission denied; check the path and its "
+                                                "permissions, then rerun `dvc repro fetch-models`")

@@ -69,6 +69,9 @@ def test_hub_ids_are_checked_outside_tiny_mode():
     data["models"]["mode"] = "hub"
     with pytest.raises(ParamsError, match="models.controlnet_id: expected a hub id like owner/name"):
         parse_params(data)
+    data["models"]["controlnet_id"] = "lllyasviel/control v11"
+    with pytest.raises(ParamsError, match="models.controlnet_id: expected a hub id like owner/name"):
+        parse_params(data)
 
 
 def test_yaml_float_spellings():

@@ -116,6 +116,17 @@ def install(root: Path, chosen: dict[str, str], target: Path, key: str) -> dict[
     return record
 
 
+def disk_error(err: OSError) -> str:
+    """One line for a file-system failure (disk full, permissions) while fetching or installing."""
+    import errno
+
+    where = err.filename or "the disk"
+    if err.errno == errno.ENOSPC:
+        return (f"{where}: no space left on the device; free some, or point HF_HOME, XDG_CACHE_HOME or DVC's "
+                "cache (`dvc cache dir`) at a larger disk, then rerun `dvc repro fetch-models`")
+    return f"{where}: {err.strerror or err}; check the path and its permissions, then rerun `dvc repro fetch-models`"
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -154,11 +165,32 @@ def from_local(folder: str, layout: Layout, variant: str, key: str, target: Path
     return {"path": str(root), "files": install(root, chosen, target, key)}
 
 
+def check_loads(path: Path, key: str, source: str) -> None:
+    """A metric backbone must load as what it claims to be: clean-fid's Inception is TorchScript,
+    AlexNet a state dict. An unpinned download (an HTML error page, a cut-off file) stops here,
+    not in the metrics stage."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch calls jit deprecated
+            if path.name.endswith(".pt"):
+                torch.jit.load(str(path), map_location="cpu")
+            else:
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, pickle and zip errors alike
+        raise StageError(f"{key}: {source} does not load ({type(err).__name__}); it is not the expected "
+                         "model file: check the URL or path and pin its sha256") from None
+
+
 def local_file(path: str, expected_sha256: str, key: str, sha_key: str, target: Path) -> dict:
     source = Path(path).expanduser()
     if not source.is_file():
         raise StageError(f"{key}: {source} not found; set it to the file's path")
     digest = check_sha256(source, expected_sha256, sha_key, str(source))
+    check_loads(source, key, str(source))
     link_or_copy(source, target)
     return {"path": str(source), "sha256": digest, "size": target.stat().st_size}
 
@@ -198,14 +230,20 @@ def hub_errors(repo_id: str, revision: str, key: str):
             raise StageError(f"models.{key}_id: {where} refused the token (HTTP 401): set HF_TOKEN to a valid "
                              "read token") from None
         raise StageError(f"{where}: HTTP {status}; {rerun}") from None
-    except OSError as err:  # the connection dropped mid-download (httpx's own errors: below)
+    except OSError as err:
+        if err.errno is not None:  # the disk, not the network
+            raise StageError(disk_error(err)) from None
         raise StageError(f"download of {where} interrupted ({type(err).__name__}); {rerun}") from None
     except Exception as err:
-        if type(err).__module__.startswith(("httpx", "httpcore")):  # httpx2's transport errors
+        if type(err).__module__.startswith(("httpx", "httpcore")):  # the HTTP client's transport errors
             if "Connect" in type(err).__name__:
                 raise StageError(f"cannot reach {constants.ENDPOINT} ({type(err).__name__}) for {repo_id}; "
                                  f"{offline}") from None
             raise StageError(f"download of {where} interrupted ({type(err).__name__}); {rerun}") from None
+        if isinstance(err, RuntimeError):  # hf_xet, the hub's chunked storage client, fails this way
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            raise StageError(f"download of {where} failed ({first}); {rerun}; if it keeps failing, "
+                             "set HF_HUB_DISABLE_XET=1 to download over plain HTTPS") from None
         raise
 
 
@@ -299,6 +337,7 @@ def from_url(url: str, expected_sha256: str, key: str, sha_key: str, target: Pat
         os.replace(part, done)
     try:
         digest = check_sha256(done, expected_sha256, sha_key, url)
+        check_loads(done, key, url)
     except StageError:
         done.unlink()  # never keep a file that failed its check
         raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from stages.common.cli import StageError
 
 PARAMS_FILE = Path("params.yaml")
+HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"  # what the hub accepts as owner/name
 
 
 class ParamsError(StageError):
@@ -107,7 +109,7 @@ class Models:
             _check(digest == "" or (8 <= len(digest) <= 64 and all(c in "0123456789abcdef" for c in digest)),
                    f"models.{key}", f"expected lowercase hex, 8 to 64 digits, or empty; got {digest!r}")
         for key in ("base_id", "controlnet_id", "clip_id"):
-            _check(self.mode == "tiny" or getattr(self, key).count("/") == 1, f"models.{key}",
+            _check(self.mode == "tiny" or re.fullmatch(HUB_ID, getattr(self, key)) is not None, f"models.{key}",
                    f"expected a hub id like owner/name, got {getattr(self, key)!r}")
         for key in ("base_revision", "controlnet_revision", "clip_revision"):
             _check(getattr(self, key) != "", f"models.{key}", "must not be empty; use main for the default branch")
