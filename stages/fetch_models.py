@@ -51,7 +51,9 @@ def fetch_real(models, base: Path, controlnet: Path, eval_models: Path) -> tuple
         log.info("fetch-models: downloaded %.1f MB (the rest was already in the caches)", downloaded / 1e6)
 
     clip_weights = next(name for name in record["clip"]["files"] if name.endswith((".safetensors", ".bin")))
-    clip_digest = sources.sha256_of(targets["clip"] / clip_weights)[:12]
+    # the hub listed it already; a local copy is hashed here
+    clip_digest = (record["clip"]["files"][clip_weights].get("sha256")
+                   or sources.sha256_of(targets["clip"] / clip_weights))[:12]
     revision = f"@{record['clip']['commit'][:12]}" if models.mode == "hub" else ""
     backbones = {
         "fid": f"clean-fid inception-2015-12-05 (sha256 {record['inception']['sha256'][:12]})",

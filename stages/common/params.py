@@ -92,7 +92,7 @@ class Models:
         "fp16: take a repo's *.fp16.* weights where it has them (half the download); fp32: only the plain files")
     base_id: str = _doc("hub id of the SD 1.5 base model")
     base_revision: str = _doc("branch, tag or commit of base_id; a commit pins the run")
-    controlnet_id: str = _doc("hub id of the canny ControlNet (the seed used v1.1: lllyasviel/control_v11p_sd15_canny)")
+    controlnet_id: str = _doc("hub id of the canny ControlNet (the default is the seed's v1.1 model)")
     controlnet_revision: str = _doc("branch, tag or commit of controlnet_id")
     clip_id: str = _doc("hub id of the CLIP model for the CLIP score")
     clip_revision: str = _doc("branch, tag or commit of clip_id")
