@@ -100,7 +100,7 @@ def report(name: str, rows: int, run: dict) -> None:
     images = train["images"] + evaluation["images"]
     print(f"{name:<34} file {rows:>7} rows | train {train['images']:>6} img ({train['products']} products), "
           f"eval {evaluation['images']:>5} | {run['wall_s']:6.1f} s, {images / run['wall_s']:5.0f} images/s, "
-          f"peak RSS {run['peak_rss_mb']:6.0f} MB | prompts > 77 tokens: {train['prompts_over_77_tokens']}")
+          f"peak RSS {run['peak_rss_mb']:6.0f} MB | prompts cut to 77 tokens: {train['prompts_cut_to_77_tokens']}")
 
 
 def products_for(h5: Path, train_images: int, eval_products: int) -> int:

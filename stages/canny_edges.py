@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import atomic_dir, load_rgb, save_png
+from stages.common.io import atomic_dir, check_images, load_rgb, save_png
 from stages.common.params import load_params
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     setup_logging()
     params = load_params()
     configs = dataset.load_eval_configs(params.paths.eval_data)
+    check_images([dataset.gt_path(params.paths.eval_data, c["index"]) for c in configs], "extract")
     with atomic_dir(params.paths.edges) as edges_dir:
         for config in tqdm(configs, desc="canny-edges"):
             gt = load_rgb(dataset.gt_path(params.paths.eval_data, config["index"]))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import StageError, log, run_cli, setup_logging
-from stages.common.io import atomic_dir, resize_shorter_side, save_png, write_json
+from stages.common.io import atomic_dirs, resize_shorter_side, save_png, write_json
 from stages.common.params import load_params
 
 TEXT_KEYS = ("input_description", "input_name", "input_category")
@@ -51,6 +51,9 @@ def to_resolution(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def open_h5(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise StageError(f"extract.h5: {path} is a folder; set extract.h5 to the H5 file in it "
+                         "(e.g. fashiongen_256_256_train.h5)")
     if not path.is_file():
         raise StageError(f"extract.h5: {path} not found; set extract.h5 in params.yaml to a FashionGen "
                          "H5 (e.g. fashiongen_256_256_train.h5), or run `dvc repro demo-data` for the demo")
@@ -126,22 +129,41 @@ def read_rows(f: h5py.File, rows: np.ndarray, chunk: int, size: int, path: Path)
     progress.close()
 
 
-def count_long_prompts(prompts: list[str], tokenizer_dir: Path) -> int:
-    """Prompts the CLIP tokenizer cuts (over 77 tokens with BOS and EOS); each unique prompt once."""
+def load_tokenizer(base_model: str):
+    """SD 1.5's CLIP tokenizer, checked before the long pass over the file."""
     from transformers import CLIPTokenizer
 
-    if not (tokenizer_dir / "vocab.json").is_file():
-        raise StageError(f"{tokenizer_dir}: no tokenizer; run `dvc repro fetch-models` first")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    folder = Path(base_model) / dataset.TOKENIZER_DIR
+    if not (folder / "vocab.json").is_file():
+        raise StageError(f"{folder / 'vocab.json'}: not found; run `dvc repro fetch-models` first")
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def fit_prompts(prompts: list[str], tokenizer) -> tuple[list[str], int]:
+    """Prompts cut to what CLIP reads (77 tokens with BOS and EOS), at a word boundary, once, here:
+    training, generation and the CLIP score then see the same text, and diffusers never logs the
+    cut-off tokens for every batch. Returns the prompts and how many were cut."""
+    limit = tokenizer.model_max_length - 2  # BOS and EOS
     unique = sorted(set(prompts))
-    lengths = dict(zip(unique, (len(ids) for ids in tokenizer(unique, truncation=False)["input_ids"]), strict=True))
-    return sum(lengths[p] > tokenizer.model_max_length for p in prompts)
+    encoded = tokenizer(unique, truncation=False, add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)
+    fitted = {}
+    for prompt, offsets in zip(unique, encoded["offset_mapping"], strict=True):
+        if len(offsets) <= limit:
+            fitted[prompt] = prompt
+            continue
+        end = offsets[limit - 1][1]  # the last token that fits
+        space = prompt.rfind(" ", 0, end)
+        if prompt[end:end + 1].isalnum() and space > 0:  # mid-word: back off to the word's start
+            end = space
+        fitted[prompt] = prompt[:end].rstrip(" ,;:-")
+    return [fitted[p] for p in prompts], sum(fitted[p] != p for p in prompts)
 
 
-def side_summary(ids: list[int], categories: set[str], empty_descriptions: int, long_prompts: int) -> dict:
+def side_summary(ids: list[int], categories: set[str], empty_descriptions: int, cut_prompts: int) -> dict:
     """Headline counts only: `dvc metrics show` puts every key in a column."""
     return {"products": len(set(ids)), "images": len(ids), "categories": len(categories),
-            "empty_descriptions": empty_descriptions, "prompts_over_77_tokens": long_prompts}
+            "empty_descriptions": empty_descriptions, "prompts_cut_to_77_tokens": cut_prompts}
 
 
 def main() -> None:
@@ -149,7 +171,8 @@ def main() -> None:
     params = load_params()
     cfg, paths = params.extract, params.paths
     h5_path = Path(cfg.h5)
-    with open_h5(h5_path) as f, atomic_dir(paths.train_data) as train_dir, atomic_dir(paths.eval_data) as eval_dir:
+    tokenizer = load_tokenizer(paths.base_model)
+    with open_h5(h5_path) as f, atomic_dirs(paths.train_data, paths.eval_data) as (train_dir, eval_dir):
         total = check_layout(f, h5_path, cfg.resolution)
         product_ids = f["input_productID"][:].reshape(-1)
         train_rows, eval_rows = split_products(product_ids, cfg.train_products, cfg.eval_products, cfg.seed,
@@ -179,17 +202,17 @@ def main() -> None:
                 else:
                     images.write(np.ascontiguousarray(image).tobytes())
                     prompts.append(prompt)
+        prompts, train_cut = fit_prompts(prompts, tokenizer)
+        eval_prompts, eval_cut = fit_prompts([c["prompt"] for c in configs], tokenizer)
+        for config, prompt in zip(configs, eval_prompts, strict=True):
+            config["prompt"] = prompt
         write_json(train_dir / dataset.TRAIN_CAPTIONS, {
             "prompts": prompts, "product_ids": product_ids[train_rows].tolist(), "rows": train_rows.tolist()})
         write_json(eval_dir / dataset.EVAL_CONFIGS, configs)
-
-        tokenizer_dir = Path(paths.base_model) / dataset.TOKENIZER_DIR
         summary = {
-            "source_rows": total, "source_products": int(len(np.unique(product_ids))),
-            "train": side_summary(product_ids[train_rows].tolist(), categories["train"], empty["train"],
-                                  count_long_prompts(prompts, tokenizer_dir)),
-            "eval": side_summary([c["product_id"] for c in configs], categories["eval"], empty["eval"],
-                                 count_long_prompts([c["prompt"] for c in configs], tokenizer_dir)),
+            "source_rows": total, "source_products": len(np.unique(product_ids)),
+            "train": side_summary(product_ids[train_rows].tolist(), categories["train"], empty["train"], train_cut),
+            "eval": side_summary([c["product_id"] for c in configs], categories["eval"], empty["eval"], eval_cut),
             "train_categories_not_in_eval": len(categories["train"] - categories["eval"]),
         }
     write_json(paths.split_summary, summary)  # once the folders it describes are in place

@@ -19,8 +19,9 @@ records where each file came from (repo commit, URL, sha256).
 from pathlib import Path
 
 from stages.common import dataset
-from stages.common.cli import StageError, log, run_cli, setup_logging
-from stages.common.io import atomic_dir, write_json
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.io import atomic_dirs, write_json
+from stages.common.model_layouts import LAYOUTS
 from stages.common.params import load_params
 
 
@@ -34,9 +35,9 @@ def fetch_real(models, base: Path, controlnet: Path, eval_models: Path) -> tuple
     for key, target in targets.items():
         if models.mode == "hub":
             record[key] = sources.from_hub(getattr(models, f"{key}_id"), getattr(models, f"{key}_revision"),
-                                           sources.LAYOUTS[key], models.variant, key, target)
+                                           LAYOUTS[key], models.variant, key, target)
         else:
-            record[key] = sources.from_local(getattr(models.local, key), sources.LAYOUTS[key], models.variant,
+            record[key] = sources.from_local(getattr(models.local, key), LAYOUTS[key], models.variant,
                                              f"models.local.{key}", target)
     for key, target in files.items():
         sha_key = f"models.{key}_sha256"
@@ -67,20 +68,14 @@ def main() -> None:
     setup_logging(network=True)
     params = load_params()
     paths, models = params.paths, params.models
-    with atomic_dir(paths.base_model) as base, atomic_dir(paths.controlnet) as controlnet, \
-            atomic_dir(paths.eval_models) as eval_models:
+    with atomic_dirs(paths.base_model, paths.controlnet, paths.eval_models) as (base, controlnet, eval_models):
         if models.mode == "tiny":
             from stages.common import random_models
 
             backbones = random_models.build_all(Path(base), Path(controlnet), Path(eval_models), models.seed)
             record = {"mode": "tiny", "seed": models.seed}
-        else:
-            from stages.common.model_sources import disk_error
-
-            try:
-                record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
-            except OSError as err:  # a full disk or a read-only folder, while linking or copying
-                raise StageError(disk_error(err)) from None
+        else:  # a full disk or a read-only folder is one line too (run_cli)
+            record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)
     write_json(paths.model_sources, record)  # once the folders it describes are in place
     log.info("fetch-models: %s models in %s, %s and %s (sources: %s)", models.mode, paths.base_model,

@@ -14,15 +14,17 @@
 Writes metrics.json (`dvc metrics show`) and a per-image table.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from stages.common import dataset
-from stages.common.cli import StageError, log, run_cli, setup_logging
-from stages.common.io import atomic_file, load_rgb, read_json, write_json
-from stages.common.models import load_clip, load_inception, load_lpips, require_dir
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.io import atomic_file, check_images, load_rgb, read_json, write_json
+from stages.common.models import load_clip, load_inception, load_lpips, require_file
 from stages.common.params import load_params
 from stages.common.runtime import device, peak_memory
 
@@ -119,8 +121,12 @@ def main() -> None:
     indices = [c["index"] for c in configs]
     prompts = [c["prompt"] for c in configs]
     gt_files = [dataset.gt_path(paths.eval_data, i) for i in indices]
-    backbones = read_json(require_dir(paths.eval_models, dataset.BACKBONES_FILE) / dataset.BACKBONES_FILE)
+    backbones = read_json(require_file(Path(paths.eval_models) / dataset.BACKBONES_FILE))
     table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts})
+    generated = {v: [dataset.generated_path(paths, v, i) for i in indices] for v in dataset.VARIANTS}
+    check_images(gt_files, "extract")  # before any model loads
+    for variant, files in generated.items():
+        check_images(files, f"generate-{variant}")
 
     inception = load_inception(paths.eval_models, dev)
     lpips_model = load_lpips(paths.eval_models, dev)
@@ -130,12 +136,7 @@ def main() -> None:
     table["clip_ground_truth"] = clip_gt
     mean, ci = summary(clip_gt)
     results = {}
-    for variant in tqdm(dataset.VARIANTS, desc="metrics"):
-        files = [dataset.generated_path(paths, variant, i) for i in indices]
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise StageError(f"{missing[0]}: not found ({len(missing)} missing); "
-                                    f"run `dvc repro generate-{variant}`")
+    for variant, files in tqdm(generated.items(), desc="metrics"):
         feats = inception_features(files, inception, dev, cfg.batch_size)
         kid, kid_std = kernel_distance(gt_feats, feats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
         table[f"lpips_{variant}"] = lpips_scores(lpips_model, gt_files, files, dev, cfg.batch_size)

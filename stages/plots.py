@@ -13,8 +13,8 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
 from stages.common import dataset
-from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import atomic_file, load_rgb
+from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.io import atomic_dir, check_images, load_rgb
 from stages.common.params import load_params
 
 LOSS_PNG = "train_loss.png"
@@ -22,8 +22,7 @@ GRID_PNG = "samples_grid.png"
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
 
 def loss_figure(loss_log: pd.DataFrame) -> Figure:
@@ -37,10 +36,23 @@ def loss_figure(loss_log: pd.DataFrame) -> Figure:
     return fig
 
 
+def grid_columns(paths) -> list[tuple[str, str, object]]:
+    """(title, the stage that writes it, index -> image path) for each column of the grid."""
+    return [("edges", "canny-edges", lambda i: dataset.edge_path(paths.edges, i)),
+            ("ground truth", "extract", lambda i: dataset.gt_path(paths.eval_data, i)),
+            *[(v, f"generate-{v}", lambda i, v=v: dataset.generated_path(paths, v, i)) for v in dataset.VARIANTS]]
+
+
+def check_inputs(rows: list[dict], paths) -> None:
+    """Every file the plots read, checked before drawing anything."""
+    if not Path(paths.loss_log).is_file():
+        raise StageError(f"{paths.loss_log}: not found; run `dvc repro train-lora`")
+    for _, stage, path_of in grid_columns(paths):
+        check_images([path_of(c["index"]) for c in rows], stage)
+
+
 def grid_figure(rows: list[dict], paths) -> Figure:
-    columns = [("edges", lambda i: dataset.edge_path(paths.edges, i)),
-               ("ground truth", lambda i: dataset.gt_path(paths.eval_data, i)),
-               *[(v, lambda i, v=v: dataset.generated_path(paths, v, i)) for v in dataset.VARIANTS]]
+    columns = [(title, path_of) for title, _, path_of in grid_columns(paths)]
     fig = Figure(figsize=(2.2 * len(columns), 2.4 * len(rows)))
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, config in enumerate(rows):
@@ -61,9 +73,11 @@ def main() -> None:
     params = load_params()
     paths = params.paths
     out = Path(paths.plots)
-    save_figure(loss_figure(pd.read_csv(paths.loss_log)), out / LOSS_PNG)
     rows = dataset.load_eval_configs(paths.eval_data)[:params.plots.grid_samples]
-    save_figure(grid_figure(rows, paths), out / GRID_PNG)
+    check_inputs(rows, paths)
+    with atomic_dir(out) as tmp:  # both plots or neither
+        save_figure(loss_figure(pd.read_csv(paths.loss_log)), tmp / LOSS_PNG)
+        save_figure(grid_figure(rows, paths), tmp / GRID_PNG)
     log.info("plots: wrote %s and %s", out / LOSS_PNG, out / GRID_PNG)
 
 

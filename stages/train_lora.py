@@ -17,6 +17,7 @@ and one loss row per optimiser step to `paths.loss_log`.
 
 import csv
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -34,8 +35,9 @@ from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import atomic_dir, atomic_file, fingerprint, resize_shorter_side, source_files, write_json
-from stages.common.models import LORA_WEIGHTS, load_training_models
+from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps, resize_shorter_side, source_files,
+                              write_json)
+from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
 from stages.common.params import as_dict, load_params, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 
@@ -76,12 +78,18 @@ def latest_checkpoint(folder: Path, expected: str):
     checkpoints = sorted(folder.glob("checkpoint-*.pt"))
     if not checkpoints:
         return None
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != expected:
-        log.info("train-lora: %s was made from other params, data or code; starting afresh", checkpoints[-1])
+    try:
+        state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # written atomically: a disk fault
+        log.warning("train-lora: %s does not load (%s); starting afresh", checkpoints[-1], type(err).__name__)
+        state = None
+    else:
+        if state.get("fingerprint") != expected:
+            log.info("train-lora: %s was made from other params, data or code; starting afresh", checkpoints[-1])
+            state = None
+    if state is None:
         for path in checkpoints:
             path.unlink()
-        return None
     return state
 
 
@@ -103,6 +111,7 @@ def main() -> None:
     seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG
     images, prompts = dataset.load_train_set(paths.train_data)
     m = load_training_models(paths.base_model, dtype)
+    check_target_modules(m.unet, cfg.target_modules)
     m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                   target_modules=list(cfg.target_modules)))
     for module in (m.unet, m.vae, m.text_encoder):
@@ -119,6 +128,7 @@ def main() -> None:
 
     checkpoints = Path(paths.checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
+    remove_temps(checkpoints)  # a checkpoint half-written when a run was killed
     settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype)}
     expected = fingerprint(settings, paths.train_data, paths.base_model, *source_files())
     state = latest_checkpoint(checkpoints, expected)

@@ -79,18 +79,23 @@ class Project:
             module.main()
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> Path:
-    """models/ (base, controlnet, eval) built once per session by the real fetch-models stage."""
-    root = tmp_path_factory.mktemp("models_root")
+def run_in(root: Path, *stages: str) -> Path:
+    """Run `stages` in the project at `root` (a session fixture cannot use monkeypatch.chdir)."""
     project = Project(root)
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        project.run("fetch_models")
+        for stage in stages:
+            project.run(stage)
     finally:
         os.chdir(cwd)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """models/ (base, controlnet, eval) built once per session by the real fetch-models stage."""
+    return run_in(tmp_path_factory.mktemp("models_root"), "fetch_models")
 
 
 @pytest.fixture
@@ -118,14 +123,7 @@ def trained(tmp_path_factory, tiny_models) -> Path:
     project = Project(root)
     for key in ("base_model", "controlnet", "eval_models"):
         shutil.copytree(tiny_models / project.params["paths"][key], project.path(key))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for stage in ("demo_data", "extract", "canny_edges", "train_lora"):
-            project.run(stage)
-    finally:
-        os.chdir(cwd)
-    return root
+    return run_in(root, "demo_data", "extract", "canny_edges", "train_lora")
 
 
 @pytest.fixture
@@ -149,3 +147,19 @@ def fill_generated(project: Project, source) -> None:
 
 def image_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.fixture(scope="session")
+def finished(trained, tmp_path_factory) -> Path:
+    """A session-wide project where every stage has run: the last good run of each output."""
+    root = tmp_path_factory.mktemp("finished")
+    shutil.copytree(trained, root, dirs_exist_ok=True)
+    return run_in(root, "generate_baseline", "generate_lora", "metrics", "plots")
+
+
+@pytest.fixture
+def finished_project(finished, tmp_path, monkeypatch) -> Project:
+    """A private copy of the finished project, cwd set to it."""
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return Project(tmp_path)

@@ -1,12 +1,14 @@
-"""extract splits by product, decodes latin-1, and refuses bad inputs with a clear message."""
+"""extract splits by product, decodes latin-1, cuts long prompts once; bad inputs: test_bad_inputs.py."""
+
+import os
+import stat
 
 import h5py
 import numpy as np
-import pytest
+from transformers import CLIPTokenizer
 
 from stages import extract
 from stages.common import dataset, demo_garments
-from stages.common.cli import StageError
 from stages.common.io import load_rgb, read_json
 
 
@@ -51,29 +53,6 @@ def test_prompt_styles_keep_latin1():
     assert extract.make_prompt("", "Écru Dress", "first_clause") == "Écru Dress"
 
 
-def test_too_many_products_names_both_numbers(project):
-    project.run("demo_data")
-    project.set({"extract.train_products": 15, "extract.eval_products": 4})
-    with pytest.raises(StageError, match=r"asked for 15 train \+ 4 eval = 19 products, but .* has only 16"):
-        project.run("extract")
-
-
-def test_missing_h5_names_the_path_and_param(project):
-    project.set({"extract.h5": "data/raw/missing.h5"})
-    with pytest.raises(StageError, match=r"extract.h5: data/raw/missing.h5 not found; set extract.h5"):
-        project.run("extract")
-
-
-def test_h5_without_fashiongen_keys(project, tmp_path):
-    bad = tmp_path / "other.h5"
-    with h5py.File(bad, "w") as f:
-        f["input_image"] = np.zeros((2, 8, 8, 3), np.uint8)
-    project.set({"extract.h5": str(bad)})
-    with pytest.raises(StageError, match="key 'input_productID' missing"):
-        project.run("extract")
-    assert not project.path("train_data").exists(), "nothing half-written"
-
-
 def test_split_summary_counts_each_side(project):
     project.run("demo_data")
     project.run("extract", extract__prompt="description")
@@ -88,10 +67,39 @@ def test_split_summary_counts_each_side(project):
     assert summary["train"]["categories"] == len(train_categories)
     assert summary["train_categories_not_in_eval"] == len(train_categories - {c["category"] for c in configs})
     assert summary["source_products"] == project.params["demo"]["products"]
-    # the tiny tokenizer spends one token per byte, so BOS + EOS + 75 bytes is the most that fits
-    long = sum(len(p.encode()) > 75 for p in captions["prompts"])
-    assert summary["train"]["prompts_over_77_tokens"] == long > 0
+    with h5py.File(project.path("demo_h5")) as f:
+        descriptions = [extract.decode(f["input_description"][r]) for r in captions["rows"]]
+    tokenizer = CLIPTokenizer.from_pretrained(project.path("base_model") / dataset.TOKENIZER_DIR)
+    long = sum(len(tokenizer(d, verbose=False).input_ids) > 77 for d in descriptions)
+    assert summary["train"]["prompts_cut_to_77_tokens"] == long > 0
     assert summary["train"]["empty_descriptions"] == 0
+
+
+def test_long_prompts_are_cut_once_at_a_word_boundary(project, tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(project.path("base_model") / dataset.TOKENIZER_DIR)
+    prompts = ["short one", "word " * 30, "x" * 120, "Ärmel " + "ab" * 80, "jersey, " * 20]
+    fitted, cut = extract.fit_prompts(prompts, tokenizer)
+    assert fitted[0] == "short one" and cut == 4
+    for original, short in zip(prompts[1:], fitted[1:], strict=True):
+        assert original.startswith(short) and short and len(tokenizer(short).input_ids) <= 77
+        end = len(short)
+        assert not original[end:end + 1].isalnum() or " " not in original[:end], "cut between words"
+    assert set(fitted[1].split(" ")) == {"word"} and len(tokenizer(fitted[1] + " word").input_ids) > 77, \
+        "as many whole words as fit"
+    assert fitted[2] == "x" * 75, "one long word is cut at the token limit"
+    assert fitted[3] == "Ärmel", "a cut through a word backs off to the word before"
+    assert fitted[4].endswith("jersey"), "no trailing separator"
+
+
+def test_generation_logs_no_truncation_warning(trained_project, caplog):
+    trained_project.run("extract", extract__prompt="description")
+    trained_project.run("canny_edges")
+    configs = dataset.load_eval_configs(trained_project.path("eval_data"))
+    with h5py.File(trained_project.path("demo_h5")) as f:
+        descriptions = [extract.decode(f["input_description"][c["row"]]) for c in configs]
+    assert any(c["prompt"] != d for c, d in zip(configs, descriptions, strict=True)), "some eval prompts were cut"
+    trained_project.run("generate_baseline")
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
 
 
 def test_one_pass_reads_the_same_rows_as_fancy_indexing(extracted):
@@ -112,77 +120,28 @@ def test_blocks_cover_the_rows_in_slices():
     assert [(a, b) for a, b, _ in extract.blocks(np.array([0, 3, 6]), chunk=100)] == [(0, 7)]  # gaps <= MAX_GAP
 
 
-def write_variant(path, **datasets):
-    """The demo file's datasets, some replaced by `datasets` (None drops the key)."""
-    with h5py.File(path, "w") as f:
-        for key, value in datasets.items():
-            f[key] = value
-
-
-@pytest.fixture
-def demo_arrays(project):
+def test_a_killed_extract_leaves_nothing_that_the_next_one_keeps(project):
     project.run("demo_data")
-    with h5py.File(project.path("demo_h5")) as f:
-        return {k: f[k][:] for k in ("input_image", "input_productID", *extract.TEXT_KEYS)}
+    leftover = project.path("train_data").with_name(".train.0a1b2c3d.tmp")  # a kill mid-write leaves this
+    leftover.mkdir(parents=True)
+    (leftover / dataset.TRAIN_IMAGES).write_bytes(b"x" * 1_000_000)
+    project.run("extract")
+    assert not leftover.exists()
+    assert not [f for f in project.root.rglob("*") if ".tmp" in f.name or f.name.endswith(".old")]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(input_image=d["input_image"].transpose(0, 3, 1, 2)), "input_image is uint8 of shape"),
-    (lambda d: d.update(input_image=d["input_image"][..., 0]), r"expected uint8 \(N, H, W, 3\) RGB"),
-    (lambda d: d.update(input_image=np.concatenate([d["input_image"], d["input_image"][..., :1]], -1)),
-     "input_image is uint8 of shape"),
-    (lambda d: d.update(input_image=d["input_image"].astype(np.float32)), "input_image is float32"),
-    (lambda d: d.update(input_image=d["input_image"].astype(np.uint16)), "input_image is uint16"),
-    (lambda d: d.update(input_productID=d["input_productID"][:-3]), "input_productID is int64 of shape"),
-    (lambda d: d.update(input_description=np.repeat(d["input_description"], 2, axis=1)),
-     r"input_description is \|S400 of shape \(\d+, 2\); expected fixed-width bytes"),
-    (lambda d: d.update(input_name=np.zeros((len(d["input_name"]), 1))), "input_name is float64"),
-])
-def test_bad_layouts_name_the_file_and_key(project, demo_arrays, tmp_path, change, message):
-    change(demo_arrays)
-    bad = tmp_path / "bad.h5"
-    write_variant(bad, **demo_arrays)
-    project.set({"extract.h5": str(bad)})
-    with pytest.raises(StageError, match=message) as err:
+def test_outputs_are_readable_by_the_group_and_others(project):
+    """0644 files and 0755 folders under the usual umask, not mkstemp's 0600 and mkdtemp's 0700."""
+    old = os.umask(0o022)
+    try:
+        project.run("demo_data")
         project.run("extract")
-    assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)
-    assert not project.path("train_data").exists() and not project.path("eval_data").exists()
-
-
-def test_not_hdf5_and_truncated_files(project, tmp_path):
-    project.run("demo_data")
-    for name, data in (("notes.h5", b"product,description\n1,dress\n"),
-                       ("truncated.h5", project.path("demo_h5").read_bytes()[:100_000])):
-        (tmp_path / name).write_bytes(data)
-        project.set({"extract.h5": str(tmp_path / name)})
-        with pytest.raises(StageError, match=rf"extract.h5: {tmp_path / name} is not a readable HDF5 file \("):
-            project.run("extract")
-
-
-def test_resolution_above_the_source_is_refused(project):
-    project.run("demo_data")
-    with pytest.raises(StageError, match="extract.resolution: 512 px is above .*'s 256 px images"):
-        project.run("extract", extract__resolution=512)
-
-
-def test_a_corrupt_eval_chunk_leaves_the_previous_split_untouched(extracted, tmp_path):
-    """One pass, one commit: a read failing halfway leaves both old folders and the summary."""
-    p = extracted
-    before = {key: {f: f.read_bytes() for f in sorted(p.path(key).rglob("*")) if f.is_file()}
-              for key in ("train_data", "eval_data")}
-    summary = p.path("split_summary").read_bytes()
-    last_eval_row = dataset.load_eval_configs(p.path("eval_data"))[-1]["row"]
-    damaged = tmp_path / "damaged.h5"
-    damaged.write_bytes(p.path("demo_h5").read_bytes())
-    with h5py.File(damaged) as f:
-        info = f["input_image"].id.get_chunk_info(last_eval_row)
-    with damaged.open("r+b") as f:
-        f.seek(info.byte_offset + info.size // 2)
-        f.write(b"\xff" * 64)
-    p.set({"extract.h5": str(damaged), "extract.seed": 1})  # new inputs, as a rerun would have
-    with pytest.raises(StageError, match=r"cannot read rows \d+-\d+ .*the file is damaged: fetch it again"):
-        p.run("extract")
-    for key, files in before.items():
-        assert {f: f.read_bytes() for f in sorted(p.path(key).rglob("*")) if f.is_file()} == files
-    assert p.path("split_summary").read_bytes() == summary
-    assert not [f for f in p.root.rglob("*.tmp")], "no temp files left behind"
+    finally:
+        os.umask(old)
+    for key in ("train_data", "eval_data"):
+        root = project.path(key)
+        for path in [root, *root.rglob("*")]:
+            expected = 0o755 if path.is_dir() else 0o644
+            assert stat.S_IMODE(path.stat().st_mode) == expected, path
+    assert stat.S_IMODE(project.path("split_summary").stat().st_mode) == 0o644
+    assert stat.S_IMODE(project.path("demo_h5").stat().st_mode) == 0o644

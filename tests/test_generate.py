@@ -59,6 +59,17 @@ def test_resume_skips_finished_images_and_restarts_on_new_params(trained_project
     assert image_diff(generated(p, "baseline")[0], first[0]) > 0
 
 
+def test_a_half_written_image_of_a_killed_run_is_removed(trained_project):
+    p = trained_project
+    p.run("generate_baseline")
+    folder = p.path("generated_baseline")
+    (folder / "000001.png").unlink()
+    half = folder / ".000001.png.0a1b2c3d.tmp.png"  # what a kill inside save_png leaves
+    half.write_bytes(b"\x89PNG half")
+    p.run("generate_baseline")
+    assert (folder / "000001.png").is_file() and not half.exists()
+
+
 def test_missing_edges_are_named_before_loading_models(trained_project):
     p = trained_project
     dataset.edge_path(p.path("edges"), 1).unlink()

@@ -1,8 +1,20 @@
-"""Atomic writes and resume fingerprints."""
+"""Atomic writes, leftovers, permissions, damaged files and resume fingerprints."""
 
+import errno
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
+from dvc.fs import LocalFileSystem
 
-from stages.common.io import atomic_dir, atomic_file, fingerprint, source_files
+from stages.common.cli import StageError
+from stages.common.io import (OLD_SUFFIX, atomic_dir, atomic_dirs, atomic_file, check_images, fingerprint, load_rgb,
+                              read_json, remove_temps, save_png, source_files)
+from tests.conftest import REPO
 
 
 def test_atomic_file_leaves_nothing_on_failure(tmp_path):
@@ -43,3 +55,136 @@ def test_fingerprint_follows_settings_bytes_and_names(tmp_path):
 def test_source_files_cover_every_stage_module():
     names = {p.name for p in source_files()}
     assert {"train_lora.py", "generation.py", "models.py", "runtime.py", "params.py"} <= names
+
+
+def test_atomic_dirs_commit_together_or_not_at_all(tmp_path, monkeypatch):
+    a, b = tmp_path / "train", tmp_path / "eval"
+    with atomic_dirs(a, b) as (ta, tb):
+        (ta / "x").write_text("old a")
+        (tb / "x").write_text("old b")
+    real_replace = os.replace
+    calls = []
+
+    def replace_fails_on_the_last_move(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(dst) == b and Path(src).name.endswith(".tmp"):  # moving the new eval folder in
+            raise OSError(errno.EIO, "I/O error", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_on_the_last_move)
+    with pytest.raises(OSError), atomic_dirs(a, b) as (ta, tb):
+        (ta / "x").write_text("new a")
+        (tb / "x").write_text("new b")
+    monkeypatch.undo()
+    assert (a / "x").read_text() == "old a" and (b / "x").read_text() == "old b", "both rolled back"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "train"], "no temp or .old folder left"
+    # every old folder moved aside before any new one moved in: never old and new side by side
+    assert [dst.startswith(".") for _, dst in calls[:2]] == [True, True]
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next(tmp_path):
+    target = tmp_path / "train"
+    (tmp_path / ".train.0a1b2c3d.tmp").mkdir()
+    (tmp_path / ".train.0a1b2c3d.tmp" / "images.npy").write_bytes(b"x" * 1000)
+    (tmp_path / ".train.old").mkdir()
+    (tmp_path / ".trainer.0a1b2c3d.tmp").mkdir()  # other outputs' leftovers: not train's to remove
+    (tmp_path / ".train.json.0a1b2c3d.tmp.json").write_text("{")
+    (tmp_path / ".x.json.0a1b2c3d.tmp.json").write_text("{")
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".train.json.0a1b2c3d.tmp.json", ".trainer.0a1b2c3d.tmp", ".x.json.0a1b2c3d.tmp.json", "train"]
+    with atomic_file(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".train.json.0a1b2c3d.tmp.json", ".trainer.0a1b2c3d.tmp", "train", "x.json"]
+
+
+KILLED_SWAP = """
+import os, sys
+from pathlib import Path
+from stages.common.io import atomic_dirs
+root, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(src)
+    if len(calls) == kill_at:
+        os._exit(9)  # kill -9: no cleanup, no rollback
+    real(src, dst)
+os.replace = replace
+with atomic_dirs(root / "train", root / "eval") as (train, evaluate):
+    (train / "x").write_text("new")
+    (evaluate / "x").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("kill_at", range(1, 7))  # the journal's write, two moves aside, two moves in, none
+def test_a_kill_at_any_point_of_a_swap_never_mixes_runs(tmp_path, kill_at):
+    with atomic_dirs(tmp_path / "train", tmp_path / "eval") as folders:
+        for folder in folders:
+            (folder / "x").write_text("old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SWAP, str(tmp_path), str(kill_at)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == (9 if kill_at <= 5 else 0), killed.stderr
+    # the next writer of the unit starts by finishing (or forgetting) the interrupted swap
+    with pytest.raises(RuntimeError), atomic_dirs(tmp_path / "train", tmp_path / "eval"):
+        raise RuntimeError("the next run fails")
+    contents = {(tmp_path / name / "x").read_text() for name in ("train", "eval")}
+    assert contents == ({"old"} if kill_at == 1 else {"new"}), "both folders from one run, and none lost"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "train"], "no leftovers"
+
+
+def test_remove_temps_keeps_finished_files(tmp_path):
+    (tmp_path / "000000.png").write_bytes(b"done")
+    (tmp_path / ".000001.png.0a1b2c3d.tmp.png").write_bytes(b"half")
+    remove_temps(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["000000.png"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "metrics.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_dirs(tmp_path / "train") as (folder,):
+            (folder / "images.npy").write_bytes(b"x")
+        save_png(tmp_path / "train" / "000000.png", np.zeros((4, 4, 3), np.uint8))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "train").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "train" / "000000.png").stat().st_mode) == 0o666 & ~umask
+
+
+def test_temp_names_are_ignored_by_dvc(tmp_path):
+    """.dvcignore matches every name the atomic writers use, so DVC never tracks a leftover."""
+    from dvc.ignore import DvcIgnorePatterns
+
+    ignore = DvcIgnorePatterns.from_file(str(REPO / ".dvcignore"), LocalFileSystem(), ".dvcignore")
+    folder = tmp_path / "gen"
+    names = []
+    with atomic_file(folder / "000005.png") as tmp:
+        names.append(tmp.name)
+        with atomic_dirs(folder / "sub") as (sub,):
+            names += [sub.name, f".sub{OLD_SUFFIX}"]
+    for name in names:
+        assert ignore.matches(str(REPO), name), name
+    assert not ignore.matches(str(REPO), "000005.png") and not ignore.matches(str(REPO), "images.npy")
+
+
+def test_damaged_json_and_images_are_one_line(tmp_path):
+    (tmp_path / "eval_configs.json").write_text('[{"index": 0,')
+    with pytest.raises(StageError, match=r"eval_configs.json: not valid JSON \(.*line 1.*\); restore it with "):
+        read_json(tmp_path / "eval_configs.json")
+    good = tmp_path / "000000.png"
+    save_png(good, np.zeros((8, 8, 3), np.uint8))
+    bad = tmp_path / "000001.png"
+    bad.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(StageError, match=r"000001.png: not a readable image \(cannot identify image file\); restore it "
+                                         r"with `dvc checkout canny-edges` or rebuild it with `dvc repro -f canny-edges`"):
+        check_images([good, bad], "canny-edges")
+    with pytest.raises(StageError, match=r"000002.png: not found \(1 missing\); run `dvc repro canny-edges`"):
+        check_images([good, tmp_path / "000002.png"], "canny-edges")
+    with pytest.raises(StageError, match="000001.png: not a readable image"):
+        load_rgb(bad)

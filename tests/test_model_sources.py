@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from stages.common import dataset, model_sources
-from stages.common.model_sources import LAYOUTS, select
+from stages.common.model_layouts import LAYOUTS, select
 from stages.common.random_models import SD15_MODEL_INDEX
 from tests.conftest import REPO, Project
 from tests.hub_standin import Repo, StandIn
@@ -424,8 +424,10 @@ def test_storage_client_failures_read_as_one_line(hub_project, hub, monkeypatch)
 def test_disk_errors_say_which_disk():
     import errno
 
+    from stages.common.cli import disk_error
+
     full = OSError(errno.ENOSPC, "No space left on device", "/data/models/base/unet")
-    assert model_sources.disk_error(full).startswith("/data/models/base/unet: no space left on the device; free")
+    assert disk_error(full, "fetch-models").startswith("/data/models/base/unet: no space left on the device; free")
     denied = OSError(errno.EACCES, "Permission denied", "/kaggle/input/sd15/unet")
-    assert model_sources.disk_error(denied) == ("/kaggle/input/sd15/unet: Permission denied; check the path and its "
-                                                "permissions, then rerun `dvc repro fetch-models`")
+    assert disk_error(denied, "fetch-models") == ("/kaggle/input/sd15/unet: Permission denied; check the path and "
+                                                  "its permissions, then rerun `dvc repro fetch-models`")

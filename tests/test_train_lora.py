@@ -64,6 +64,23 @@ def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log)
 
 
+def test_a_damaged_checkpoint_or_a_half_written_one_is_dropped(trained_project, caplog):
+    """Checkpoints are resume state, not outputs: a bad one costs a restart, never the stage."""
+    p = trained_project
+    unbroken = lora_weights(p)
+    folder = p.path("checkpoints")
+    (checkpoint,) = folder.glob("checkpoint-*.pt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+    half = folder / ".checkpoint-000002.pt.0a1b2c3d.tmp.pt"  # what a kill inside torch.save leaves
+    half.write_bytes(b"x" * 100)
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("train_lora")
+    assert f"{checkpoint.relative_to(p.root)} does not load (RuntimeError); starting afresh" in caplog.text
+    assert "resuming" not in caplog.text and not half.exists()
+    for key, value in unbroken.items():
+        torch.testing.assert_close(lora_weights(p)[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_changed_params_do_not_resume_a_stale_checkpoint(trained_project, caplog):
     p = trained_project
     with caplog.at_level(logging.INFO, logger="stages"):

@@ -1,12 +1,20 @@
 """How a stage talks to the person running it: one-line errors for bad input, and logging.
-Nothing here changes what a stage produces, so no stage lists this file as a DVC dep."""
+Nothing here changes what a stage produces, so no stage lists this file as a DVC dep.
+
+The error contract: a problem the user can fix (a param, a file, a full disk) ends the stage
+with exit code 1 and one line, `error: <file, key or param>: <what is wrong>; <what to do>`.
+`--debug` after the module name (`python -m stages.extract --debug`) or FASHION_DEBUG=1 (for
+`dvc repro`) shows the traceback as well. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("stages")
 
@@ -27,10 +35,55 @@ def setup_logging(network: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def restore_hint(stage: str | None = None) -> str:
+    """What to do about a damaged output of `stage` (an input of the stage that found it)."""
+    if stage is None:
+        return "restore it with `dvc checkout` or rebuild it with `dvc repro`"
+    return f"restore it with `dvc checkout {stage}` or rebuild it with `dvc repro -f {stage}`"
+
+
+def disk_error(err: OSError, stage: str) -> str:
+    """One line for a file-system failure (disk full, read-only, permissions)."""
+    from stages.common.io import public_path  # io imports this module
+
+    where = public_path(err.filename) if err.filename else "the disk"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{where}: no space left on the device; free some (`dvc gc` trims DVC's cache), or move the big "
+                "caches to a larger disk (`dvc cache dir`, HF_HOME, XDG_CACHE_HOME), then rerun "
+                f"`dvc repro {stage}`")
+    return f"{where}: {err.strerror or err}; check the path and its permissions, then rerun `dvc repro {stage}`"
+
+
+def debugging() -> bool:
+    return "--debug" in sys.argv[1:] or os.environ.get("FASHION_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar the error cut short, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a StageError exits 1 with a single `error: ...` line."""
+    """Run a stage's main() under the error contract above."""
+    stage = Path(sys.argv[0]).stem.replace("_", "-")  # `python -m stages.train_lora` -> train-lora
     try:
         main()
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (StageError, OSError, KeyboardInterrupt) as err:
+        if isinstance(err, OSError) and err.errno not in DISK_ERRNOS:
+            raise  # not the user's disk: a bug, with its traceback
+        if debugging():
+            raise
+        _close_progress_bars()
+        if isinstance(err, KeyboardInterrupt):
+            print(f"error: {stage} interrupted; rerun it to finish (training and generation resume where they "
+                  "stopped)", file=sys.stderr)
+            sys.exit(130)
+        message = disk_error(err, stage) if isinstance(err, OSError) else str(err)
+        print("error: " + " ".join(message.split("\n")), file=sys.stderr)  # one line, whatever a library said
         sys.exit(1)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common.cli import StageError
+from stages.common.cli import StageError, restore_hint
 from stages.common.io import index_name, read_json
 
 TRAIN_IMAGES = "images.npy"
@@ -43,7 +43,13 @@ def load_train_set(train_dir: str | Path) -> tuple[np.ndarray, list[str]]:
     captions_path = train_dir / TRAIN_CAPTIONS
     if not captions_path.is_file():
         raise StageError(f"{captions_path}: not found; rerun `dvc repro extract`")
-    images = np.load(images_path, mmap_mode="r")
+    try:
+        images = np.load(images_path, mmap_mode="r")
+    except (ValueError, OSError) as err:  # a truncated or foreign file
+        raise StageError(f"{images_path}: not a readable .npy ({err}); {restore_hint('extract')}") from None
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise StageError(f"{images_path}: {images.dtype} of shape {images.shape}, expected uint8 (N, H, W, 3); "
+                         f"{restore_hint('extract')}")
     prompts = read_json(captions_path)["prompts"]
     if len(prompts) != len(images):
         raise StageError(f"{train_dir}: {len(images)} images but {len(prompts)} prompts; rerun `dvc repro extract`")

@@ -2,21 +2,32 @@
 
 Stage outputs are complete or absent: everything is written under a temporary name in the
 same folder and renamed into place only once it is whole, so a crash never leaves a partial
-file that looks valid.
+file that looks valid. Temporary names all look like `.<name>.<token>.tmp[.suffix]`: each writer
+removes its own leftovers from a killed run before it starts, and .dvcignore keeps DVC from
+ever tracking one. Files and folders are created with the usual 0666/0777 & ~umask, so a
+teammate on a shared machine can read them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from stages.common.cli import StageError, restore_hint
+
+TEMP_MARK = ".tmp"  # every temporary name has it after its token; .dvcignore matches `.*.tmp` and `.*.tmp.*`
+OLD_SUFFIX = ".old"  # a folder moved aside while its replacement moves in
+COMMIT_SUFFIX = ".commit"  # the journal of a folder swap in progress
 
 
 def index_name(index: int, suffix: str = ".png") -> str:
@@ -24,14 +35,56 @@ def index_name(index: int, suffix: str = ".png") -> str:
     return f"{index:06d}{suffix}"
 
 
+def _temp_name(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_MARK}{suffix}")
+
+
+def _leftover_pattern(name: str) -> re.Pattern:
+    """What writers of `name` leave beside it when killed: temp files or folders, and `.old`.
+    (A swap's journal is never a leftover: the next run finishes the swap.)"""
+    return re.compile(rf"\.{re.escape(name)}(\.[0-9a-f]{{8}}{re.escape(TEMP_MARK)}(\.[^.]+)?|{re.escape(OLD_SUFFIX)})")
+
+
+def public_path(path: str) -> str:
+    """A path inside a temp folder, as the output it becomes: data/.edges.0a1b2c3d.tmp/x.png -> data/edges/x.png."""
+    return re.sub(rf"(^|/)\.([^/]+)\.[0-9a-f]{{8}}{re.escape(TEMP_MARK)}(\.[^./]+)?(?=/|$)", r"\1\2", str(path))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete what a killed writer of `path` left beside it (temp files or folders, `.old`)."""
+    pattern = _leftover_pattern(path.name)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if pattern.fullmatch(stale.name):
+            _remove(stale)
+
+
+def remove_temps(folder: str | Path) -> None:
+    """Delete every temp file a killed run left inside `folder` (a resumable output: its finished
+    files stay, its half-written ones go)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(f".*{TEMP_MARK}*"):
+            _remove(stale)
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | Path):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_file(path: str | Path, clean: bool = True):
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
+    `clean=False` skips looking for a killed run's leftovers: for the many files of one folder,
+    which its stage cleans once (a look per file would make writing N files cost N^2)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    if clean:
+        remove_leftovers(path)
+    tmp = _temp_name(path, path.suffix)  # the suffix keeps writers that infer the format happy
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 & ~umask, unlike mkstemp's 0600
     try:
         yield tmp
         os.replace(tmp, path)
@@ -39,24 +92,74 @@ def atomic_file(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+def _journal(paths: list[Path]) -> Path:
+    return paths[0].with_name(f".{paths[0].name}{COMMIT_SUFFIX}")
+
+
+def _finish_swap(journal: Path) -> None:
+    """Complete a swap that a kill interrupted: the journal is written once every new folder is
+    whole, so finishing it forward is always right, and doing it twice is harmless."""
+    for tmp, path, old in (map(Path, move) for move in read_json(journal)):
+        if tmp.exists():
+            if path.exists() and not old.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+        _remove(old)
+    journal.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dirs(*paths: str | Path):
+    """Yield one empty temp folder per path; swap them all in only if the block succeeds.
+
+    Several folders commit as one unit, so train and eval data, say, never come from two
+    different runs. Once the new folders are whole, a journal lists the moves; then every old
+    folder moves aside, every new one moves in, and the old ones go. An error in between puts
+    the old ones back; a kill in between is finished by the next run, from the journal.
+    """
+    paths = [Path(p) for p in paths]
+    journal = _journal(paths)
+    if journal.exists():
+        _finish_swap(journal)
+    remove_leftovers(journal)  # a journal half-written when killed: its swap never began
+    temps = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(path)
+            temps.append(_temp_name(path))
+            temps[-1].mkdir(0o777)  # 0777 & ~umask, unlike mkdtemp's 0700
+        yield temps
+        moves = [(tmp, path, path.with_name(f".{path.name}{OLD_SUFFIX}")) for tmp, path in zip(temps, paths, strict=True)]
+        write_json(journal, [[str(p) for p in move] for move in moves])
+        done = []
+        try:
+            for tmp, path, old in moves:
+                if path.exists():
+                    os.replace(path, old)
+                    done.append((old, path))
+            for tmp, path, old in moves:
+                os.replace(tmp, path)
+                done.append((path, tmp))
+        except BaseException:
+            for source, target in reversed(done):  # each move undone on its own, whatever the others do
+                with contextlib.suppress(OSError):
+                    os.replace(source, target)
+            journal.unlink()
+            raise
+        for _, _, old in moves:
+            _remove(old)
+        journal.unlink()
+    finally:
+        for tmp in temps:
+            _remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield an empty temp folder beside `path`; swap it in for `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dirs(path) as (tmp,):
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, data) -> None:
@@ -65,14 +168,19 @@ def write_json(path: str | Path, data) -> None:
 
 
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file a stage wrote; a damaged one is one clear line, not a decoder traceback."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: not valid JSON ({err}); {restore_hint()}") from None
 
 
 def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
     """Write an RGB PNG atomically."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, clean=False) as tmp:  # image folders are cleaned once per stage
         image.save(tmp, format="PNG")
 
 
@@ -85,10 +193,35 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
                       Image.Resampling.LANCZOS)
 
 
+def _image_error(err: Exception, path) -> str:
+    return str(err).replace(f" {str(path)!r}", "")  # PIL repeats the path: "cannot identify image file '...'"
+
+
+def check_images(files: list[Path], stage: str) -> None:
+    """Every image a stage is about to read must exist and be readable (PNG chunks and checksums,
+    no decoding): checked before any work, so a bad one never costs outputs made so far."""
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise StageError(f"{missing[0]}: not found ({len(missing)} missing); run `dvc repro {stage}`")
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (OSError, ValueError, SyntaxError) as err:  # PIL reports a broken PNG as SyntaxError
+            raise StageError(f"{path}: not a readable image ({_image_error(err, path)}); {restore_hint(stage)}") from None
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
-    """An image as an HxWx3 uint8 RGB array."""
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"))
+    """An image as an HxWx3 uint8 RGB array; a missing or damaged file is one clear line."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found; {restore_hint()}") from None
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # the disk itself: run_cli says so
+        raise StageError(f"{path}: not a readable image ({_image_error(err, path)}); {restore_hint()}") from None
 
 
 def source_files() -> list[Path]:
@@ -106,6 +239,8 @@ def fingerprint(settings: dict, *inputs: str | Path) -> str:
     """
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for root in map(Path, inputs):
+        if not root.exists():
+            raise StageError(f"{root}: not found; `dvc repro` builds it")
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for path in files:
             digest.update(path.relative_to(root).as_posix().encode() if root.is_dir() else b"")

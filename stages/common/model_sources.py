@@ -1,6 +1,6 @@
 """Where the real models come from: the Hugging Face hub, plain URLs, or folders the user has.
 
-Hub and local mode share one path. From a repo's file list, `select()` picks what the stages
+Hub and local mode share one path. From a repo's file list, `select()` (model_layouts.py) picks what the stages
 load: config and tokenizer files, and one weights file per model folder, the fp16 variant first
 when asked for, a safetensors file before its .bin twin. It never picks safety_checker/, the
 single-file or non-EMA checkpoints, or Flax/TF weights. `install()` then links or copies the
@@ -20,75 +20,12 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.common.cli import StageError, log
-
-WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, transformers .bin
-WEIGHT_ORDER = {"fp16": (".fp16.safetensors", ".safetensors", ".fp16.bin", ".bin"), "fp32": (".safetensors", ".bin")}
-CONFIG_SUFFIXES = (".json", ".txt")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What one model folder must hold. `required` maps each subfolder ("" is the top) to the files
-    it needs ("a|b": either); `weights` lists the subfolders that need one weights file."""
-
-    what: str
-    required: dict[str, tuple[str, ...]]
-    weights: tuple[str, ...]
-
-
-LAYOUTS = {
-    "base": Layout("an SD 1.5 diffusers folder", {
-        "": ("model_index.json",),
-        "scheduler": ("scheduler_config.json",),
-        "tokenizer": ("vocab.json", "merges.txt"),
-        "text_encoder": ("config.json",),
-        "vae": ("config.json",),
-        "unet": ("config.json",),
-    }, weights=("text_encoder", "vae", "unet")),
-    "controlnet": Layout("a diffusers ControlNet folder", {"": ("config.json",)}, weights=("",)),
-    "clip": Layout("a transformers CLIP folder", {
-        "": ("config.json", "preprocessor_config.json|processor_config.json", "vocab.json|tokenizer.json"),
-    }, weights=("",)),
-}
-
-
-def _join(folder: str, name: str) -> str:
-    return f"{folder}/{name}" if folder else name
-
-
-def select(layout: Layout, files: list[str], variant: str) -> tuple[dict[str, str], list[str]]:
-    """Pick the files to install from a repo's (or folder's) relative paths.
-
-    Returns ({installed name: source name}, [missing required files]). Only files directly in
-    a layout subfolder are considered, so nothing outside them (safety_checker/, images/,
-    root-level checkpoints) is ever picked.
-    """
-    by_folder: dict[str, set[str]] = {}
-    for path in files:
-        folder, _, name = path.rpartition("/")
-        by_folder.setdefault(folder, set()).add(name)
-    chosen, missing = {}, []
-    for folder, needed in layout.required.items():
-        names = by_folder.get(folder, set())
-        for name in sorted(names):
-            if name.endswith(CONFIG_SUFFIXES) and ".index.json" not in name:
-                chosen[_join(folder, name)] = _join(folder, name)
-        missing += [_join(folder, n.split("|")[0]) for n in needed if not any(a in names for a in n.split("|"))]
-        if folder in layout.weights:
-            weights = next((stem + suffix for suffix in WEIGHT_ORDER[variant] for stem in WEIGHT_STEMS
-                            if stem + suffix in names), None)
-            if weights is None:
-                missing.append(_join(folder, f"diffusion_pytorch_model{WEIGHT_ORDER[variant][0]} "
-                                             f"(or another {variant} weights file)"))
-            else:
-                chosen[_join(folder, weights.replace(".fp16.", "."))] = _join(folder, weights)
-    return chosen, missing
+from stages.common.cli import DISK_ERRNOS, StageError, disk_error, log
+from stages.common.model_layouts import Layout, list_folder, select
 
 
 def link_or_copy(source: Path, target: Path) -> bool:
@@ -116,17 +53,6 @@ def install(root: Path, chosen: dict[str, str], target: Path, key: str) -> dict[
     return record
 
 
-def disk_error(err: OSError) -> str:
-    """One line for a file-system failure (disk full, permissions) while fetching or installing."""
-    import errno
-
-    where = err.filename or "the disk"
-    if err.errno == errno.ENOSPC:
-        return (f"{where}: no space left on the device; free some, or point HF_HOME, XDG_CACHE_HOME or DVC's "
-                "cache (`dvc cache dir`) at a larger disk, then rerun `dvc repro fetch-models`")
-    return f"{where}: {err.strerror or err}; check the path and its permissions, then rerun `dvc repro fetch-models`"
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -147,11 +73,6 @@ def check_sha256(path: Path, expected: str, key: str, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- local
-
-
-def list_folder(folder: Path) -> list[str]:
-    """Every file under `folder` as a relative posix path (symlinked files count as files)."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def from_local(folder: str, layout: Layout, variant: str, key: str, target: Path) -> dict:
@@ -231,8 +152,8 @@ def hub_errors(repo_id: str, revision: str, key: str):
                              "read token") from None
         raise StageError(f"{where}: HTTP {status}; {rerun}") from None
     except OSError as err:
-        if err.errno is not None:  # the disk, not the network
-            raise StageError(disk_error(err)) from None
+        if err.errno in DISK_ERRNOS:  # the disk, not the network
+            raise StageError(disk_error(err, "fetch-models")) from None
         raise StageError(f"download of {where} interrupted ({type(err).__name__}); {rerun}") from None
     except Exception as err:
         if type(err).__module__.startswith(("httpx", "httpcore")):  # the HTTP client's transport errors

@@ -1,7 +1,12 @@
-"""Loading every model from local folders (never the hub), for tiny and real weights alike."""
+"""Loading every model from local folders (never the hub), for tiny and real weights alike.
+
+Each folder is checked against its layout before anything loads, and a file that is there but
+does not load (truncated, corrupt, not JSON) is one line naming the folder and the way back.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +14,8 @@ from pathlib import Path
 import torch
 
 from stages.common import dataset
-from stages.common.cli import StageError
+from stages.common.cli import StageError, restore_hint
+from stages.common.model_layouts import check_folder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -23,13 +29,36 @@ def _quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def require_dir(path: str | Path, marker: str) -> Path:
-    """`path` must hold `marker`; otherwise say which stage produces it."""
+def require_file(path: str | Path, stage: str = "fetch-models") -> Path:
+    """`path` must exist; otherwise say which stage produces it."""
     path = Path(path)
-    if not (path / marker).exists():
-        raise StageError(f"{path / marker}: not found; run `dvc repro fetch-models` "
-                                f"(or `dvc pull`) to create {path}")
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run `dvc repro {stage}` (or `dvc pull {stage}`) to create it")
     return path
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0][:200] if text else "") or type(err).__name__
+
+
+@contextlib.contextmanager
+def loading(what: str | Path, stage: str = "fetch-models", torch_file: bool = False):
+    """A file that is there but does not load (truncated weights, broken JSON, a config that does
+    not fit) as one line. Only loading goes inside: a CUDA error is no file's fault."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    errors = (OSError, ValueError, SafetensorError)
+    if torch_file:  # torch.load and TorchScript report a damaged archive these ways
+        errors += (RuntimeError, EOFError, pickle.UnpicklingError)
+    try:
+        yield
+    except errors as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # the disk itself (full, permissions): run_cli says so
+        raise StageError(f"{what}: does not load ({_reason(err)}); {restore_hint(stage)}") from None
 
 
 @dataclass
@@ -47,18 +76,57 @@ def load_training_models(base: str | Path, dtype: torch.dtype) -> TrainingModels
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _quiet_loading()
-    base = require_dir(base, "model_index.json")
-    models = TrainingModels(
-        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder=dataset.TOKENIZER_DIR),
-        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype),
-        noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
-    )
+    base = check_folder(base, "base")
+    with loading(base):
+        models = TrainingModels(
+            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder=dataset.TOKENIZER_DIR),
+            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", dtype=dtype),
+            unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype),
+            noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
+        )
     for module in (models.text_encoder, models.vae, models.unet):
         module.requires_grad_(False)
         module.eval()
     return models
+
+
+def check_lora(folder: str | Path) -> Path:
+    """The trained LoRA file must be there and readable as UNet LoRA weights, checked before any
+    model loads: reading the safetensors header and key names costs milliseconds."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / LORA_WEIGHTS
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run `dvc repro train-lora` first")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # the disk itself (permissions): run_cli says so
+        raise StageError(f"{path}: not a readable safetensors file ({_reason(err)}); "
+                         f"{restore_hint('train-lora')}") from None
+    if not any(k.startswith("unet.") and "lora" in k for k in keys):
+        raise StageError(f"{path}: holds no UNet LoRA weights ({len(keys)} tensors); {restore_hint('train-lora')}")
+    return path
+
+
+def check_target_modules(unet: torch.nn.Module, target_modules: list[str]) -> None:
+    """Every `train.target_modules` entry must name layers peft can give a LoRA (Linear, Conv,
+    Embedding) in the UNet; otherwise peft fails deep inside add_adapter, or matches nothing."""
+    wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+    modules = dict(unet.named_modules())
+    for target in target_modules:
+        matches = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+        if matches and all(isinstance(m, wrappable) for m in matches):
+            continue
+        attention = sorted({name.split(".attn1.")[1] for name, module in modules.items()
+                            if ".attn1." in name and isinstance(module, torch.nn.Linear)})
+        what = (f"names a {type(next(m for m in matches if not isinstance(m, wrappable))).__name__}, not a layer "
+                "LoRA can wrap (Linear, Conv or Embedding)" if matches else "is not a module of the UNet")
+        raise StageError(f"train.target_modules: {target!r} {what}; the UNet's attention projections are "
+                         f"{', '.join(attention)}")
 
 
 SCHEDULERS = {"unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler",
@@ -72,20 +140,22 @@ def load_controlnet_pipeline(base: str | Path, controlnet: str | Path, scheduler
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     _quiet_loading()
-    base = require_dir(base, "model_index.json")
-    controlnet_model = ControlNetModel.from_pretrained(require_dir(controlnet, "config.json"), dtype=dtype)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        base, controlnet=controlnet_model, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, dtype=dtype,
-    )
+    base, controlnet = check_folder(base, "base"), check_folder(controlnet, "controlnet")
+    lora_file = check_lora(lora) if lora is not None else None
+    with loading(controlnet):
+        controlnet_model = ControlNetModel.from_pretrained(controlnet, dtype=dtype)
+    with loading(base):
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            base, controlnet=controlnet_model, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, dtype=dtype,
+        )
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    if lora is not None:
-        lora = Path(lora)
-        if not (lora / LORA_WEIGHTS).is_file():
-            raise StageError(f"{lora / LORA_WEIGHTS}: not found; run `dvc repro train-lora` first")
+    if lora_file is not None:
         # Our LoRA is UNet-only; loading it into the UNet directly skips load_lora_weights'
         # warning about a text encoder with no LoRA keys.
-        pipe.unet.load_lora_adapter(lora, weight_name=LORA_WEIGHTS, prefix="unet", adapter_name="fashion")
+        with loading(lora_file, "train-lora"):
+            pipe.unet.load_lora_adapter(lora_file.parent, weight_name=lora_file.name, prefix="unet",
+                                        adapter_name="fashion")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -94,13 +164,13 @@ def load_inception(eval_models: str | Path, device: torch.device):
     """clean-fid's Inception (or a random stand-in) from a local folder, never downloaded."""
     from cleanfid.inception_torchscript import InceptionV3W
 
-    path = Path(eval_models) / dataset.INCEPTION_FILE
-    require_dir(path.parent, path.name)
-    with warnings.catch_warnings():
+    path = require_file(Path(eval_models) / dataset.INCEPTION_FILE)
+    with warnings.catch_warnings(), loading(path, torch_file=True):
         # The reference Inception is a TorchScript file; torch now calls jit.load deprecated.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
+        model = InceptionV3W(str(path.parent), download=False, resize_inside=False)
+    return model.to(device).eval()
 
 
 def load_lpips(eval_models: str | Path, device: torch.device):
@@ -108,13 +178,13 @@ def load_lpips(eval_models: str | Path, device: torch.device):
     state dict in our folder (`features.N.*`, which lpips splits into slice1..slice5)."""
     import lpips
 
-    path = Path(eval_models) / dataset.ALEXNET_FILE
-    require_dir(path.parent, path.name)
+    path = require_file(Path(eval_models) / dataset.ALEXNET_FILE)
     with warnings.catch_warnings():
         # lpips asks torchvision for `pretrained=False`; we never let it download AlexNet.
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    torchvision_state = torch.load(path, map_location="cpu", weights_only=True)
+    with loading(path, torch_file=True):
+        torchvision_state = torch.load(path, map_location="cpu", weights_only=True)
     names = {f"{slice_name}.{layer}.{param}": f"features.{layer}.{param}"
              for slice_name, block in model.net.named_children() for layer, module in block.named_children()
              for param, _ in module.named_parameters()}
@@ -132,5 +202,7 @@ def load_clip(eval_models: str | Path, device: torch.device):
     from transformers import CLIPModel, CLIPProcessor
 
     _quiet_loading()
-    folder = require_dir(Path(eval_models) / dataset.CLIP_DIR, "config.json")
-    return CLIPModel.from_pretrained(folder).to(device).eval(), CLIPProcessor.from_pretrained(folder)
+    folder = check_folder(Path(eval_models) / dataset.CLIP_DIR, "clip")
+    with loading(folder):
+        model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    return model.to(device).eval(), processor

@@ -10,8 +10,10 @@ so every path is written once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -177,10 +179,18 @@ class Train:
         for name in ("max_steps", "batch_size", "grad_accumulation", "rank", "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
         _check(self.learning_rate > 0, "train.learning_rate", "must be positive")
-        _check(0 <= self.warmup_steps, "train.warmup_steps", "must be >= 0")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps",
+               f"must be >= 0 and <= train.max_steps ({self.max_steps})")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"train.{name}", "must be in [0, 1)")
+        _check(self.adam_weight_decay >= 0, "train.adam_weight_decay", "must be >= 0")
+        _check(self.adam_epsilon > 0, "train.adam_epsilon", "must be positive")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check(self.alpha > 0, "train.alpha", "must be positive (the LoRA's output is scaled by alpha / rank)")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
         _check(len(self.target_modules) > 0, "train.target_modules", "must name at least one module")
+        _check(len(set(self.target_modules)) == len(self.target_modules), "train.target_modules",
+               "names a module twice")
 
 
 @dataclass(frozen=True)
@@ -264,13 +274,16 @@ def _coerce(value, tp, key: str):
             return value
     elif tp is float:
         # YAML reads 1e-4 as a string (it wants 1.0e-4); accept both spellings.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # YAML's .inf and .nan are floats too
+                raise ParamsError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -309,9 +322,41 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run stages from the repository root (where params.yaml lives)")
-    with path.open() as f:
-        data = yaml.safe_load(f)
-    return parse_params(data, str(path))
+    return parse_params(read_yaml(path), str(path))
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys: PyYAML would silently keep the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(None, None, f"duplicate key {key!r} (also on line {seen[key] + 1}); "
+                                    "delete one of the two", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """Parse a YAML file; a syntax error or a duplicate key is one line with its line and column."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        if isinstance(err, _DuplicateKey):
+            raise ParamsError(f"{where}: {err.problem}") from None
+        problem = ": ".join(p for p in (err.context, err.problem) if p)
+        raise ParamsError(f"{where}: {problem}; fix the YAML there") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # no position: a bad encoding, say
+        raise ParamsError(f"{path}: not valid UTF-8 YAML ({' '.join(str(err).split())}); fix the file") from None
 
 
 def as_dict(section) -> dict:

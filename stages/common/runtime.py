@@ -16,7 +16,14 @@ def device() -> torch.device:
     wanted = os.environ.get("FASHION_DEVICE", "auto")
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(wanted)
+    try:
+        dev = torch.device(wanted)
+    except RuntimeError:
+        raise StageError(f"FASHION_DEVICE={wanted!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise StageError(f"FASHION_DEVICE={wanted}, but torch sees {torch.cuda.device_count()} CUDA devices; "
+                         "unset it (auto) or install a CUDA build of torch")
+    return dev
 
 
 def training_dtype(mixed_precision: str, dev: torch.device) -> torch.dtype:

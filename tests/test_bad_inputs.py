@@ -1,0 +1,300 @@
+"""Every bad input is one clear line, and costs nothing: a table of cases, one per way to get it wrong.
+
+Each case starts from a project where every stage has run (the last good run), breaks one thing,
+runs one stage under the real CLI wrapper (`run_cli`, as `python -m stages.<stage>` does) and checks:
+- the exit code is 1;
+- stderr ends with exactly one `error:` line, no traceback, naming the culprit (the regex);
+- the workspace is unchanged, byte for byte, and no temporary file is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stages import extract
+from stages.common import dataset
+from stages.common.cli import run_cli
+from stages.common.io import TEMP_MARK
+from stages.common.models import LORA_WEIGHTS
+from tests.conftest import Project
+
+
+@dataclass
+class Case:
+    id: str
+    stage: str  # module under stages/, generate_* included
+    setup: object  # (project, monkeypatch) -> None
+    message: str  # regex for what follows `error: `
+
+
+def params(**overrides):
+    return lambda p, mp: p.set({k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def params_text(old: str, new: str):
+    """Edit params.yaml as text: YAML mistakes that a dict cannot express."""
+    def setup(p, mp):
+        text = (p.root / "params.yaml").read_text()
+        assert old in text
+        (p.root / "params.yaml").write_text(text.replace(old, new, 1))
+    return setup
+
+
+def both(*setups):
+    def setup(p, mp):
+        for one in setups:
+            one(p, mp)
+    return setup
+
+
+def truncate(rel: str, keep: int = 100):
+    def setup(p, mp):
+        path = p.root / rel
+        path.write_bytes(path.read_bytes()[:keep])
+    return setup
+
+
+def delete(rel: str):
+    return lambda p, mp: (p.root / rel).unlink()
+
+
+def env(name: str, value: str):
+    return lambda p, mp: mp.setenv(name, value)
+
+
+# --- FashionGen files with one thing wrong
+
+def h5_variant(change):
+    """A copy of the demo H5 with `change(arrays)` applied, set as extract.h5."""
+    def setup(p, mp):
+        with h5py.File(p.path("demo_h5")) as f:
+            arrays = {k: f[k][:] for k in ("input_image", "input_productID", *extract.TEXT_KEYS)}
+        change(arrays)
+        with h5py.File(p.root / "bad.h5", "w") as f:
+            for key, value in arrays.items():
+                f[key] = value
+        p.set({"extract.h5": "bad.h5"})
+    return setup
+
+
+def h5_bytes(content):
+    def setup(p, mp):
+        (p.root / "bad.h5").write_bytes(content(p.path("demo_h5").read_bytes()))
+        p.set({"extract.h5": "bad.h5"})
+    return setup
+
+
+def corrupt_last_eval_chunk(p, mp):
+    """Garbage inside the gzip chunk of the last eval row: the read fails after most of the pass."""
+    last_eval_row = dataset.load_eval_configs(p.path("eval_data"))[-1]["row"]
+    damaged = p.root / "damaged.h5"
+    damaged.write_bytes(p.path("demo_h5").read_bytes())
+    with h5py.File(damaged) as f:
+        info = f["input_image"].id.get_chunk_info(last_eval_row)
+    with damaged.open("r+b") as f:
+        f.seek(info.byte_offset + info.size // 2)
+        f.write(b"\xff" * 64)
+    p.set({"extract.h5": "damaged.h5", "extract.seed": 1})  # new inputs, as a rerun would have
+
+
+def not_lora(p, mp):
+    save_file({"text_model.weight": torch.zeros(2, 2)}, p.path("lora") / LORA_WEIGHTS)
+
+
+def no_space_on_the_second_edge(p, mp):
+    import stages.canny_edges as canny_edges
+
+    real, calls = canny_edges.save_png, []
+
+    def save_png(path, image):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, image)
+    mp.setattr(canny_edges, "save_png", save_png)
+
+
+UNET = "models/base/unet"
+EDGE0 = "data/edges/000000.png"
+NEW_STEPS = params(generate__steps=2)  # changed inputs: a good run would replace every image
+
+CASES = [
+    # --- extract: the FashionGen file
+    Case("h5-missing", "extract", params(extract__h5="data/raw/missing.h5"),
+         r"extract.h5: data/raw/missing.h5 not found; set extract.h5 in params.yaml"),
+    Case("h5-is-a-folder", "extract", params(extract__h5="data/raw"), r"extract.h5: data/raw is a folder; set"),
+    Case("h5-not-hdf5", "extract", h5_bytes(lambda b: b"product,description\n1,dress\n"),
+         r"extract.h5: bad.h5 is not a readable HDF5 file \(.+\); a truncated download\?"),
+    Case("h5-truncated", "extract", h5_bytes(lambda b: b[:100_000]), r"extract.h5: bad.h5 is not a readable HDF5"),
+    Case("h5-corrupt-eval-chunk", "extract", corrupt_last_eval_chunk,
+         r"extract.h5: damaged.h5: cannot read rows \d+-\d+ .*the file is damaged: fetch it again"),
+    Case("h5-key-missing", "extract", h5_variant(lambda d: d.pop("input_productID")),
+         r"bad.h5: key 'input_productID' missing; extract.h5 must point to a FashionGen H5"),
+    Case("image-chw", "extract", h5_variant(lambda d: d.update(input_image=d["input_image"].transpose(0, 3, 1, 2))),
+         r"bad.h5: input_image is uint8 of shape \(\d+, 3, 256, 256\); expected uint8 \(N, H, W, 3\) RGB"),
+    Case("image-grayscale", "extract", h5_variant(lambda d: d.update(input_image=d["input_image"][..., 0])),
+         r"bad.h5: input_image is uint8 of shape \(\d+, 256, 256\); expected"),
+    Case("image-rgba", "extract", h5_variant(
+        lambda d: d.update(input_image=np.concatenate([d["input_image"], d["input_image"][..., :1]], -1))),
+         r"bad.h5: input_image is uint8 of shape \(\d+, 256, 256, 4\)"),
+    Case("image-float32", "extract", h5_variant(lambda d: d.update(input_image=d["input_image"].astype(np.float32))),
+         r"bad.h5: input_image is float32 of shape"),
+    Case("image-uint16", "extract", h5_variant(lambda d: d.update(input_image=d["input_image"].astype(np.uint16))),
+         r"bad.h5: input_image is uint16 of shape"),
+    Case("fewer-ids-than-images", "extract", h5_variant(
+        lambda d: d.update(input_productID=d["input_productID"][:-3])),
+         r"bad.h5: input_productID is int\d+ of shape \(\d+, 1\); expected integers of shape \(\d+, 1\), one per"),
+    Case("description-two-columns", "extract", h5_variant(
+        lambda d: d.update(input_description=np.repeat(d["input_description"], 2, axis=1))),
+         r"bad.h5: input_description is \|S\d+ of shape \(\d+, 2\); expected fixed-width bytes"),
+    Case("name-not-bytes", "extract", h5_variant(lambda d: d.update(input_name=np.zeros((len(d["input_name"]), 1)))),
+         r"bad.h5: input_name is float64"),
+    Case("resolution-above-source", "extract", params(extract__resolution=512),
+         r"extract.resolution: 512 px is above data/raw/fashiongen_demo.h5's 256 px images; lower it"),
+    Case("tokenizer-missing-extract", "extract", delete("models/base/tokenizer/vocab.json"),
+         r"models/base/tokenizer/vocab.json: not found; run `dvc repro fetch-models` first"),
+    Case("too-many-products", "extract", params(extract__train_products=15),
+         r"extract: asked for 15 train \+ 4 eval = 19 products, but .* has only 16; lower extract.train_products"),
+    # --- params.yaml
+    Case("yaml-syntax", "train_lora", params_text("  max_steps: 4\n", "  max_steps: [4\n"),
+         r"params.yaml:\d+:\d+: while parsing a flow sequence: expected ',' or '\]'.*; fix the YAML there"),
+    Case("yaml-tab", "train_lora", params_text("  max_steps: 4\n", "\tmax_steps: 4\n"),
+         r"params.yaml:\d+:1: while scanning for the next token: found character '\\t'"),
+    Case("yaml-duplicate-key", "train_lora", params_text("  alpha: 4\n", "  alpha: 4\n  alpha: 8\n"),
+         r"params.yaml:\d+:3: duplicate key 'alpha' \(also on line \d+\); delete one of the two"),
+    Case("params-missing", "train_lora", lambda p, mp: (p.root / "params.yaml").unlink(),
+         r"params.yaml: not found; run stages from the repository root"),
+    Case("params-typo", "train_lora", params_text("  learning_rate:", "  learnin_rate:"),
+         r"params.yaml: train.learnin_rate: unknown key; did you mean train.learning_rate\?"),
+    Case("warmup-above-max-steps", "train_lora", params(train__warmup_steps=10),
+         r"params.yaml: train.warmup_steps: must be >= 0 and <= train.max_steps \(4\)"),
+    Case("alpha-zero", "train_lora", params(train__alpha=0), r"params.yaml: train.alpha: must be positive"),
+    Case("beta1-above-one", "train_lora", params(train__adam_beta1=1.5),
+         r"params.yaml: train.adam_beta1: must be in \[0, 1\)"),
+    Case("beta2-one", "train_lora", params(train__adam_beta2=1.0), r"params.yaml: train.adam_beta2: must be in"),
+    Case("weight-decay-negative", "train_lora", params(train__adam_weight_decay=-0.01),
+         r"params.yaml: train.adam_weight_decay: must be >= 0"),
+    Case("epsilon-zero", "train_lora", params(train__adam_epsilon=0), r"params.yaml: train.adam_epsilon: must be"),
+    Case("learning-rate-nan", "train_lora", params(train__learning_rate=float("nan")),
+         r"params.yaml: train.learning_rate: expected a finite number, got nan"),
+    Case("guidance-inf", "generate_baseline", params(generate__guidance_scale=float("inf")),
+         r"params.yaml: generate.guidance_scale: expected a finite number, got inf"),
+    Case("lora-scale-nan", "generate_lora", params(generate__lora_scale=float("nan")),
+         r"params.yaml: generate.lora_scale: expected a finite number"),
+    Case("target-module-unknown", "train_lora", params(train__target_modules=["to_q", "to_zz"]),
+         r"train.target_modules: 'to_zz' is not a module of the UNet; the UNet's attention projections are "
+         r"to_k, to_out.0, to_q, to_v"),
+    Case("target-module-not-a-layer", "train_lora", params(train__target_modules=["to_q", "to_out"]),
+         r"train.target_modules: 'to_out' names a ModuleList, not a layer LoRA can wrap \(Linear, Conv or "
+         r"Embedding\); the UNet's attention projections are to_k, to_out.0, to_q, to_v"),
+    Case("fp16-training-on-cpu", "train_lora", params(train__mixed_precision="fp16"),
+         r"train.mixed_precision: fp16 needs a CUDA device; set it to 'auto' or 'no'"),
+    Case("fp16-generation-on-cpu", "generate_baseline", params(generate__precision="fp16"),
+         r"generate.precision: fp16 needs a CUDA device"),
+    Case("device-unknown", "train_lora", env("FASHION_DEVICE", "gpu"),
+         r"FASHION_DEVICE='gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    # --- models/ and the LoRA
+    Case("unet-config-missing-train", "train_lora", delete(f"{UNET}/config.json"),
+         rf"{UNET}/config.json: not found, so models/base is not an SD 1.5 diffusers folder; restore it with "
+         r"`dvc checkout fetch-models`"),
+    Case("unet-config-missing-generate", "generate_baseline", both(NEW_STEPS, delete(f"{UNET}/config.json")),
+         rf"{UNET}/config.json: not found"),
+    Case("unet-weights-corrupt", "generate_baseline",
+         both(NEW_STEPS, truncate(f"{UNET}/diffusion_pytorch_model.safetensors", 1000)),
+         r"models/base: does not load \(.+\); restore it with `dvc checkout fetch-models`"),
+    Case("tokenizer-missing", "train_lora", delete("models/base/tokenizer/vocab.json"),
+         r"models/base/tokenizer/vocab.json: not found"),
+    Case("controlnet-weights-missing", "generate_baseline",
+         both(NEW_STEPS, delete("models/controlnet/diffusion_pytorch_model.safetensors")),
+         r"models/controlnet/diffusion_pytorch_model.safetensors \(or another fp32 weights file\): not found"),
+    Case("lora-corrupt", "generate_lora", both(NEW_STEPS, truncate(f"models/lora/{LORA_WEIGHTS}", 50)),
+         rf"models/lora/{LORA_WEIGHTS}: not a readable safetensors file \(.+\); restore it with "
+         r"`dvc checkout train-lora` or rebuild it with `dvc repro -f train-lora`"),
+    Case("lora-not-a-lora", "generate_lora", both(NEW_STEPS, not_lora),
+         rf"models/lora/{LORA_WEIGHTS}: holds no UNet LoRA weights \(1 tensors\)"),
+    Case("lora-missing", "generate_lora", both(NEW_STEPS, delete(f"models/lora/{LORA_WEIGHTS}")),
+         rf"models/lora/{LORA_WEIGHTS}: not found; run `dvc repro train-lora` first"),
+    Case("alexnet-corrupt", "metrics", truncate("models/eval/lpips/alexnet.pth", 500),
+         r"models/eval/lpips/alexnet.pth: does not load"),
+    Case("backbones-missing", "metrics", delete("models/eval/backbones.json"),
+         r"models/eval/backbones.json: not found; run `dvc repro fetch-models`"),
+    Case("clip-config-missing", "metrics", delete("models/eval/clip/config.json"),
+         r"models/eval/clip/config.json: not found, so models/eval/clip is not a transformers CLIP folder"),
+    # --- the data between stages
+    Case("train-images-truncated", "train_lora", truncate("data/train/images.npy", 60),
+         r"data/train/images.npy: not a readable .npy \(.+\); restore it with `dvc checkout extract`"),
+    Case("eval-configs-damaged", "canny_edges", truncate("data/eval/eval_configs.json", 30),
+         r"data/eval/eval_configs.json: not valid JSON \(.+\); restore it with `dvc checkout`"),
+    Case("ground-truth-damaged", "canny_edges", truncate("data/eval/gt/000001.png", 60),
+         r"data/eval/gt/000001.png: not a readable image \(.+\); restore it with `dvc checkout extract` or "
+         r"rebuild it with `dvc repro -f extract`"),
+    Case("edge-damaged", "generate_baseline", both(NEW_STEPS, truncate(EDGE0, 60)),
+         rf"{EDGE0}: not a readable image \(.+\); restore it with `dvc checkout canny-edges`"),
+    Case("edges-missing", "generate_lora", both(NEW_STEPS, delete(EDGE0)),
+         rf"{EDGE0}: not found \(1 missing\); run `dvc repro canny-edges`"),
+    Case("generated-missing-metrics", "metrics", delete("data/generated/lora/000002.png"),
+         r"data/generated/lora/000002.png: not found \(1 missing\); run `dvc repro generate-lora`"),
+    Case("generated-damaged-metrics", "metrics", truncate("data/generated/baseline/000000.png", 80),
+         r"data/generated/baseline/000000.png: not a readable image"),
+    Case("generated-missing-plots", "plots", delete("data/generated/baseline/000001.png"),
+         r"data/generated/baseline/000001.png: not found \(1 missing\); run `dvc repro generate-baseline`"),
+    Case("loss-log-missing", "plots", delete("metrics/train_loss.csv"),
+         r"metrics/train_loss.csv: not found; run `dvc repro train-lora`"),
+    # --- the disk
+    Case("disk-full", "canny_edges", both(params(canny__low_threshold=50), no_space_on_the_second_edge),
+         r"data/edges/000001.png: no space left on the device; free some .*then rerun "
+         r"`dvc repro canny-edges`"),
+]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def run_stage(stage: str, monkeypatch) -> None:
+    """`python -m stages.<stage>`, in-process: run_cli around the stage's main."""
+    monkeypatch.setattr(sys, "argv", [f"/repo/stages/{stage}.py"])
+    if stage.startswith("generate_"):
+        from stages.common.generation import run
+
+        run_cli(lambda: run(stage.removeprefix("generate_")))
+    else:
+        run_cli(importlib.import_module(f"stages.{stage}").main)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_costs_nothing(case, finished_project: Project, monkeypatch, capsys):
+    p = finished_project
+    case.setup(p, monkeypatch)
+    before = snapshot(p.root)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(case.stage, monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err[-2000:]
+    assert re.fullmatch(f"error: {case.message}.*", errors[0]), errors[0]
+    after = snapshot(p.root)
+    assert after.keys() == before.keys(), f"added {after.keys() - before.keys()}, lost {before.keys() - after.keys()}"
+    assert [name for name in after if after[name] != before[name]] == [], "outputs of the last good run changed"
+    assert not [f for f in p.root.rglob(f"*{TEMP_MARK}*")], "no temporary file left"
+
+
+def test_every_stage_that_reads_inputs_has_cases():
+    """fetch-models' bad inputs (hub ids, local folders, checksums) are in test_model_sources.py;
+    demo-data reads only params."""
+    stages = {p.stem for p in Path(extract.__file__).parent.glob("*.py")} - {"__init__", "demo_data", "fetch_models"}
+    assert stages == {c.stage for c in CASES}
