@@ -10,7 +10,9 @@ clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed r
 LoRA (diffusers #12689).
 
 Every random draw is a function of (train.seed, sample or step number), so a run resumed from a
-checkpoint in `paths.checkpoints` continues exactly as if it had never stopped. Writes
+checkpoint continues exactly as if it had never stopped. Checkpoints are resume state, kept under
+`paths.resume` (not a DVC output, so DVC's run-cache can restore this stage's outputs) and
+deleted once the run has finished. Writes
 pytorch_lora_weights.safetensors (diffusers key names) and training_config.json to `paths.lora`,
 and one loss row per optimiser step to `paths.loss_log`.
 """
@@ -18,6 +20,7 @@ and one loss row per optimiser step to `paths.loss_log`.
 import csv
 import math
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -126,7 +129,7 @@ def main() -> None:
     # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
-    checkpoints = Path(paths.checkpoints)
+    checkpoints = dataset.resume_dir(paths, "train-lora")
     checkpoints.mkdir(parents=True, exist_ok=True)
     remove_temps(checkpoints)  # a checkpoint half-written when a run was killed
     settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype)}
@@ -207,6 +210,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         writer.writeheader()
         writer.writerows(loss_log)
+    shutil.rmtree(checkpoints)  # the outputs are whole: DVC's cache keeps them from here
     # Throughput and resume point go to the log, not to training_config.json: anything that
     # varies between otherwise identical runs would make every downstream stage rerun.
     log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s%s, final loss %.4f; wrote %s/%s",

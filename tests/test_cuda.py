@@ -17,8 +17,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 @pytest.fixture
 def on_cuda(trained_project, monkeypatch):
     monkeypatch.setenv("FASHION_DEVICE", "cuda")
-    for ckpt in trained_project.path("checkpoints").glob("*.pt"):
-        ckpt.unlink()
     return trained_project
 
 

@@ -1,11 +1,12 @@
 """generate-baseline / generate-lora: seeded, batch-independent, resumable, and the LoRA acts."""
 
-import os
+import logging
+import shutil
 
 import numpy as np
 import pytest
 
-from stages.common import dataset
+from stages.common import dataset, generation
 from stages.common.cli import StageError
 from stages.common.generation import CONFIG_FILE
 from stages.common.io import load_rgb, read_json
@@ -42,32 +43,65 @@ def test_seeded_and_independent_of_batch_size(trained_project):
     assert image_diff(single[0], single[1]) > 20, "different prompts and seeds give different images"
 
 
-def test_resume_skips_finished_images_and_restarts_on_new_params(trained_project):
-    p = trained_project
-    p.run("generate_baseline")
-    folder = p.path("generated_baseline")
-    first = generated(p, "baseline")
-    (folder / "000001.png").unlink()
-    mtimes = {f.name: f.stat().st_mtime_ns for f in folder.glob("*.png")}
-    p.run("generate_baseline")
-    assert {f.name: f.stat().st_mtime_ns for f in folder.glob("*.png") if f.name in mtimes} == mtimes
-    assert image_diff(generated(p, "baseline")[1], first[1]) <= 2  # made alone now, in a batch before
-    # a different step count invalidates every image already there
-    os.utime(folder / "000000.png", ns=(0, 0))
-    p.run("generate_baseline", generate__steps=2)
-    assert (folder / "000000.png").stat().st_mtime_ns != 0
-    assert image_diff(generated(p, "baseline")[0], first[0]) > 0
+def kill_after_images(project, monkeypatch, count: int) -> list:
+    """Run generate-baseline and kill it right after its `count`-th image."""
+    real, saved = generation.save_png, []
+
+    def save_then_die(path, image):
+        real(path, image)
+        saved.append(path)
+        if len(saved) == count:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "save_png", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        project.run("generate_baseline")
+    monkeypatch.setattr(generation, "save_png", real)
+    return saved
 
 
-def test_a_half_written_image_of_a_killed_run_is_removed(trained_project):
+def test_a_killed_run_resumes_and_new_params_start_afresh(trained_project, monkeypatch, caplog):
     p = trained_project
     p.run("generate_baseline")
+    unbroken = generated(p, "baseline")
     folder = p.path("generated_baseline")
-    (folder / "000001.png").unlink()
-    half = folder / ".000001.png.0a1b2c3d.tmp.png"  # what a kill inside save_png leaves
+    shutil.rmtree(folder)  # as `dvc repro` does before it runs a stage
+    drawn = kill_after_images(p, monkeypatch, 2)
+    assert not folder.exists(), "nothing half-made in the output"
+    mtimes = {f.name: f.stat().st_mtime_ns for f in drawn}
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("generate_baseline")
+    assert "(2 made now, 2 by an earlier run)" in caplog.text
+    assert {name: (folder / name).stat().st_mtime_ns for name in mtimes} == mtimes, "moved in, not drawn again"
+    resumed = generated(p, "baseline")
+    assert all(image_diff(resumed[i], unbroken[i]) <= 2 for i in unbroken)  # batches of 2 now, of 4 before
+    assert not dataset.resume_dir(p.typed().paths, "generate-baseline").exists()
+
+    shutil.rmtree(folder)
+    kill_after_images(p, monkeypatch, 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("generate_baseline", generate__steps=2)
+    assert "holds images from other inputs; starting afresh" in caplog.text and "(4 made now, 0 by" in caplog.text
+    assert image_diff(generated(p, "baseline")[0], unbroken[0]) > 0
+
+
+def test_a_finished_folder_is_not_drawn_again(trained_project, caplog):
+    p = trained_project
+    p.run("generate_baseline")
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("generate_baseline", generate__batch_size=1)  # a how-knob: same images
+    assert "all 4 images already in" in caplog.text
+
+
+def test_a_half_written_image_of_a_killed_run_is_removed(trained_project, monkeypatch):
+    p = trained_project
+    kill_after_images(p, monkeypatch, 1)
+    work = dataset.resume_dir(p.typed().paths, "generate-baseline")
+    half = work / ".000001.png.0a1b2c3d.tmp.png"  # what a kill inside save_png leaves
     half.write_bytes(b"\x89PNG half")
     p.run("generate_baseline")
-    assert (folder / "000001.png").is_file() and not half.exists()
+    assert len(list(p.path("generated_baseline").glob("*.png"))) == 4 and not work.exists()
 
 
 def test_missing_edges_are_named_before_loading_models(trained_project):

@@ -51,7 +51,7 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     p = params["paths"]
     for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
                 "split_summary", "edges", "lora",
-                "loss_log", "checkpoints", "generated_baseline", "generated_lora", "metrics", "per_sample", "plots"):
+                "loss_log", "generated_baseline", "generated_lora", "metrics", "per_sample", "plots"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / p["generated_lora"]).glob("*.png"))) == SMALL["extract.eval_products"]
@@ -64,3 +64,23 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
 
     shows = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True, check=True).stdout
     assert '"fid"' in shows and '"lora"' in shows
+
+    # A -> B -> A: back to a configuration trained before, nothing expensive runs again
+    a = (tmp_path / "params.yaml").read_text()
+    params["train"]["rank"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    b = repro_log(tmp_path)
+    assert "train-lora: 4 steps (0 resumed)" in b and "generate-lora: drew 4 images" in b
+    (tmp_path / "params.yaml").write_text(a)
+    back = repro_log(tmp_path)
+    for stage in ("train-lora", "generate-lora"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
+    assert "train-lora: 4 steps" not in back and "drew" not in back, "no training step, no image drawn"
+    assert not (tmp_path / params["paths"]["resume"]).exists() or not any((tmp_path / params["paths"]["resume"]).iterdir())
+
+
+def repro_log(root: Path) -> str:
+    """`dvc repro` as a user runs it: what it and the stages print."""
+    done = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr

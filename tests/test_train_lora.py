@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages import train_lora
-from stages.common import runtime
+from stages.common import dataset, runtime
 from stages.common.cli import StageError
 from stages.common.io import read_json
 from stages.common.models import LORA_WEIGHTS
@@ -36,24 +36,32 @@ def test_output_is_diffusers_format_with_a_loss_log(trained_project):
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))
 
 
-def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
-    """Kill the run right after its step-2 checkpoint, rerun: the result equals an unbroken run."""
-    p = trained_project
-    unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
-    for ckpt in p.path("checkpoints").glob("*.pt"):
-        ckpt.unlink()
+def checkpoints(project):
+    return dataset.resume_dir(project.typed().paths, "train-lora")
 
+
+def kill_after_step(project, monkeypatch, kill_at: int = 2) -> None:
+    """Run train-lora and kill it right after its step-`kill_at` checkpoint."""
     real_save = train_lora.save_checkpoint
 
     def save_then_die(folder, state):
         real_save(folder, state)
-        if state["step"] == 2:
+        if state["step"] == kill_at:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_lora, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        p.run("train_lora")
+        project.run("train_lora")
     monkeypatch.setattr(train_lora, "save_checkpoint", real_save)
+
+
+def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
+    """Kill the run right after its step-2 checkpoint, rerun: the result equals an unbroken run."""
+    p = trained_project
+    unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    assert not checkpoints(p).exists(), "a finished run leaves no resume state"
+    kill_after_step(p, monkeypatch)
+    assert [c.name for c in checkpoints(p).glob("*.pt")] == ["checkpoint-000002.pt"]
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora")
 
@@ -62,38 +70,40 @@ def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     for key, value in unbroken.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
     pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log)
+    assert not checkpoints(p).exists()
 
 
-def test_a_damaged_checkpoint_or_a_half_written_one_is_dropped(trained_project, caplog):
+def test_a_damaged_checkpoint_or_a_half_written_one_is_dropped(trained_project, monkeypatch, caplog):
     """Checkpoints are resume state, not outputs: a bad one costs a restart, never the stage."""
     p = trained_project
     unbroken = lora_weights(p)
-    folder = p.path("checkpoints")
-    (checkpoint,) = folder.glob("checkpoint-*.pt")
+    kill_after_step(p, monkeypatch)
+    (checkpoint,) = checkpoints(p).glob("checkpoint-*.pt")
     checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
-    half = folder / ".checkpoint-000002.pt.0a1b2c3d.tmp.pt"  # what a kill inside torch.save leaves
+    half = checkpoints(p) / ".checkpoint-000004.pt.0a1b2c3d.tmp.pt"  # what a kill inside torch.save leaves
     half.write_bytes(b"x" * 100)
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora")
-    assert f"{checkpoint.relative_to(p.root)} does not load (RuntimeError); starting afresh" in caplog.text
+    assert f"{checkpoint} does not load (RuntimeError); starting afresh" in caplog.text
     assert "resuming" not in caplog.text and not half.exists()
     for key, value in unbroken.items():
         torch.testing.assert_close(lora_weights(p)[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_changed_params_do_not_resume_a_stale_checkpoint(trained_project, caplog):
+def test_changed_params_do_not_resume_a_stale_checkpoint(trained_project, monkeypatch, caplog):
     p = trained_project
+    kill_after_step(p, monkeypatch)
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora", train__seed=7)
-    assert "starting afresh" in caplog.text and "resuming" not in caplog.text
-    assert len(list(p.path("checkpoints").glob("*.pt"))) == 1
+    assert "made from other params, data or code; starting afresh" in caplog.text and "resuming" not in caplog.text
 
 
-def test_how_knobs_keep_a_checkpoint_valid(trained_project, caplog):
+def test_how_knobs_keep_a_checkpoint_valid(trained_project, monkeypatch, caplog):
     p = trained_project
+    kill_after_step(p, monkeypatch)
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora", train__checkpoint_every=3, train__num_workers=1)
-    assert f"resuming from step {p.params['train']['max_steps']}" in caplog.text
+    assert "resuming from step 2" in caplog.text
 
 
 def test_gradients_are_really_clipped(trained_project):
@@ -102,8 +112,6 @@ def test_gradients_are_really_clipped(trained_project):
     p = trained_project
 
     def up_norm(**overrides):
-        for ckpt in p.path("checkpoints").glob("*.pt"):
-            ckpt.unlink()
         p.run("train_lora", train__max_steps=1, train__warmup_steps=0, train__adam_weight_decay=0.0, **overrides)
         return sum(v.norm() for k, v in lora_weights(p).items() if k.endswith("lora.up.weight"))
 

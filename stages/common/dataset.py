@@ -71,6 +71,12 @@ def edge_path(edges_dir: str | Path, index: int) -> Path:
     return Path(edges_dir) / index_name(index)
 
 
+def resume_dir(paths, stage: str) -> Path:
+    """Where `stage` keeps what a killed run already finished (checkpoints, images): outside its
+    DVC outputs, so DVC's run-cache works, and removed once the stage succeeds."""
+    return Path(paths.resume) / stage
+
+
 def generated_dir(paths, variant: str) -> Path:
     """`paths.generated_baseline` or `paths.generated_lora`."""
     if variant not in VARIANTS:

@@ -1,10 +1,11 @@
 """ControlNet generation over the eval set, shared by generate-baseline and generate-lora.
 
 Image i is drawn with its own generator seeded `generate.seed + i`, so it does not depend on
-the batch size or on which images were already done. The output folder is a DVC `persist`
-output: a rerun after a crash skips the images already written, and a rerun after any input
-changed (fingerprint in generation_config.json) starts from an empty folder, but only once the
-models and the LoRA have loaded, so a bad model file never costs the previous images.
+the batch size or on which images were already done. Images are drawn into a resume folder under
+`paths.resume` and moved into the output folder whole at the end. A rerun after a crash skips the
+images already drawn; a rerun after any input changed (fingerprint in generation_config.json)
+starts afresh, but only once the models and the LoRA have loaded. The output is an ordinary
+DVC output, so DVC's run-cache restores it for any configuration seen before.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import StageError, log, setup_logging
-from stages.common.io import (check_images, fingerprint, load_rgb, read_json, remove_temps, save_png, source_files,
-                              write_json)
+from stages.common.io import (atomic_dir, check_images, fingerprint, index_name, load_rgb, read_json, remove_temps,
+                              save_png, source_files, write_json)
 from stages.common.model_layouts import check_folder
 from stages.common.models import check_lora, load_controlnet_pipeline
 from stages.common.params import load_params, what_keys
@@ -58,23 +59,35 @@ def run(variant: str) -> None:
     else:
         settings.pop("lora_scale")
     expected = fingerprint({**settings, "variant": variant, "dtype": str(dtype)}, *inputs)
-    config_path = out_dir / CONFIG_FILE
-    resumable = out_dir.exists() and previous_fingerprint(config_path) == expected
-    todo = [c for c in configs if not (resumable and dataset.generated_path(paths, variant, c["index"]).exists())]
-    if resumable:
-        remove_temps(out_dir)  # half-written images of a killed run
-    if not todo:
+    if previous_fingerprint(out_dir / CONFIG_FILE) == expected and all(
+            dataset.generated_path(paths, variant, c["index"]).is_file() for c in configs):
         log.info("generate-%s: all %d images already in %s", variant, len(configs), out_dir)
         return
+    # Images are made in a resume folder outside the DVC output and moved in whole at the end.
+    work = dataset.resume_dir(paths, f"generate-{variant}")
+    resumable = previous_fingerprint(work / CONFIG_FILE) == expected
+    todo = [c for c in configs if not (resumable and (work / index_name(c["index"])).is_file())]
+    if todo:  # models and LoRA load (and fail, if they must) before any earlier work is dropped
+        pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, cfg.scheduler, dtype, dev,
+                                        lora=paths.lora if variant == "lora" else None)
+    if work.exists() and not resumable:
+        log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, work)
+        shutil.rmtree(work)
+    remove_temps(work)  # half-written images of a killed run
+    write_json(work / CONFIG_FILE, {"fingerprint": expected, "variant": variant, "generate": settings,
+                                    "dtype": str(dtype), "images": len(configs)})
+    if todo:
+        generate(pipe, todo, cfg, variant, dev, paths, work)
+    with atomic_dir(out_dir) as tmp:
+        for done in work.iterdir():
+            shutil.move(done, tmp / done.name)  # a rename, unless paths.resume is on another disk
+    shutil.rmtree(work)
+    log.info("generate-%s: %d images in %s (%d made now, %d by an earlier run)", variant, len(configs), out_dir,
+             len(todo), len(configs) - len(todo))
 
-    # Models and LoRA load (and fail, if they must) before a single old image is touched.
-    pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, cfg.scheduler, dtype, dev,
-                                    lora=paths.lora if variant == "lora" else None)
-    if out_dir.exists() and not resumable:
-        log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, out_dir)
-        shutil.rmtree(out_dir)
-    write_json(config_path, {"fingerprint": expected, "variant": variant, "generate": settings,
-                             "dtype": str(dtype), "images": len(configs)})
+
+def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> None:
+    """Draw `todo` in batches, each image with its own seeded generator, into `work`."""
     extra = {"cross_attention_kwargs": {"scale": cfg.lora_scale}} if variant == "lora" else {}
     started = time.perf_counter()
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate-{variant}", unit="batch"):
@@ -90,7 +103,7 @@ def run(variant: str) -> None:
             **extra,
         ).images
         for config, image in zip(batch, images, strict=True):
-            save_png(dataset.generated_path(paths, variant, config["index"]), image)
+            save_png(work / index_name(config["index"]), image)
     rate = len(todo) / (time.perf_counter() - started)
-    log.info("generate-%s: wrote %d images (%.2f images/s, %s %s, %d steps%s) to %s",
-             variant, len(todo), rate, dev, dtype, cfg.steps, peak_memory(dev), out_dir)
+    log.info("generate-%s: drew %d images (%.2f images/s, %s %s, %d steps%s)",
+             variant, len(todo), rate, dev, pipe.dtype, cfg.steps, peak_memory(dev))

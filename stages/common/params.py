@@ -55,7 +55,8 @@ class Paths:
     edges: str = _doc("canny edge PNGs, one per eval image")
     lora: str = _doc("trained LoRA weights and the resolved training config")
     loss_log: str = _doc("training loss per optimiser step (CSV, DVC-cached, a `dvc plots` source)")
-    checkpoints: str = _doc("training checkpoints (DVC persist: survives reruns, used to resume)")
+    resume: str = _doc("what killed train-lora and generate runs had finished (checkpoints, images), so a "
+                       "rerun resumes; not a DVC output (git- and DVC-ignored), removed by each stage on success")
     generated_baseline: str = _doc("images from the ControlNet without LoRA")
     generated_lora: str = _doc("images from the ControlNet with the trained LoRA")
     metrics: str = _doc("summary metrics JSON (git-tracked)")
