@@ -11,7 +11,8 @@
   definition / 100, the scale of the published 0.28-0.30 (`logits_per_image / 100`). Prompts
   are truncated to 77 tokens with EOS kept. Computed with transformers directly: torchmetrics'
   CLIPScore crashes on transformers 5 and its truncation drops EOS.
-Writes metrics.json (`dvc metrics show`) and a per-image table.
+Writes metrics.json (the headline numbers: `dvc metrics show`), metrics_detail.json (n, 95% CIs,
+KID's spread, the backbones) and a per-image table.
 """
 
 from pathlib import Path
@@ -135,7 +136,9 @@ def main() -> None:
     clip_gt = np.maximum(clip_cosines(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size), 0)
     table["clip_ground_truth"] = clip_gt
     mean, ci = summary(clip_gt)
-    results = {}
+    # Headline numbers in metrics.json (what `dvc metrics diff` and `dvc exp show` print); n,
+    # intervals, the ground truth's CLIP score and the backbones' names in metrics_detail.json.
+    results, details = {"n": len(indices)}, {}
     for variant, files in tqdm(generated.items(), desc="metrics"):
         feats = inception_features(files, inception, dev, cfg.batch_size)
         kid, kid_std = kernel_distance(gt_feats, feats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
@@ -144,19 +147,20 @@ def main() -> None:
         table[f"clip_{variant}"] = np.maximum(cosines, 0)
         lpips_mean, lpips_ci = summary(table[f"lpips_{variant}"].to_numpy())
         clip_mean, clip_ci = summary(table[f"clip_{variant}"].to_numpy())
-        results[variant] = {"n": len(files), "fid": frechet_distance(gt_feats, feats), "kid": kid, "kid_std": kid_std,
-                            "lpips": lpips_mean, "lpips_ci95": lpips_ci, "clip_score": clip_mean,
-                            "clip_score_ci95": clip_ci, "clip_model": backbones["clip"]}
-    results["ground_truth"] = {"n": len(gt_files), "clip_score": mean, "clip_score_ci95": ci,
-                               "clip_model": backbones["clip"]}
-    results["backbones"] = {"fid": backbones["fid"], "lpips": backbones["lpips"]}
+        results[variant] = {"fid": frechet_distance(gt_feats, feats), "kid": kid, "lpips": lpips_mean,
+                            "clip_score": clip_mean}
+        details[variant] = {"n": len(files), "kid_std": kid_std, "lpips_ci95": lpips_ci, "clip_score_ci95": clip_ci}
+    details["ground_truth"] = {"n": len(gt_files), "clip_score": mean, "clip_score_ci95": ci}
+    details["backbones"] = backbones
 
     with atomic_file(paths.per_sample) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6f")
+    write_json(paths.metrics_detail, details)
     write_json(paths.metrics, results)
     log.info("metrics: n=%d; FID %.2f -> %.2f, LPIPS %.3f -> %.3f, CLIP %.4f -> %.4f (baseline -> lora)%s; wrote %s",
              len(indices), results["baseline"]["fid"], results["lora"]["fid"], results["baseline"]["lpips"],
-             results["lora"]["lpips"], results["baseline"]["clip_score"], results["lora"]["clip_score"], peak_memory(dev), paths.metrics)
+             results["lora"]["lpips"], results["baseline"]["clip_score"], results["lora"]["clip_score"],
+             peak_memory(dev), paths.metrics)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,24 @@
-"""plots: the training-loss curve and a qualitative grid (edges | ground truth | baseline | LoRA).
+"""plots: a qualitative grid (edges | ground truth | baseline | LoRA) for the first eval samples.
 
     python -m stages.plots
 
-Writes plots/train_loss.png and plots/samples_grid.png. The loss CSV itself is also declared
-as a DVC plot in dvc.yaml, so `dvc plots show` / `dvc plots diff` draw it interactively.
+Writes `paths.samples_grid` (DVC-cached) and copies train-lora's loss log to `paths.loss_curve`
+(in git), which DVC draws (`dvc plots show`, `dvc plots diff`): each plot is drawn once.
 """
 
+import shutil
 import textwrap
 from pathlib import Path
 
-import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
 from stages.common import dataset
 from stages.common.cli import StageError, log, run_cli, setup_logging
-from stages.common.io import atomic_dir, check_images, load_rgb
+from stages.common.io import atomic_file, check_images, load_rgb
 from stages.common.params import load_params
-
-LOSS_PNG = "train_loss.png"
-GRID_PNG = "samples_grid.png"
-
 
 def save_figure(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
-
-
-def loss_figure(loss_log: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    ax.plot(loss_log["step"], loss_log["loss"], alpha=0.35, label="loss per step")
-    window = max(5, len(loss_log) // 20)
-    ax.plot(loss_log["step"], loss_log["loss"].rolling(window, min_periods=1).mean(), label=f"mean of {window}")
-    ax.set(xlabel="optimiser step", ylabel="MSE (epsilon)", title="train-lora loss")
-    ax.legend()
-    return fig
 
 
 def grid_columns(paths) -> list[tuple[str, str, object]]:
@@ -44,7 +29,7 @@ def grid_columns(paths) -> list[tuple[str, str, object]]:
 
 
 def check_inputs(rows: list[dict], paths) -> None:
-    """Every file the plots read, checked before drawing anything."""
+    """Every file the stage reads, checked before drawing anything."""
     if not Path(paths.loss_log).is_file():
         raise StageError(f"{paths.loss_log}: not found; run `dvc repro train-lora`")
     for _, stage, path_of in grid_columns(paths):
@@ -72,13 +57,13 @@ def main() -> None:
     setup_logging()
     params = load_params()
     paths = params.paths
-    out = Path(paths.plots)
     rows = dataset.load_eval_configs(paths.eval_data)[:params.plots.grid_samples]
     check_inputs(rows, paths)
-    with atomic_dir(out) as tmp:  # both plots or neither
-        save_figure(loss_figure(pd.read_csv(paths.loss_log)), tmp / LOSS_PNG)
-        save_figure(grid_figure(rows, paths), tmp / GRID_PNG)
-    log.info("plots: wrote %s and %s", out / LOSS_PNG, out / GRID_PNG)
+    with atomic_file(paths.samples_grid) as tmp:
+        save_figure(grid_figure(rows, paths), tmp)
+    with atomic_file(paths.loss_curve) as tmp:
+        shutil.copyfile(paths.loss_log, tmp)
+    log.info("plots: wrote %s and %s (`dvc plots show` draws it)", paths.samples_grid, paths.loss_curve)
 
 
 if __name__ == "__main__":

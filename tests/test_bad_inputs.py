@@ -247,10 +247,10 @@ CASES = [
          r"data/generated/lora/000002.png: not found \(1 missing\); run `dvc repro generate-lora`"),
     Case("generated-damaged-metrics", "metrics", truncate("data/generated/baseline/000000.png", 80),
          r"data/generated/baseline/000000.png: not a readable image"),
-    Case("generated-missing-plots", "plots", delete("data/generated/baseline/000001.png"),
-         r"data/generated/baseline/000001.png: not found \(1 missing\); run `dvc repro generate-baseline`"),
     Case("loss-log-missing", "plots", delete("metrics/train_loss.csv"),
          r"metrics/train_loss.csv: not found; run `dvc repro train-lora`"),
+    Case("generated-missing-plots", "plots", delete("data/generated/baseline/000001.png"),
+         r"data/generated/baseline/000001.png: not found \(1 missing\); run `dvc repro generate-baseline`"),
     # --- the disk
     Case("disk-full", "canny_edges", both(params(canny__low_threshold=50), no_space_on_the_second_edge),
          r"data/edges/000001.png: no space left on the device; free some .*then rerun "

@@ -115,7 +115,8 @@ def check_outputs(p: Project) -> None:
     metrics = json.loads(p.path("metrics").read_text())
     for variant in dataset.VARIANTS:
         assert all(np.isfinite(metrics[variant][k]) for k in ("fid", "kid", "lpips", "clip_score"))
-    assert metrics["lora"]["clip_model"].startswith("openai/clip-vit-base-patch32 (weights sha256")
+    detail = json.loads(p.path("metrics_detail").read_text())
+    assert detail["backbones"]["clip"].startswith("openai/clip-vit-base-patch32 (weights sha256")
 
 
 def test_every_stage_at_full_size(sources, tmp_path):

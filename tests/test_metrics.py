@@ -44,13 +44,15 @@ def test_identical_images_score_perfectly(extracted):
     p.run("metrics")
     result = read_json(p.path("metrics"))
     n = p.params["extract"]["eval_products"]
+    detail = read_json(p.path("metrics_detail"))
+    assert result["n"] == n and detail["backbones"]["clip"] == "tiny-random-clip"
     for variant in dataset.VARIANTS:
         r = result[variant]
-        assert r["n"] == n
+        assert set(r) == {"fid", "kid", "lpips", "clip_score"}, "headline numbers only"
+        assert detail[variant]["n"] == n and set(detail[variant]) == {"n", "kid_std", "lpips_ci95", "clip_score_ci95"}
         assert r["fid"] == pytest.approx(0, abs=1e-3)
         assert r["lpips"] == pytest.approx(0, abs=1e-6)
-        assert r["clip_score"] == pytest.approx(result["ground_truth"]["clip_score"], abs=1e-6)
-        assert r["clip_model"] == "tiny-random-clip"
+        assert r["clip_score"] == pytest.approx(detail["ground_truth"]["clip_score"], abs=1e-6)
     table = pd.read_csv(p.path("per_sample"))
     assert len(table) == n and {"lpips_baseline", "clip_lora", "clip_ground_truth"} <= set(table.columns)
 

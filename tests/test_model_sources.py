@@ -211,8 +211,8 @@ def test_every_stage_runs_on_what_the_hub_gave(hub_project, hub):
     for stage in ("demo_data", "extract", "canny_edges", "train_lora", "generate_baseline", "generate_lora",
                   "metrics"):
         hub_project.run(stage)
-    metrics = json.loads(hub_project.path("metrics").read_text())
-    assert metrics["lora"]["clip_model"].startswith(CLIP) and metrics["lora"]["n"] == 4
+    detail = json.loads(hub_project.path("metrics_detail").read_text())
+    assert detail["backbones"]["clip"].startswith(CLIP) and detail["lora"]["n"] == 4
 
 
 def test_fp32_variant_takes_the_plain_files(hub_project, hub):

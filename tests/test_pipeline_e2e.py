@@ -51,7 +51,8 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     p = params["paths"]
     for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
                 "split_summary", "edges", "lora",
-                "loss_log", "generated_baseline", "generated_lora", "metrics", "per_sample", "plots"):
+                "loss_log", "generated_baseline", "generated_lora", "metrics", "per_sample", "samples_grid",
+                "loss_curve"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / p["generated_lora"]).glob("*.png"))) == SMALL["extract.eval_products"]
@@ -77,6 +78,27 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
     assert "train-lora: 4 steps" not in back and "drew" not in back, "no training step, no image drawn"
     assert not (tmp_path / params["paths"]["resume"]).exists() or not any((tmp_path / params["paths"]["resume"]).iterdir())
+
+    # two experiments that differ only in generate.steps: compared, and neither retrains
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], check=True)
+    for steps in (5, 6):  # the committed baseline has 4
+        done = dvc("exp", "run", "-n", f"steps-{steps}", "-S", f"generate.steps={steps}")
+        assert "Running stage 'train-lora'" not in done and "Running stage 'generate-lora'" in done, done
+    shown = dvc("exp", "show", "--only-changed", "--no-pager")
+    assert "steps-5" in shown and "steps-6" in shown
+    diff = dvc("metrics", "diff", "steps-5", "steps-6")
+    assert "lora.fid" in diff and "clip_score_ci95" not in diff, "headline numbers only"
+    assert max(map(len, diff.splitlines())) <= 100, "fits a terminal"
+    dvc("plots", "diff", "steps-5", "steps-6", "-o", str(tmp_path / "plots_diff"))
+    assert (tmp_path / "plots_diff" / "index.html").is_file()
+
+
+def dvc(*args: str) -> str:
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
 
 
 def repro_log(root: Path) -> str:

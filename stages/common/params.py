@@ -59,9 +59,11 @@ class Paths:
                        "rerun resumes; not a DVC output (git- and DVC-ignored), removed by each stage on success")
     generated_baseline: str = _doc("images from the ControlNet without LoRA")
     generated_lora: str = _doc("images from the ControlNet with the trained LoRA")
-    metrics: str = _doc("summary metrics JSON (git-tracked)")
+    metrics: str = _doc("headline metrics: FID, KID, LPIPS, CLIP score per variant (a DVC metric, in git)")
+    metrics_detail: str = _doc("n, 95% CIs, KID's spread and the backbones' names behind the headline (in git)")
     per_sample: str = _doc("per-image LPIPS / CLIP table (git-tracked)")
-    plots: str = _doc("PNG plots")
+    samples_grid: str = _doc("qualitative grid PNG: edges | ground truth | baseline | LoRA (DVC-cached, about 1 MB)")
+    loss_curve: str = _doc("the loss log as a DVC plot (`dvc plots show`); in git, so `dvc plots diff` needs no cache")
 
 
 @dataclass(frozen=True)
