@@ -1,5 +1,5 @@
 # make demo   create .venv if missing, install the project, run the whole DVC pipeline on the demo
-# make test   install the test extra into the same .venv and run the test suite
+# make test   install the test and s3 extras into the same .venv and run the test suite
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
 #
@@ -22,11 +22,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet --editable '.[test]'
+	$(BIN)/python -m pip install --quiet --editable '.[test,s3]'
 	touch $@
 
 $(VENV)/.installed-fullsize: $(VENV)/.installed-test
-	$(BIN)/python -m pip install --quiet --editable '.[test,fullsize]'
+	$(BIN)/python -m pip install --quiet --editable '.[test,s3,fullsize]'
 	touch $@
 
 install: $(VENV)/.installed
