@@ -3,7 +3,9 @@
     python -m stages.extract
 
 Shuffles *products* with `extract.seed`, holds out `eval_products` of them (first pose each) and
-trains on all poses of the next `train_products`, so no eval garment leaks into training. The
+trains on all poses of the next `train_products` (0: all the others), so no eval garment leaks
+into training. `train_images` caps the training images: products are taken in the same shuffled
+order until the cap is reached (the seed's "30k samples" were H5 rows, i.e. images). The
 real file is 51 GB decoded: it is read once, front to back, in covering slices (h5py reads a
 slice about 20x faster than the same rows picked by a list with gaps), and training images are
 streamed to disk, so memory stays flat whatever the file's size. Text is latin-1 bytes of shape
@@ -90,15 +92,26 @@ def check_layout(f: h5py.File, path: Path, resolution: int) -> int:
     return rows
 
 
-def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int, source: str):
-    """Rows of the train products (all poses) and of the eval products (first pose each)."""
-    unique, first_row = np.unique(product_ids, return_index=True)
-    if train + evaluate > len(unique):
+def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int, source: str, images: int = 0):
+    """Rows of the train products (all poses, at most `images` in all) and of the eval products
+    (first pose each). `train` 0 means every product not held out."""
+    unique, first_row, product_of_row = np.unique(product_ids, return_index=True, return_inverse=True)
+    if train + evaluate > len(unique) or evaluate >= len(unique):
         raise StageError(f"extract: asked for {train} train + {evaluate} eval = {train + evaluate} products, "
                          f"but {source} has only {len(unique)}; lower extract.train_products or extract.eval_products")
     order = np.random.default_rng(seed).permutation(len(unique))
     eval_rows = np.sort(first_row[order[:evaluate]])
-    train_rows = np.flatnonzero(np.isin(product_ids, unique[order[evaluate:evaluate + train]]))
+    chosen = order[evaluate:evaluate + train] if train else order[evaluate:]
+    train_rows = np.flatnonzero(np.isin(product_ids, unique[chosen]))
+    if images:
+        if len(train_rows) < images:
+            raise StageError(f"extract.train_images: {images} asked for, but the {len(chosen)} train products have "
+                             f"only {len(train_rows)} images; raise extract.train_products (0 takes all) or lower it")
+        position = np.empty(len(unique), dtype=np.int64)
+        position[chosen] = np.arange(len(chosen))
+        # products in their shuffled order, each product's poses in file order, cut at the cap
+        by_product = train_rows[np.lexsort((train_rows, position[product_of_row.reshape(-1)[train_rows]]))]
+        train_rows = np.sort(by_product[:images])
     return train_rows, eval_rows
 
 
@@ -176,7 +189,7 @@ def main() -> None:
         total = check_layout(f, h5_path, cfg.resolution)
         product_ids = f["input_productID"][:].reshape(-1)
         train_rows, eval_rows = split_products(product_ids, cfg.train_products, cfg.eval_products, cfg.seed,
-                                               str(h5_path))
+                                               str(h5_path), cfg.train_images)
         rows = np.union1d(train_rows, eval_rows)  # one pass over the file for both sides
         is_eval = np.isin(rows, eval_rows)
         shape = (len(train_rows), cfg.resolution, cfg.resolution, 3)
@@ -218,7 +231,7 @@ def main() -> None:
     write_json(paths.split_summary, summary)  # once the folders it describes are in place
 
     log.info("extract: wrote %d train images (%d products) to %s and %d eval images to %s; summary in %s",
-             len(train_rows), cfg.train_products, paths.train_data, len(eval_rows), paths.eval_data,
+             len(train_rows), len(np.unique(product_ids[train_rows])), paths.train_data, len(eval_rows), paths.eval_data,
              paths.split_summary)
 
 

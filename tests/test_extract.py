@@ -5,10 +5,12 @@ import stat
 
 import h5py
 import numpy as np
+import pytest
 from transformers import CLIPTokenizer
 
 from stages import extract
 from stages.common import dataset, demo_garments
+from stages.common.cli import StageError
 from stages.common.io import load_rgb, read_json
 
 
@@ -145,3 +147,35 @@ def test_outputs_are_readable_by_the_group_and_others(project):
             assert stat.S_IMODE(path.stat().st_mode) == expected, path
     assert stat.S_IMODE(project.path("split_summary").stat().st_mode) == 0o644
     assert stat.S_IMODE(project.path("demo_h5").stat().st_mode) == 0o644
+
+
+def test_an_image_cap_takes_whole_products_in_order_and_stays_disjoint(project):
+    project.run("demo_data")
+    project.run("extract", extract__train_products=0)
+    every = read_json(project.path("train_data") / dataset.TRAIN_CAPTIONS)
+    evaluated = {c["product_id"] for c in dataset.load_eval_configs(project.path("eval_data"))}
+    assert set(every["product_ids"]).isdisjoint(evaluated)
+    assert len(set(every["product_ids"])) == project.params["demo"]["products"] - len(evaluated), "0: all the rest"
+
+    project.run("extract", extract__train_images=25)
+    capped = read_json(project.path("train_data") / dataset.TRAIN_CAPTIONS)
+    assert len(capped["rows"]) == 25 and set(capped["rows"]) <= set(every["rows"])
+    assert set(capped["product_ids"]).isdisjoint(evaluated)
+    summary = read_json(project.path("split_summary"))
+    assert summary["train"]["images"] == 25
+    with pytest.raises(StageError, match=r"extract.train_images: 999 asked for, but the \d+ train products have only"):
+        project.run("extract", extract__train_images=999)
+
+
+def test_the_cap_cuts_at_most_one_product_and_grows_as_a_prefix():
+    ids = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 6, 6])
+    _, eval_rows = extract.split_products(ids, 0, 1, 0, "x")
+    held_out = set(ids[eval_rows])
+    previous = set()
+    for cap in range(1, len(ids) - 3):
+        rows, _ = extract.split_products(ids, 0, 1, 0, "x", cap)
+        assert len(rows) == cap and not set(ids[rows]) & held_out
+        assert previous <= set(rows.tolist()), "a bigger cap adds rows, never swaps them"
+        partial = [p for p in set(ids[rows]) if (ids[rows] == p).sum() < (ids == p).sum()]
+        assert len(partial) <= 1, "whole products, but for the last one taken"
+        previous = set(rows.tolist())

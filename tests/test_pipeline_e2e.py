@@ -83,21 +83,26 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], check=True)
-    for steps in (5, 6):  # the committed baseline has 4
-        done = dvc("exp", "run", "-n", f"steps-{steps}", "-S", f"generate.steps={steps}")
+    # the committed baseline has 4 steps; one experiment through a preset, one by hand
+    for done in (run_ok([str(Path(sys.executable).parent / "fashion-exp"), "demo", "-S", "generate.steps=5"]),
+                 dvc("exp", "run", "-n", "steps-6", "-S", "generate.steps=6")):
         assert "Running stage 'train-lora'" not in done and "Running stage 'generate-lora'" in done, done
     shown = dvc("exp", "show", "--only-changed", "--no-pager")
-    assert "steps-5" in shown and "steps-6" in shown
-    diff = dvc("metrics", "diff", "steps-5", "steps-6")
+    assert "demo" in shown and "steps-6" in shown, "each experiment named after what made it"
+    diff = dvc("metrics", "diff", "demo", "steps-6")
     assert "lora.fid" in diff and "clip_score_ci95" not in diff, "headline numbers only"
     assert max(map(len, diff.splitlines())) <= 100, "fits a terminal"
-    dvc("plots", "diff", "steps-5", "steps-6", "-o", str(tmp_path / "plots_diff"))
+    dvc("plots", "diff", "demo", "steps-6", "-o", str(tmp_path / "plots_diff"))
     assert (tmp_path / "plots_diff" / "index.html").is_file()
 
 
 def dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return run_ok(["dvc", *args])
+
+
+def run_ok(cmd: list[str]) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
 

@@ -127,7 +127,8 @@ class Models:
 @dataclass(frozen=True)
 class Extract:
     h5: str = _doc("FashionGen H5 to read (the demo file by default)")
-    train_products: int = _doc("products used for training (all their poses)")
+    train_products: int = _doc("products used for training (all their poses); 0: every product not held out")
+    train_images: int = _doc("at most this many training images (products in shuffled order, all poses); 0: no cap")
     eval_products: int = _doc("products held out for evaluation (first pose of each)")
     resolution: int = _doc("working resolution in px; training, edges and generation all use it")
     prompt: Literal["first_clause", "description", "name"] = _doc(
@@ -137,7 +138,8 @@ class Extract:
     read_chunk: int = _doc("rows per H5 read; the real file is 51 GB decoded, never read whole", how=True)
 
     def __post_init__(self):
-        _check(self.train_products >= 1, "extract.train_products", "must be at least 1")
+        _check(self.train_products >= 0, "extract.train_products", "must be >= 0 (0: every product not held out)")
+        _check(self.train_images >= 0, "extract.train_images", "must be >= 0 (0: no cap)")
         _check(self.eval_products >= 2, "extract.eval_products", "must be at least 2 (FID, KID and CIs need two)")
         _check(self.resolution >= 32 and self.resolution % 8 == 0, "extract.resolution",
                "must be a multiple of 8 and at least 32 (LPIPS alex needs 31 px)")

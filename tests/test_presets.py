@@ -1,0 +1,51 @@
+"""presets.yaml: every preset validates against the params schema, and fashion-exp expands it."""
+
+import pytest
+
+from stages.common import presets
+from stages.common.cli import StageError, run_cli
+from stages.common.params import ParamsError
+from tests.conftest import REPO
+
+
+@pytest.fixture(autouse=True)
+def at_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def test_every_preset_validates():
+    shipped = presets.load_presets()
+    assert {"demo", "seed-5k-0.5k-s20", "seed-30k-3k-s20", "seed-30k-3k-s40"} <= set(shipped)
+    for name in shipped:
+        cmd = presets.check(name, shipped, [])
+        assert cmd[:5] == ["dvc", "exp", "run", "-n", name], "exp show names the experiment after its preset"
+
+
+def test_the_seed_presets_say_what_the_seed_did():
+    shipped = presets.load_presets()
+    for name, images, evaluated, steps, guidance in [("seed-5k-0.5k-s20", 5000, 500, 20, 7.5),
+                                                     ("seed-30k-3k-s20", 30000, 3000, 20, 7.5),
+                                                     ("seed-30k-3k-s40", 30000, 3000, 40, 10)]:
+        p = shipped[name]
+        assert (p["extract.train_images"], p["extract.eval_products"], p["generate.steps"],
+                p["generate.guidance_scale"]) == (images, evaluated, steps, guidance)
+        assert (p["train.max_steps"], p["train.learning_rate"], p["extract.resolution"]) == (5000, 1e-4, 256)
+
+
+def test_user_overrides_go_through_and_are_checked_first():
+    shipped = presets.load_presets()
+    cmd = presets.check("seed-30k-3k-s40", shipped, ["-S", "extract.h5=/data/x.h5", "--queue"])
+    assert cmd[-3:] == ["-S", "extract.h5=/data/x.h5", "--queue"] and "generate.steps=40" in cmd
+    with pytest.raises(ParamsError, match=r"presets.yaml: seed-30k-3k-s20: train.alpha: must be positive"):
+        presets.check("seed-30k-3k-s20", shipped, ["-S", "train.alpha=0"])
+    with pytest.raises(ParamsError, match="train.alphas: unknown key; did you mean train.alpha"):
+        presets.check("demo", shipped, ["-S", "train.alphas=2"])
+
+
+def test_an_unknown_preset_lists_the_valid_ones(capsys):
+    with pytest.raises(StageError, match=r"no preset 'seed-30k'; the presets are demo, seed-5k-0.5k-s20, "):
+        presets.check("seed-30k", presets.load_presets(), [])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: presets.main(["nope"]))
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.startswith("error: presets.yaml: no preset 'nope'; the presets are demo")
