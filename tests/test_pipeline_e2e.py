@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,20 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     assert max(map(len, diff.splitlines())) <= 100, "fits a terminal"
     dvc("plots", "diff", "demo", "steps-6", "-o", str(tmp_path / "plots_diff"))
     assert (tmp_path / "plots_diff" / "index.html").is_file()
+
+    # a queued sweep over a new LoRA: the first experiment trains, the second reuses it
+    for name, steps in (("sweep-1", 5), ("sweep-2", 6)):
+        dvc("exp", "run", "--queue", "-n", name, "-S", "train.rank=3", "-S", f"generate.steps={steps}")
+    dvc("queue", "start")
+    for _ in range(600):
+        status = dvc("queue", "status")
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(1)
+    assert status.count("Success") >= 2, status
+    first, second = dvc("queue", "logs", "sweep-1"), dvc("queue", "logs", "sweep-2")
+    assert "Running stage 'train-lora'" in first
+    assert "Stage 'train-lora' is cached - skipping run" in second and "Running stage 'train-lora'" not in second
 
 
 def dvc(*args: str) -> str:
