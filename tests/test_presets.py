@@ -1,5 +1,7 @@
 """presets.yaml: every preset validates against the params schema, and fashion-exp expands it."""
 
+import subprocess
+
 import pytest
 
 from stages.common import presets
@@ -36,6 +38,7 @@ def test_user_overrides_go_through_and_are_checked_first():
     shipped = presets.load_presets()
     cmd = presets.check("seed-30k-3k-s40", shipped, ["-S", "extract.h5=/data/x.h5", "--queue"])
     assert cmd[-3:] == ["-S", "extract.h5=/data/x.h5", "--queue"] and "generate.steps=40" in cmd
+    assert 'models.mode="hub"' in cmd
     with pytest.raises(ParamsError, match=r"presets.yaml: seed-30k-3k-s20: train.alpha: must be positive"):
         presets.check("seed-30k-3k-s20", shipped, ["-S", "train.alpha=0"])
     with pytest.raises(ParamsError, match="train.alphas: unknown key; did you mean train.alpha"):
@@ -49,3 +52,20 @@ def test_an_unknown_preset_lists_the_valid_ones(capsys):
         run_cli(lambda: presets.main(["nope"]))
     assert exit_.value.code == 1
     assert capsys.readouterr().err.startswith("error: presets.yaml: no preset 'nope'; the presets are demo")
+
+
+def test_a_preset_starts_from_the_committed_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    for cmd in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
+        subprocess.run([*git, *cmd], check=True)
+    presets.check_params_clean()
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("max_steps: 40", "max_steps: 5"))
+    with pytest.raises(StageError, match=r"params.yaml: differs from HEAD \(the last experiment applied its params\)"):
+        presets.check_params_clean()
+
+
+def test_string_values_stay_one_value_for_dvc():
+    cmd = presets.command("x", {"generate.negative_prompt": "low quality, blurry", "generate.steps": 20}, [])
+    assert cmd[-4:] == ["-S", 'generate.negative_prompt="low quality, blurry"', "-S", "generate.steps=20"]

@@ -10,6 +10,7 @@ DVC output, so DVC's run-cache restores it for any configuration seen before.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -79,8 +80,11 @@ def run(variant: str) -> None:
     if todo:
         generate(pipe, todo, cfg, variant, dev, paths, work)
     with atomic_dir(out_dir) as tmp:
-        for done in work.iterdir():
-            shutil.move(done, tmp / done.name)  # a rename, unless paths.resume is on another disk
+        for done in work.iterdir():  # linked, not moved: if the swap fails, the resume folder is whole
+            try:
+                os.link(done, tmp / done.name)
+            except OSError:  # paths.resume on another file system
+                shutil.copy2(done, tmp / done.name)
     shutil.rmtree(work)
     log.info("generate-%s: %d images in %s (%d made now, %d by an earlier run)", variant, len(configs), out_dir,
              len(todo), len(configs) - len(todo))

@@ -63,9 +63,8 @@ def user_overrides(args: list[str]) -> dict:
 
 
 def command(name: str, preset: dict, extra: list[str]) -> list[str]:
-    # DVC reads each value as YAML: strings as they are, everything else as JSON (a YAML subset)
-    sets = [arg for key, value in preset.items()
-            for arg in ("-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}")]
+    # DVC reads -S values with Hydra's grammar: JSON quotes keep a string with commas or spaces one value
+    sets = [arg for key, value in preset.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
     return ["dvc", "exp", "run", "-n", name, *sets, *extra]
 
 
@@ -78,14 +77,26 @@ def check(name: str, presets: dict[str, dict], extra: list[str]) -> list[str]:
     return command(name, presets[name], extra)
 
 
+def check_params_clean() -> None:
+    """`dvc exp run` starts from the workspace's params.yaml, and every experiment applies its own
+    params there: a preset run after another would inherit what it does not set."""
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(PARAMS_FILE)], capture_output=True)
+    if changed.returncode == 1:
+        raise StageError(f"{PARAMS_FILE}: differs from HEAD (the last experiment applied its params), so the "
+                         f"preset would not start from the committed values; `git checkout {PARAMS_FILE}` or "
+                         "commit it first")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     presets = load_presets()
     if not args or args[0] in ("-h", "--help", "--list"):
-        print(__doc__.split("\n\n")[1] if args[:1] != ["--list"] else "", end="")
+        if args[:1] != ["--list"]:
+            print(__doc__.split("\n\n")[1])
         print("presets: " + ", ".join(presets))
         return
     cmd = check(args[0], presets, [a for a in args[1:] if a != "--dry-run"])
+    check_params_clean()
     print("$ " + " ".join(cmd), flush=True)
     if "--dry-run" not in args:
         sys.exit(subprocess.run(cmd).returncode)
