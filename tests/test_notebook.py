@@ -1,14 +1,9 @@
 """notebooks/kaggle.ipynb runs headless, top to bottom, on the demo, so it cannot rot."""
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
-import yaml
 
-from tests.conftest import REPO, SMALL, set_dotted
-from tests.test_pipeline_e2e import copy_repo
+from tests.conftest import REPO
+from tests.test_pipeline_e2e import copy_small_repo, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +11,9 @@ pytestmark = pytest.mark.slow
 def test_the_kaggle_notebook_runs_on_the_demo(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    copy_repo(tmp_path)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    for key, value in SMALL.items():
-        set_dotted(params, key, value)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    copy_small_repo(tmp_path)
+    for name in ("PATH", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, stage_env()[name])
 
     notebook = nbformat.read(REPO / "notebooks" / "kaggle.ipynb", as_version=4)
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",

@@ -29,6 +29,22 @@ def copy_repo(target: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=target, check=True)
 
 
+def copy_small_repo(target: Path) -> dict:
+    """copy_repo with the test suite's small params written in; returns them."""
+    copy_repo(target)
+    params = yaml.safe_load((target / "params.yaml").read_text())
+    for key, value in SMALL.items():
+        set_dotted(params, key, value)
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def stage_env(**extra) -> dict:
+    """Stage commands say `python`: make it this interpreter, on the CPU with one thread."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
 def reproduce(root: Path) -> list[str]:
     from dvc.repo import Repo
 
@@ -38,15 +54,10 @@ def reproduce(root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatch):
-    copy_repo(tmp_path)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    for key, value in SMALL.items():
-        set_dotted(params, key, value)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = copy_small_repo(tmp_path)
     monkeypatch.chdir(tmp_path)
-    # stage commands say `python`: make it this interpreter, on the CPU with one thread
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("PATH", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, stage_env()[name])
 
     assert sorted(reproduce(tmp_path)) == sorted(ALL_STAGES)
     p = params["paths"]

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SMALL, set_dotted
-from tests.test_pipeline_e2e import copy_repo
+from tests.test_pipeline_e2e import copy_small_repo, stage_env
 
 pytestmark = pytest.mark.slow
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
@@ -33,21 +32,11 @@ def run(*args, cwd, env=None) -> str:
 def published(tmp_path_factory) -> Path:
     """A repo where `dvc repro` has run on the small demo, committed to git."""
     origin = tmp_path_factory.mktemp("origin")
-    copy_repo(origin)
-    params = yaml.safe_load((origin / "params.yaml").read_text())
-    for key, value in SMALL.items():
-        set_dotted(params, key, value)
-    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_small_repo(origin)
     run("dvc", "repro", cwd=origin, env=stage_env())
     run(*GIT, "add", "-A", cwd=origin)
     run(*GIT, "commit", "-qm", "demo results", cwd=origin)
     return origin
-
-
-def stage_env(**extra) -> dict:
-    # stage commands say `python`: make it this interpreter, on the CPU with one thread
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "OMP_NUM_THREADS": "1", **extra}
 
 
 def round_trip(origin: Path, remote_args: list[list[str]], workdir: Path, env: dict) -> None:
