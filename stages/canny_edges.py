@@ -2,23 +2,17 @@
 
     python -m stages.canny_edges
 
-`cv2.Canny(gt, low, high)` on the RGB ground truth, stacked to 3 channels, exactly as the
-seed recipe fed its canny ControlNet.
+`edges.canny`: cv2.Canny on the RGB ground truth, stacked to 3 channels, exactly as the seed
+recipe fed its canny ControlNet. The metrics stage runs the same function on generated images.
 """
 
-import cv2
-import numpy as np
 from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
+from stages.common.edges import canny
 from stages.common.io import atomic_dir, check_images, load_rgb, save_png
 from stages.common.params import load_params
-
-
-def canny(image: np.ndarray, low: int, high: int) -> np.ndarray:
-    edges = cv2.Canny(image, low, high)
-    return np.stack([edges] * 3, axis=-1)
 
 
 def main() -> None:

@@ -1,68 +1,50 @@
-"""metrics: FID, KID, LPIPS and CLIP score of both generated sets against the eval ground truth.
+"""metrics: how close each generated set is to the eval ground truth, how well it follows its
+edge maps, and how sure we can be, with LoRA compared to the baseline pair by pair.
 
     python -m stages.metrics
 
 - FID / KID: clean-fid's "clean" resize and Inception features (loaded from models/eval, never
-  downloaded), with our own Fréchet distance and seeded KID. clean-fid's versions call
-  `sqrtm(disp=False)` (gone in SciPy 1.18) and draw KID subsets from the global, unseeded
-  `np.random`. FID is biased at small n, so n is reported beside it; KID is unbiased.
+  downloaded), with our own Fréchet distance and seeded KID (stages/common/statistics.py).
+  clean-fid's versions call `sqrtm(disp=False)` (gone in SciPy 1.18) and draw KID subsets from
+  the global, unseeded `np.random`.
 - LPIPS (alex): each generated image against its own ground truth.
 - CLIP score: per image max(cos, 0) of CLIP image and prompt embeddings, i.e. torchmetrics'
-  definition / 100, the scale of the published 0.28-0.30 (`logits_per_image / 100`). Prompts
-  are truncated to 77 tokens with EOS kept. Computed with transformers directly: torchmetrics'
-  CLIPScore crashes on transformers 5 and its truncation drops EOS.
-Writes metrics.json (the headline numbers: `dvc metrics show`), metrics_detail.json (n, 95% CIs,
-KID's spread, the backbones) and a per-image table.
+  definition / 100, the scale of the published 0.28-0.30 (`logits_per_image / 100`); the raw
+  cosine is kept beside it. Prompts are truncated to 77 tokens with EOS kept. Computed with
+  transformers directly: torchmetrics' CLIPScore crashes on transformers 5 and its truncation
+  drops EOS.
+- Edge fidelity (controllability): the canny map of each generated image, with canny-edges'
+  thresholds, against the edge map it was given: precision, recall and F1 within
+  `metrics.edge_tolerance` pixels.
+- Uncertainty: Student-t 95% intervals for means; one seeded bootstrap over eval pairs for FID,
+  KID and every LoRA-minus-baseline delta. FID's interval is the bootstrap's spread centred on
+  the estimate: resampling repeats images, which pushes FID up (statistics.centred_interval).
+  Backbones run in full fp32 unless `metrics.tf32`.
+Writes metrics.json (headline numbers with intervals and paired deltas: `dvc metrics show`),
+metrics_detail.json (edge precision and recall, KID's effective subsets, warnings, settings,
+backbones) and a per-image table.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from stages.common import dataset
+from stages.common import dataset, statistics
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import atomic_file, check_images, load_rgb, read_json, write_json
+from stages.common.edges import canny, edge_fidelity
+from stages.common.io import atomic_file, check_images, check_no_strays, load_rgb, read_json, write_json
 from stages.common.models import load_clip, load_inception, load_lpips, require_file
 from stages.common.params import load_params
-from stages.common.runtime import device, peak_memory
+from stages.common.runtime import device, peak_memory, set_tf32
 
-
-def _factor(feats: np.ndarray) -> np.ndarray:
-    """L with L @ L.T == cov(feats): the centred data when n <= d, else the covariance's square root."""
-    centred = feats - feats.mean(axis=0)
-    if len(feats) <= feats.shape[1]:
-        return centred.T / np.sqrt(len(feats) - 1)
-    values, vectors = np.linalg.eigh(np.cov(feats, rowvar=False))
-    return vectors * np.sqrt(np.clip(values, 0, None))
-
-
-def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """FID between two feature sets. tr sqrt(S1 S2) is the nuclear norm of L1.T @ L2 for any
-    factors S = L L.T: exact, symmetric, and no 2048x2048 sqrtm."""
-    feats1, feats2 = feats1.astype(np.float64), feats2.astype(np.float64)
-    diff = feats1.mean(axis=0) - feats2.mean(axis=0)
-    l1, l2 = _factor(feats1), _factor(feats2)
-    trace_sqrt = np.linalg.svd(l1.T @ l2, compute_uv=False).sum()
-    trace1, trace2 = (l1 ** 2).sum(), (l2 ** 2).sum()
-    return float(diff @ diff + trace1 + trace2 - 2 * trace_sqrt)
-
-
-def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, subsets: int, subset_size: int, seed: int):
-    """KID (clean-fid's cubic-kernel MMD estimator) over seeded random subsets: (mean, std)."""
-    rng = np.random.default_rng(seed)
-    d = feats1.shape[1]
-    m = min(len(feats1), len(feats2), subset_size)
-    estimates = []
-    for _ in range(subsets):
-        x = feats2[rng.choice(len(feats2), m, replace=False)].astype(np.float64)
-        y = feats1[rng.choice(len(feats1), m, replace=False)].astype(np.float64)
-        a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
-        b = (x @ y.T / d + 1) ** 3
-        estimates.append(((a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m) / m)
-    return float(np.mean(estimates)), float(np.std(estimates))
+# Per-sample scores compared pair by pair, and which way is better.
+HIGHER_IS_BETTER = {"lpips": False, "clip_score": True, "edge_f1": True, "edge_precision": True, "edge_recall": True}
+FID_DIMS = 2048  # Inception pool features: below this many images each covariance is rank-deficient
 
 
 def inception_features(files, model, dev, batch_size: int) -> np.ndarray:
@@ -107,10 +89,40 @@ def clip_cosines(model, processor, files, prompts, dev, batch_size: int) -> np.n
     return np.concatenate(scores)
 
 
-def summary(values: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% confidence interval."""
-    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(half)
+def edge_scores(files, edge_files, canny_cfg, tolerance: float) -> np.ndarray:
+    """(n, 3) precision, recall, F1 of each generated image's canny edges against its input map."""
+    return np.array([edge_fidelity(canny(load_rgb(f), canny_cfg.low_threshold, canny_cfg.high_threshold),
+                                   load_rgb(e), tolerance) for f, e in zip(files, edge_files, strict=True)])
+
+
+def with_interval(name: str, value, low, high) -> dict:
+    """Flat keys, so `dvc metrics show` and `dvc exp show` print every number as a column."""
+    return {name: value, f"{name}_ci95_low": low, f"{name}_ci95_high": high}
+
+
+def mean_with_interval(name: str, values) -> dict:
+    return with_interval(name, *statistics.t_interval(values))
+
+
+def mean_interval(values) -> dict:
+    mean, low, high = statistics.t_interval(values)
+    return {"mean": mean, "ci95_low": low, "ci95_high": high}
+
+
+def warnings_for(n: int, kid: dict, cfg) -> list[str]:
+    notes = []
+    if n < FID_DIMS:
+        notes.append(f"FID: n = {n} < {FID_DIMS} Inception dimensions, so each covariance is rank-deficient; FID is "
+                     "biased upward below about 10,000 images: compare FIDs only at equal n, and lean on KID and "
+                     "the paired deltas")
+    elif n < 10_000:
+        notes.append(f"FID: biased upward below about 10,000 images (n = {n}): compare FIDs only at equal n")
+    if kid["subset_size"] == n:
+        notes.append(f"KID: metrics.kid_subset_size {cfg.kid_subset_size} >= n = {n}, so every subset is the whole "
+                     "set: one estimate, no subset std; its interval is the bootstrap's")
+    if cfg.fid_bootstrap_resamples == 0:
+        notes.append("FID: no interval (metrics.fid_bootstrap_resamples is 0)")
+    return notes
 
 
 def main() -> None:
@@ -118,48 +130,103 @@ def main() -> None:
     params = load_params()
     cfg, paths = params.metrics, params.paths
     dev = device()
+    set_tf32(cfg.tf32)
     configs = dataset.load_eval_configs(paths.eval_data)
     indices = [c["index"] for c in configs]
     prompts = [c["prompt"] for c in configs]
+    n = len(indices)
     gt_files = [dataset.gt_path(paths.eval_data, i) for i in indices]
-    backbones = read_json(require_file(Path(paths.eval_models) / dataset.BACKBONES_FILE))
-    table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts})
+    edge_files = [dataset.edge_path(paths.edges, i) for i in indices]
     generated = {v: [dataset.generated_path(paths, v, i) for i in indices] for v in dataset.VARIANTS}
-    check_images(gt_files, "extract")  # before any model loads
+    backbones = read_json(require_file(Path(paths.eval_models) / dataset.BACKBONES_FILE))
+    # Every input checked before any model loads: present, readable, the ground truth's size, and
+    # no image from another eval set.
+    check_images(gt_files, "extract")
+    with Image.open(gt_files[0]) as first:
+        size = first.size
+    check_images(edge_files, "canny-edges", size)
     for variant, files in generated.items():
-        check_images(files, f"generate-{variant}")
+        check_images(files, f"generate-{variant}", size)
+        check_no_strays(files, f"generate-{variant}")
 
     inception = load_inception(paths.eval_models, dev)
     lpips_model = load_lpips(paths.eval_models, dev)
     clip_model, clip_processor = load_clip(paths.eval_models, dev)
+    table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts})
     gt_feats = inception_features(gt_files, inception, dev, cfg.batch_size)
-    clip_gt = np.maximum(clip_cosines(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size), 0)
-    table["clip_ground_truth"] = clip_gt
-    mean, ci = summary(clip_gt)
-    # Headline numbers in metrics.json (what `dvc metrics diff` and `dvc exp show` print); n,
-    # intervals, the ground truth's CLIP score and the backbones' names in metrics_detail.json.
-    results, details = {"n": len(indices)}, {}
+    table["clip_cosine_ground_truth"] = clip_cosines(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size)
+    table["clip_score_ground_truth"] = table["clip_cosine_ground_truth"].clip(lower=0)
+    feats = {}
     for variant, files in tqdm(generated.items(), desc="metrics"):
-        feats = inception_features(files, inception, dev, cfg.batch_size)
-        kid, kid_std = kernel_distance(gt_feats, feats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+        feats[variant] = inception_features(files, inception, dev, cfg.batch_size)
         table[f"lpips_{variant}"] = lpips_scores(lpips_model, gt_files, files, dev, cfg.batch_size)
         cosines = clip_cosines(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
-        table[f"clip_{variant}"] = np.maximum(cosines, 0)
-        lpips_mean, lpips_ci = summary(table[f"lpips_{variant}"].to_numpy())
-        clip_mean, clip_ci = summary(table[f"clip_{variant}"].to_numpy())
-        results[variant] = {"fid": frechet_distance(gt_feats, feats), "kid": kid, "lpips": lpips_mean,
-                            "clip_score": clip_mean}
-        details[variant] = {"n": len(files), "kid_std": kid_std, "lpips_ci95": lpips_ci, "clip_score_ci95": clip_ci}
-    details["ground_truth"] = {"n": len(gt_files), "clip_score": mean, "clip_score_ci95": ci}
+        table[f"clip_cosine_{variant}"] = cosines
+        table[f"clip_score_{variant}"] = np.maximum(cosines, 0)
+        edges = edge_scores(files, edge_files, params.canny, cfg.edge_tolerance)
+        for column, name in enumerate(("edge_precision", "edge_recall", "edge_f1")):
+            table[f"{name}_{variant}"] = edges[:, column]
+
+    # One draw of resampled eval pairs serves every interval; FID uses its first rows.
+    counts = statistics.resample_counts(n, max(cfg.bootstrap_resamples, cfg.fid_bootstrap_resamples), cfg.seed)
+    fid_counts = counts[:cfg.fid_bootstrap_resamples]
+    counts = counts[:cfg.bootstrap_resamples]
+    kid_boot = statistics.kid_resamples(gt_feats, feats, counts)
+    fid_boot = statistics.fid_resamples(gt_feats, feats, fid_counts) if len(fid_counts) else None
+    results, details = {"n": n}, {"n": n}
+    fid, kid = {}, {}
+    for variant in dataset.VARIANTS:
+        fid[variant] = statistics.frechet_distance(gt_feats, feats[variant])
+        kid[variant] = statistics.kernel_distance(gt_feats, feats[variant], cfg.kid_subsets, cfg.kid_subset_size,
+                                                  cfg.seed)
+        fid_ci = statistics.centred_interval(fid[variant], fid_boot[variant]) if fid_boot else (None, None)
+        results[variant] = {**with_interval("fid", fid[variant], *fid_ci),
+                            **with_interval("kid", kid[variant]["kid"],
+                                            *statistics.percentile_interval(kid_boot[variant]))}
+        for name in ("lpips", "clip_score", "edge_f1"):
+            results[variant].update(mean_with_interval(name, table[f"{name}_{variant}"]))
+        details[variant] = {"kid": {k: v for k, v in kid[variant].items() if k != "kid"},
+                            **{name: mean_interval(table[f"{name}_{variant}"])
+                               for name in ("edge_precision", "edge_recall", "clip_cosine")}}
+
+    # LoRA minus baseline on the same pairs: what users want to know, and far tighter than
+    # comparing two separate intervals.
+    deltas = {}
+    fid_delta = fid["lora"] - fid["baseline"]
+    deltas.update(with_interval("fid", fid_delta, *(statistics.centred_interval(
+        fid_delta, fid_boot["lora"] - fid_boot["baseline"]) if fid_boot else (None, None))))
+    deltas.update(with_interval("kid", kid["lora"]["kid"] - kid["baseline"]["kid"],
+                                *statistics.percentile_interval(kid_boot["lora"] - kid_boot["baseline"])))
+    paired = {}
+    for name, higher in HIGHER_IS_BETTER.items():
+        paired[name] = statistics.paired_delta(table[f"{name}_baseline"], table[f"{name}_lora"], counts, higher)
+        table[f"{name}_delta"] = table[f"{name}_lora"] - table[f"{name}_baseline"]
+    for name in ("lpips", "clip_score", "edge_f1"):
+        d = paired[name]
+        deltas.update({**with_interval(name, d["mean"], d["ci95_low"], d["ci95_high"]),
+                       f"{name}_lora_better": d["lora_better"], f"{name}_lora_worse": d["lora_worse"]})
+    results["lora_minus_baseline"] = deltas
+    details["lora_minus_baseline"] = paired  # every per-sample delta, with the shares LoRA wins and loses
+    details["ground_truth"] = mean_with_interval("clip_score", table["clip_score_ground_truth"])
+    details["warnings"] = warnings_for(n, kid["baseline"], cfg)
+    details["settings"] = {"confidence": statistics.CONFIDENCE, "means": "Student t",
+                           "bootstrap": "paired over eval images; percentile intervals, FID's centred on the "
+                                        "estimate (conservative)",
+                           "bootstrap_resamples": cfg.bootstrap_resamples,
+                           "fid_bootstrap_resamples": cfg.fid_bootstrap_resamples, "seed": cfg.seed,
+                           "edge_tolerance_px": cfg.edge_tolerance, "canny": dataclasses.asdict(params.canny),
+                           "tf32": cfg.tf32, "device": dev.type}
     details["backbones"] = backbones
+    for note in details["warnings"]:
+        log.warning("%s", note)
 
     with atomic_file(paths.per_sample) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
+        table.to_csv(tmp, index=False)  # full precision: every float round-trips
     write_json(paths.metrics_detail, details)
     write_json(paths.metrics, results)
-    log.info("metrics: n=%d; FID %.2f -> %.2f, LPIPS %.3f -> %.3f, CLIP %.4f -> %.4f (baseline -> lora)%s; wrote %s",
-             len(indices), results["baseline"]["fid"], results["lora"]["fid"], results["baseline"]["lpips"],
-             results["lora"]["lpips"], results["baseline"]["clip_score"], results["lora"]["clip_score"],
+    log.info("metrics: n=%d; LoRA - baseline: FID %+.3g, LPIPS %+.3g [%.3g, %.3g] (better on %.0f%%), "
+             "CLIP %+.3g, edge F1 %+.3g%s; wrote %s", n, fid_delta, deltas["lpips"], deltas["lpips_ci95_low"],
+             deltas["lpips_ci95_high"], 100 * deltas["lpips_lora_better"], deltas["clip_score"], deltas["edge_f1"],
              peak_memory(dev), paths.metrics)
 
 

@@ -1,10 +1,11 @@
 """metrics: our FID/KID agree with clean-fid's formulas; LPIPS and CLIP are per image and honest."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cleanfid import fid as cleanfid
 
 from stages import metrics
 from stages.common import dataset
@@ -14,30 +15,6 @@ from stages.common.models import load_clip
 from tests.conftest import fill_generated
 
 
-@pytest.mark.parametrize("n", [12, 80])  # fewer and more samples than dimensions
-def test_frechet_distance_matches_clean_fid(n):
-    rng = np.random.default_rng(n)
-    a = rng.normal(size=(n, 32))
-    b = rng.normal(0.3, 1.5, size=(n + 5, 32)) + a[:1]
-    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
-    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
-    from scipy import linalg
-    covmean = linalg.sqrtm(s1 @ s2).real
-    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
-    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6, abs=1e-8)
-    assert metrics.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
-
-
-def test_kid_matches_clean_fid_when_subsets_cover_everything():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(30, 64)), rng.normal(0.2, 1, size=(30, 64))
-    ours, spread = metrics.kernel_distance(a, b, subsets=3, subset_size=1000, seed=0)
-    assert ours == pytest.approx(cleanfid.kernel_distance(a, b, num_subsets=3), rel=1e-9)
-    assert spread == pytest.approx(0, abs=1e-12)
-    # with real subsets it is seeded: same seed, same value
-    assert metrics.kernel_distance(a, b, 10, 10, seed=1) == metrics.kernel_distance(a, b, 10, 10, seed=1)
-
-
 def test_identical_images_score_perfectly(extracted):
     p = extracted
     fill_generated(p, lambda i: dataset.gt_path(p.path("eval_data"), i))
@@ -45,16 +22,38 @@ def test_identical_images_score_perfectly(extracted):
     result = read_json(p.path("metrics"))
     n = p.params["extract"]["eval_products"]
     detail = read_json(p.path("metrics_detail"))
-    assert result["n"] == n and detail["backbones"]["clip"] == "tiny-random-clip"
+    assert result["n"] == detail["n"] == n and detail["backbones"]["clip"] == "tiny-random-clip"
     for variant in dataset.VARIANTS:
         r = result[variant]
-        assert set(r) == {"fid", "kid", "lpips", "clip_score"}, "headline numbers only"
-        assert detail[variant]["n"] == n and set(detail[variant]) == {"n", "kid_std", "lpips_ci95", "clip_score_ci95"}
+        assert set(r) == {f"{m}{s}" for m in ("fid", "kid", "lpips", "clip_score", "edge_f1")
+                          for s in ("", "_ci95_low", "_ci95_high")}
         assert r["fid"] == pytest.approx(0, abs=1e-3)
         assert r["lpips"] == pytest.approx(0, abs=1e-6)
         assert r["clip_score"] == pytest.approx(detail["ground_truth"]["clip_score"], abs=1e-6)
+        # the edge maps are canny of the ground truth, so its own canny edges match exactly
+        assert r["edge_f1"] == r["edge_f1_ci95_low"] == 1.0
+        assert detail[variant]["edge_precision"]["mean"] == detail[variant]["edge_recall"]["mean"] == 1.0
+        assert detail[variant]["kid"] == {"subset_size": n, "subsets": 1, "subset_std": None}
+    delta = result["lora_minus_baseline"]
+    for name in ("fid", "kid", "lpips", "clip_score", "edge_f1"):
+        assert delta[name] == pytest.approx(0, abs=1e-12), "identical variants: every paired delta is zero"
+    assert delta["lpips_lora_better"] == delta["lpips_lora_worse"] == 0.0, "a tie is neither a win nor a loss"
+    assert any("rank-deficient" in w for w in detail["warnings"]) and any("KID" in w for w in detail["warnings"])
     table = pd.read_csv(p.path("per_sample"))
-    assert len(table) == n and {"lpips_baseline", "clip_lora", "clip_ground_truth"} <= set(table.columns)
+    assert len(table) == n and {"clip_lora", "clip_ground_truth"}.isdisjoint(table.columns), "named for what they hold"
+    assert {"clip_cosine_lora", "clip_score_lora", "edge_f1_baseline", "lpips_delta"} <= set(table.columns)
+    assert (table["clip_score_lora"] == table["clip_cosine_lora"].clip(lower=0)).all()
+
+
+def test_the_same_inputs_give_the_same_bytes(extracted):
+    p = extracted
+    fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
+    p.run("metrics")
+    first = {k: p.path(k).read_bytes() for k in ("metrics", "metrics_detail", "per_sample")}
+    p.run("metrics")
+    assert {k: p.path(k).read_bytes() for k in first} == first
+    # metrics.tf32: false, so a GPU's convolutions and matmuls would run in full fp32
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def test_different_images_score_worse(extracted):
@@ -63,8 +62,14 @@ def test_different_images_score_worse(extracted):
     p.run("metrics")
     result = read_json(p.path("metrics"))
     for variant in dataset.VARIANTS:
-        assert result[variant]["fid"] > 0.01 and result[variant]["lpips"] > 0.05
-    assert (pd.read_csv(p.path("per_sample"))[["clip_baseline", "clip_lora"]] >= 0).all().all()  # max(cos, 0)
+        r = result[variant]
+        assert r["fid"] > 0.01 and r["lpips"] > 0.05
+        for name in ("fid", "kid", "lpips", "edge_f1"):
+            assert r[f"{name}_ci95_low"] <= r[name] <= r[f"{name}_ci95_high"], name
+    table = pd.read_csv(p.path("per_sample"))
+    assert (table[["clip_score_baseline", "clip_score_lora"]] >= 0).all().all()  # max(cos, 0)
+    assert (table["clip_cosine_baseline"] < 0).any(), "the raw cosine keeps its sign"
+    assert re.search(r"\d\.\d{9,}", p.path("per_sample").read_text()), "floats keep every digit, not 6 decimals"
 
 
 def test_clip_score_is_the_cosine_of_clip_embeddings(extracted):

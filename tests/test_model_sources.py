@@ -212,7 +212,7 @@ def test_every_stage_runs_on_what_the_hub_gave(hub_project, hub):
                   "metrics"):
         hub_project.run(stage)
     detail = json.loads(hub_project.path("metrics_detail").read_text())
-    assert detail["backbones"]["clip"].startswith(CLIP) and detail["lora"]["n"] == 4
+    assert detail["backbones"]["clip"].startswith(CLIP) and detail["n"] == 4
 
 
 def test_fp32_variant_takes_the_plain_files(hub_project, hub):

@@ -197,9 +197,10 @@ def _image_error(err: Exception, path) -> str:
     return str(err).replace(f" {str(path)!r}", "")  # PIL repeats the path: "cannot identify image file '...'"
 
 
-def check_images(files: list[Path], stage: str) -> None:
+def check_images(files: list[Path], stage: str, size: tuple[int, int] | None = None) -> None:
     """Every image a stage is about to read must exist and be readable (PNG chunks and checksums,
-    no decoding): checked before any work, so a bad one never costs outputs made so far."""
+    no decoding), and be `size` (width, height) when given: checked before any work, so a bad one
+    never costs outputs made so far."""
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise StageError(f"{missing[0]}: not found ({len(missing)} missing); run `dvc repro {stage}`")
@@ -207,8 +208,23 @@ def check_images(files: list[Path], stage: str) -> None:
         try:
             with Image.open(path) as img:
                 img.verify()
+                found = img.size
         except (OSError, ValueError, SyntaxError) as err:  # PIL reports a broken PNG as SyntaxError
             raise StageError(f"{path}: not a readable image ({_image_error(err, path)}); {restore_hint(stage)}") from None
+        if size is not None and found != tuple(size):
+            raise StageError(f"{path}: {found[0]}x{found[1]} px, but the ground truth is {size[0]}x{size[1]}; "
+                             f"rerun `dvc repro {stage}`")
+
+
+def check_no_strays(files: list[Path], stage: str) -> None:
+    """The folder holding `files` has no other images: a stray one means it was made for another
+    eval set, and pairing by index would silently compare the wrong images."""
+    folder = Path(files[0]).parent
+    expected = {Path(f).name for f in files}
+    strays = sorted(p.name for p in folder.glob("[!.]*.png") if p.name not in expected)  # not temp files
+    if strays:
+        raise StageError(f"{folder / strays[0]}: not one of the {len(files)} eval images ({len(strays)} such); "
+                         f"the folder is from another eval set: rerun `dvc repro {stage}`")
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

@@ -50,6 +50,15 @@ def inference_dtype(precision: str, dev: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 matmuls and convolutions on Ampere and newer GPUs: cuDNN allows them by default, which
+    moves metric backbones' outputs by about 1e-3. Off, GPU and CPU agree to float32 precision.
+    The long-standing flags, not torch 2.9's `fp32_precision`: once that is set, reading these
+    (as libraries still do) raises."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
