@@ -154,7 +154,7 @@ def finished(trained, tmp_path_factory) -> Path:
     """A session-wide project where every stage has run: the last good run of each output."""
     root = tmp_path_factory.mktemp("finished")
     shutil.copytree(trained, root, dirs_exist_ok=True)
-    return run_in(root, "generate_baseline", "generate_lora", "metrics", "plots")
+    return run_in(root, "generate_baseline", "generate_lora", "metrics", "plots", "report")
 
 
 @pytest.fixture

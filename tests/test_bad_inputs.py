@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from stages import extract
@@ -67,6 +69,29 @@ def truncate(rel: str, keep: int = 100):
 
 def delete(rel: str):
     return lambda p, mp: (p.root / rel).unlink()
+
+
+def copy(rel: str, to: str):
+    return lambda p, mp: (p.root / to).write_bytes((p.root / rel).read_bytes())
+
+
+def small_image(rel: str):
+    return lambda p, mp: Image.new("RGB", (32, 32)).save(p.root / rel)
+
+
+def drop_key(rel: str, block: str, key: str):
+    def setup(p, mp):
+        data = json.loads((p.root / rel).read_text())
+        del data[block][key]
+        (p.root / rel).write_text(json.dumps(data))
+    return setup
+
+
+def drop_first_row(rel: str):
+    def setup(p, mp):
+        lines = (p.root / rel).read_text().splitlines(keepends=True)
+        (p.root / rel).write_text("".join(lines[:1] + lines[2:]))
+    return setup
 
 
 def env(name: str, value: str):
@@ -247,6 +272,25 @@ CASES = [
          r"data/generated/lora/000002.png: not found \(1 missing\); run `dvc repro generate-lora`"),
     Case("generated-damaged-metrics", "metrics", truncate("data/generated/baseline/000000.png", 80),
          r"data/generated/baseline/000000.png: not a readable image"),
+    Case("generated-stray-metrics", "metrics", copy("data/generated/lora/000001.png", "data/generated/lora/000099.png"),
+         r"data/generated/lora/000099.png: not one of the \d+ eval images \(1 such\); the folder is from another eval "
+         r"set: rerun `dvc repro generate-lora`"),
+    Case("generated-wrong-size-metrics", "metrics", small_image("data/generated/baseline/000002.png"),
+         r"data/generated/baseline/000002.png: 32x32 px, but the ground truth is 64x64; rerun "
+         r"`dvc repro generate-baseline`"),
+    Case("per-sample-missing-plots", "plots", delete("metrics/per_sample.csv"),
+         r"metrics/per_sample.csv: not found; run `dvc repro metrics`"),
+    Case("per-sample-other-eval-set", "plots", drop_first_row("metrics/per_sample.csv"),
+         r"metrics/per_sample.csv: is not the per-sample table of these \d+ eval images; rerun `dvc repro metrics`"),
+    Case("metrics-from-an-older-stage-report", "report", drop_key("metrics/metrics.json", "lora", "edge_f1_ci95_low"),
+         r"metrics/metrics.json: has no lora.edge_f1_ci95_low \(an older metrics stage wrote it\?\); rerun "
+         r"`dvc repro metrics`"),
+    Case("generated-wrong-size-plots", "plots", small_image("data/generated/lora/000000.png"),
+         r"data/generated/lora/000000.png: 32x32 px, but the ground truth is 64x64; rerun `dvc repro generate-lora`"),
+    Case("metrics-missing-report", "report", delete("metrics/metrics.json"),
+         r"metrics/metrics.json: not found; run `dvc repro metrics`"),
+    Case("chart-missing-report", "report", delete("plots/deltas.png"),
+         r"plots/deltas.png: not found; run `dvc repro plots`"),
     Case("loss-log-missing", "plots", delete("metrics/train_loss.csv"),
          r"metrics/train_loss.csv: not found; run `dvc repro train-lora`"),
     Case("generated-missing-plots", "plots", delete("data/generated/baseline/000001.png"),

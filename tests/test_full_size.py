@@ -33,7 +33,7 @@ from tests.conftest import REPO, Project
 pytestmark = pytest.mark.fullsize
 CUDA = torch.cuda.is_available()
 STAGES = ["demo_data", "fetch_models", "extract", "canny_edges", "train_lora", "generate_baseline", "generate_lora",
-          "metrics", "plots"]
+          "metrics", "plots", "report"]
 # A handful of images on the CPU; a few hundred where a GPU is at hand.
 SIZES = {"demo.products": 160 if CUDA else 8, "extract.train_products": 100 if CUDA else 4,
          "extract.eval_products": 50 if CUDA else 3, "train.max_steps": 20 if CUDA else 2, "generate.steps": 2,

@@ -1,0 +1,71 @@
+"""What the plots and report stages draw with: one look for every figure, no pyplot (no GUI
+backend, no global figure state), and PNGs whose bytes depend only on their content."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from stages.common.cli import StageError
+from stages.common.io import read_json
+
+VARIANT_COLORS = {"baseline": "#7f7f7f", "lora": "#1f77b4"}
+DPI = 100  # figure inches * DPI = pixels
+TILE_INCHES = 2.72  # tight_layout takes a little: tiles come out at about 256 px
+# Which metrics the charts show, as (key in metrics.json, label, higher is better).
+HEADLINE = [("fid", "FID", False), ("kid", "KID", False), ("lpips", "LPIPS", False),
+            ("clip_score", "CLIP score", True), ("edge_f1", "edge F1", True)]
+
+
+BLOCKS = ("baseline", "lora", "lora_minus_baseline")
+HEADLINE_KEYS = ["n"] + [f"{block}.{key}{part}" for block in BLOCKS for key, _, _ in HEADLINE
+                         for part in ("", "_ci95_low", "_ci95_high")] + [
+    f"lora_minus_baseline.{key}_lora_{side}" for key in ("lpips", "clip_score", "edge_f1") for side in ("better", "worse")]
+SCORE_COLUMNS = ["index", "prompt", "lpips_delta", "clip_score_delta", "edge_f1_delta"] + [
+    f"{name}_{variant}" for name in ("lpips", "clip_score", "edge_precision", "edge_recall", "edge_f1")
+    for variant in ("baseline", "lora")]
+
+
+def read_results(path: str, required: list[str]) -> dict:
+    """A JSON file of the metrics stage, holding every dotted key a figure reads."""
+    if not Path(path).is_file():
+        raise StageError(f"{path}: not found; run `dvc repro metrics`")
+    data = read_json(path)
+    for dotted in required:
+        node = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise StageError(f"{path}: has no {dotted} (an older metrics stage wrote it?); rerun `dvc repro metrics`")
+            node = node[part]
+    return data
+
+
+def read_scores(path: str, indices: list[int] | None = None) -> pd.DataFrame:
+    """metrics' per-sample table, rows keyed by eval index; with `indices`, it must describe
+    exactly those eval images. Prompts stay text (an empty or "NA" prompt is not a missing value)."""
+    if not Path(path).is_file():
+        raise StageError(f"{path}: not found; run `dvc repro metrics`")
+    table = pd.read_csv(path, keep_default_na=False)
+    missing = [c for c in SCORE_COLUMNS if c not in table]
+    if missing or (indices is not None and table["index"].tolist() != indices):
+        what = f"has no column {missing[0]}" if missing else f"is not the per-sample table of these {len(indices)} eval images"
+        raise StageError(f"{path}: {what}; rerun `dvc repro metrics`")
+    return table.set_index(table["index"].rename(None))  # rows by eval index; the column stays
+
+
+def direction(higher_is_better: bool) -> str:
+    return "higher is better" if higher_is_better else "lower is better"
+
+
+def save_figure(fig: Figure, target: str | Path | io.BytesIO) -> None:
+    # No Software/date metadata: the same figure gives the same bytes, run after run.
+    fig.savefig(target, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    save_figure(fig, buffer)
+    return buffer.getvalue()

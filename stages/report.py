@@ -1,0 +1,202 @@
+"""report: one self-contained HTML page with everything a reader needs, the file to hand on.
+
+    python -m stages.report
+
+`paths.report` holds the headline table (each variant with its 95% interval, and the paired
+LoRA-minus-baseline deltas), the warnings behind the numbers, the charts, the loss curve, the
+qualitative grid, the edge overlays, the worst and best samples, the params that made the run,
+the metric backbones and n. Images are embedded as data URIs: it opens offline, from anywhere,
+and the same inputs give the same bytes.
+"""
+
+import base64
+import dataclasses
+import html
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from stages.common import dataset
+from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.figures import HEADLINE, HEADLINE_KEYS, direction, png_bytes, read_results, read_scores
+from stages.common.io import atomic_file
+from stages.common.params import load_params
+
+# The params sections shown on the page: dvc.yaml lists the same ones, so editing any reruns it.
+SECTIONS = ("models", "extract", "canny", "train", "generate", "metrics", "plots")
+CASES = 5  # rows in each of the worst and best tables
+PAIRED = ("lpips", "clip_score", "edge_f1", "edge_precision", "edge_recall")
+DETAIL_KEYS = (["n", "warnings", "backbones"]
+               + [f"settings.{k}" for k in ("bootstrap_resamples", "fid_bootstrap_resamples", "seed",
+                                            "edge_tolerance_px", "tf32", "device")]
+               + [f"{v}.kid.{k}" for v in dataset.VARIANTS for k in ("subset_size", "subsets")]
+               + [f"{v}.{name}.{k}" for v in dataset.VARIANTS for name in ("edge_precision", "edge_recall")
+                  for k in ("mean", "ci95_low", "ci95_high")]
+               + [f"lora_minus_baseline.{name}.{k}" for name in PAIRED for k in ("mean", "lora_better", "lora_worse")])
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.8em; text-align: right; vertical-align: top; }
+th:first-child, td:first-child, .text { text-align: left; }
+.ci { color: #666; font-size: 0.85em; }
+.better { color: #2ca02c; font-weight: 600; } .worse { color: #d62728; font-weight: 600; }
+.warn { background: #fff6db; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; margin: 0.3em 0; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 13px; }
+"""
+
+
+def require(path: str, stage: str) -> Path:
+    if not Path(path).is_file():
+        raise StageError(f"{path}: not found; run `dvc repro {stage}`")
+    return Path(path)
+
+
+def number(value, key: str) -> str:
+    """A value shown with 4 significant digits; data-value keeps every digit for checking."""
+    if value is None:
+        return "<span>n/a</span>"
+    return f'<span data-key="{key}" data-value="{value!r}">{value:.4g}</span>'
+
+
+def cell(metrics: dict, block: str, key: str) -> str:
+    m = metrics[block]
+    low, high = f"{key}_ci95_low", f"{key}_ci95_high"
+    return (f"<td>{number(m[key], f'{block}.{key}')}<br><span class=ci>[{number(m[low], f'{block}.{low}')}, "
+            f"{number(m[high], f'{block}.{high}')}]</span></td>")
+
+
+def verdict(delta: dict, key: str, higher: bool) -> str:
+    low, high = delta[f"{key}_ci95_low"], delta[f"{key}_ci95_high"]
+    if low is None:
+        return "<td>no interval</td>"
+    if low <= 0 <= high:
+        return "<td>no clear difference</td>"
+    better = (low > 0) == higher
+    return f"<td class={'better' if better else 'worse'}>LoRA clearly {'better' if better else 'worse'}</td>"
+
+
+def shares(delta: dict, key: str) -> str:
+    """The share of pairs LoRA wins, and of those it loses; the rest are ties."""
+    if f"{key}_lora_better" not in delta:
+        return "<td>set-level</td>"
+    cells = [f'<span data-key="lora_minus_baseline.{key}_lora_{side}" data-value="{delta[f"{key}_lora_{side}"]!r}">'
+             f'{100 * delta[f"{key}_lora_{side}"]:.0f}%</span>' for side in ("better", "worse")]
+    return f"<td>{cells[0]} / {cells[1]}</td>"
+
+
+def headline_table(metrics: dict) -> str:
+    delta = metrics["lora_minus_baseline"]
+    rows = []
+    for key, label, higher in HEADLINE:
+        share_cell = shares(delta, key)
+        rows.append(f"<tr><th>{label} <span class=ci>({direction(higher)})</span></th>"
+                    f"{cell(metrics, 'baseline', key)}{cell(metrics, 'lora', key)}"
+                    f"{cell(metrics, 'lora_minus_baseline', key)}{share_cell}{verdict(delta, key, higher)}</tr>")
+    return ("<table id=headline><tr><th>metric</th><th>baseline</th><th>LoRA</th><th>LoRA − baseline (paired)</th>"
+            "<th>pairs LoRA wins / loses</th><th></th></tr>" + "".join(rows) + "</table>")
+
+
+def cases_table(table: pd.DataFrame, ascending: bool) -> str:
+    rows = table.sort_values(["lpips_delta", "index"], ascending=[ascending, True]).head(CASES)  # ties: by index
+    body = "".join(
+        f"<tr><td>#{r['index']}</td><td class=text>{html.escape(str(r['prompt']))}</td>"
+        f"<td>{r['lpips_baseline']:.4f}</td><td>{r['lpips_lora']:.4f}</td><td>{r['lpips_delta']:+.4f}</td>"
+        f"<td>{r['edge_f1_baseline']:.3f}</td><td>{r['edge_f1_lora']:.3f}</td><td>{r['clip_score_delta']:+.4f}</td></tr>"
+        for _, r in rows.iterrows())
+    return ("<table><tr><th>sample</th><th class=text>prompt</th><th>LPIPS baseline</th><th>LPIPS LoRA</th><th>Δ LPIPS</th>"
+            "<th>edge F1 baseline</th><th>edge F1 LoRA</th><th>Δ CLIP</th></tr>" + body + "</table>")
+
+
+def figure(title: str, png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<h3>{html.escape(title)}</h3>\n<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def loss_figure(loss_log: Path) -> Figure:
+    log_table = pd.read_csv(loss_log)
+    fig = Figure(figsize=(7.5, 3.2))
+    ax = fig.subplots()
+    ax.plot(log_table["step"], log_table["loss"], color="#1f77b4", linewidth=1)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list[str]) -> str:
+    backbones = ", ".join(f"{k}: {html.escape(v)}" for k, v in detail["backbones"].items())
+    warnings = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in detail["warnings"])
+    settings = detail["settings"]
+    resolved = {s: dataclasses.asdict(getattr(params, s)) for s in SECTIONS}
+    edge_rows = "".join(
+        f"<tr><th>{name.replace('_', ' ')}</th>"
+        + "".join(f"<td>{detail[v][name]['mean']:.4g} <span class=ci>[{detail[v][name]['ci95_low']:.4g}, "
+                  f"{detail[v][name]['ci95_high']:.4g}]</span></td>" for v in dataset.VARIANTS)
+        + f"<td>{detail['lora_minus_baseline'][name]['mean']:+.4g}</td></tr>"
+        for name in ("edge_precision", "edge_recall"))
+    kid = detail["baseline"]["kid"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation report: baseline vs LoRA</title>
+<style>{STYLE}</style></head><body>
+<h1>Canny ControlNet: baseline vs LoRA</h1>
+<p>n = <span id=n data-value="{metrics['n']}">{metrics['n']}</span> eval images, each generated by both variants
+with the same edge map, prompt and seed. Backbones: {backbones}.</p>
+<h2>Headline</h2>
+{headline_table(metrics)}
+<p class=ci>Means: Student-t 95% intervals. FID, KID and every delta: a paired bootstrap over eval images
+({settings['bootstrap_resamples']} resamples, FID {settings['fid_bootstrap_resamples']}, seed {settings['seed']});
+FID's interval is the bootstrap's spread centred on the estimate (resampling repeats images, which pushes FID
+up; conservative). Wins / loses: the shares of pairs where LoRA is strictly better / worse; the rest tie. Edge F1: canny edges of each generated image vs its input edge map,
+within {settings['edge_tolerance_px']:g} px. KID: subsets of {kid['subset_size']} images, {kid['subsets']} of them.
+TF32: {'on' if settings['tf32'] else 'off'}; metrics device: {settings['device']}.</p>
+{warnings}
+<h2>Controllability</h2>
+<table><tr><th></th><th>baseline</th><th>LoRA</th><th>LoRA − baseline</th></tr>{edge_rows}</table>
+<h2>Charts</h2>
+{figures[0]}
+{figures[1]}
+{figures[2]}
+<h2>Samples</h2>
+{figures[3]}
+{figures[4]}
+<h2>Where LoRA did worst (by paired LPIPS)</h2>
+{cases_table(table, ascending=False)}
+<h2>Where LoRA did best</h2>
+{cases_table(table, ascending=True)}
+<h2>The params that made this run</h2>
+<pre>{html.escape(yaml.safe_dump(resolved, sort_keys=False))}</pre>
+</body></html>
+"""
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    paths = params.paths
+    metrics = read_results(paths.metrics, HEADLINE_KEYS)
+    detail = read_results(paths.metrics_detail, DETAIL_KEYS)
+    table = read_scores(paths.per_sample)
+    if not metrics["n"] == detail["n"] == len(table):
+        raise StageError(f"{paths.metrics}, {paths.metrics_detail} and {paths.per_sample} disagree on n; "
+                         "rerun `dvc repro metrics`")
+    charts = [("Headline metrics", paths.metrics_chart, "baseline vs LoRA with 95% intervals"),
+              ("Paired deltas", paths.deltas_chart, "LoRA minus baseline with 95% intervals"),
+              ("Training loss", None, "training loss per optimiser step"),
+              ("Samples: seeded choice, then LoRA's best and worst", paths.samples_grid,
+               "ground truth, edges, baseline, LoRA"),
+              ("Edge overlays", paths.edge_overlays, "input edges and generated edges")]
+    figures = [figure(title, png_bytes(loss_figure(require(paths.loss_log, "train-lora"))) if path is None
+                      else require(path, "plots").read_bytes(), alt) for title, path, alt in charts]
+    with atomic_file(paths.report) as tmp:
+        Path(tmp).write_text(page(params, metrics, detail, table, figures), encoding="utf-8")
+    log.info("report: wrote %s (%.1f MB, self-contained; open it in any browser)", paths.report,
+             Path(paths.report).stat().st_size / 1e6)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,124 @@
+"""report: one self-contained page whose numbers are metrics.json's, checked by parsing the HTML
+(fast, always) and in headless Chromium (every image loaded, the numbers as rendered)."""
+
+from __future__ import annotations
+
+import base64
+import html.parser
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages import report
+from stages.common.io import read_json
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
+
+
+class Page(html.parser.HTMLParser):
+    """What the checks need from the page: image sources, every data-key's value, other links."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.images, self.values, self.links, self.pre, self._in_pre = [], {}, [], "", False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif attrs.get("data-key"):
+            self.values[attrs["data-key"]] = float(attrs["data-value"])
+        elif attrs.get("id") == "n":
+            self.values["n"] = float(attrs["data-value"])
+        self.links += [attrs[k] for k in ("href", "src") if k in attrs and tag != "img"]
+        self._in_pre = tag == "pre"
+
+    def handle_data(self, data):
+        if self._in_pre:
+            self.pre += data
+
+    def handle_endtag(self, tag):
+        self._in_pre = False
+
+
+def flat(metrics: dict) -> dict[str, float]:
+    return {f"{block}.{k}": v for block, values in metrics.items() if isinstance(values, dict)
+            for k, v in values.items()}
+
+
+def test_report_is_self_contained_and_shows_metrics_json(finished_project):
+    p = finished_project
+    p.path("report").unlink()
+    p.run("report")
+    page = Page(p.path("report").read_text(encoding="utf-8"))
+    assert len(page.images) == 5 and page.links == [], "charts, loss curve, grid, overlays; nothing fetched"
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+            assert image.format == "PNG" and image.width > 200
+    metrics = read_json(p.path("metrics"))
+    shown = flat(metrics)
+    assert page.values.pop("n") == metrics["n"]
+    assert page.values, "the headline numbers carry their exact values"
+    for key, value in page.values.items():
+        assert value == shown[key], key  # repr round-trips: exactly metrics.json's float
+    for block in ("baseline", "lora", "lora_minus_baseline"):
+        for name in ("fid", "kid", "lpips", "clip_score", "edge_f1"):
+            assert f"{block}.{name}" in page.values
+    printed = yaml.safe_load(page.pre)
+    assert list(printed) == list(report.SECTIONS)
+    assert printed["train"]["max_steps"] == p.params["train"]["max_steps"]
+
+
+def test_same_inputs_same_page(finished_project):
+    p = finished_project
+    first = p.path("report").read_bytes()
+    p.run("report")
+    assert p.path("report").read_bytes() == first
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(finished_project, tmp_path):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        missing = "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+        pytest.fail(missing) if os.environ.get("FASHION_REQUIRE_BROWSER") else pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    p = finished_project
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # As root in a container, with no network: no sandbox, no background fetches.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(p.path("report").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+        assert len(images) == 5 and all(done and width > 0 for done, width, _ in images), images
+        rendered = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#headline [data-key]'))"
+            ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")
+        shown = flat(read_json(p.path("metrics")))
+        for key, value, text in rendered:
+            assert float(value) == shown[key] and text.strip(), key
+            if not key.endswith(("_lora_better", "_lora_worse")):  # shown as percentages
+                assert float(text) == pytest.approx(shown[key], rel=5e-4), (key, text)
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1280, height)
+        screenshot = os.environ.get("FASHION_REPORT_SCREENSHOT", str(tmp_path / "report.png"))
+        assert driver.save_screenshot(screenshot)
+    finally:
+        driver.quit()
+    with Image.open(screenshot) as shot:
+        assert shot.width >= 1200 and shot.height > 2000
+        assert np.asarray(shot.convert("L")).std() > 20, "the page is not blank"
