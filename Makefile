@@ -2,6 +2,7 @@
 # make test   install the test and s3 extras into the same .venv and run the test suite
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
+# make bundle  one zip of the finished run (paths.bundle): report, metrics, LoRA weights, params, dvc.lock
 #
 # Plain pip on purpose: uv and poetry ignore a machine's local torch wheels and download
 # several GB of CUDA torch.
@@ -12,7 +13,7 @@ BIN    := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fullsize bench-extract install
+.PHONY: demo test test-fullsize bench-extract bundle install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +35,18 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/dvc repro
 	@echo
-	$(BIN)/dvc metrics show
+	$(BIN)/dvc metrics show --json | $(BIN)/python -m json.tool
+	@echo
+	@$(BIN)/python -c "from stages.common.params import load_params; print('report:', load_params().paths.report)"
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 test-fullsize: $(VENV)/.installed-fullsize
 	$(BIN)/python -m pytest -m fullsize -s tests/test_full_size.py
+
+bundle: $(VENV)/.installed
+	$(BIN)/fashion-bundle
 
 bench-extract: $(VENV)/.installed
 	$(BIN)/python -m bench.extract

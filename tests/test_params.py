@@ -35,6 +35,11 @@ def test_committed_params_load_with_types():
     ("models.base_revision", "", "models.base_revision: must not be empty; use main"),
     ("models.local", "/data/sd15", "models.local: expected a mapping"),
     ("models.local.unet", "/data/unet", "models.local.unet: unknown key; known keys: base, controlnet"),
+    ("metrics.bootstrap_resamples", 10, "metrics.bootstrap_resamples: must be at least 100"),
+    ("metrics.fid_bootstrap_resamples", 5, "metrics.fid_bootstrap_resamples: must be 0 (no FID interval) or at least 20"),
+    ("metrics.edge_tolerance", -1, "metrics.edge_tolerance: must be >= 0 pixels"),
+    ("metrics.tf32", "yes", "metrics.tf32: expected true or false"),
+    ("plots.extreme_samples", -1, "plots.extreme_samples: must be >= 0"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     data = repo_params()
@@ -117,7 +122,8 @@ def test_dvc_yaml_names_only_existing_params_and_paths():
 STAGE_SECTIONS = {"demo-data": ["demo"], "fetch-models": ["models"], "extract": ["extract"], "canny-edges": ["canny"],
                   "train-lora": ["train"], "generate-baseline": ["generate"], "generate-lora": ["generate"],
                   "metrics": ["metrics"], "plots": ["plots"]}
-EXTRA = {"train-lora": {"extract.resolution"}}
+CANNY = {"canny.low_threshold", "canny.high_threshold"}  # metrics and plots redraw generated images' edges
+EXTRA = {"train-lora": {"extract.resolution"}, "metrics": CANNY, "plots": CANNY}
 NOT_A_PARAM = {"extract.h5",  # a dep (interpolated path), not a param
                "generate.lora_scale@generate-baseline"}
 
@@ -129,6 +135,13 @@ def test_each_stage_lists_exactly_the_params_it_uses():
         expected = {f"{s}.{k}" for s in sections for k in what_keys(getattr(params, s))} | EXTRA.get(name, set())
         expected = {k for k in expected if k not in NOT_A_PARAM and f"{k}@{name}" not in NOT_A_PARAM}
         assert set(dvc["stages"][name]["params"]) == expected, name
+
+
+def test_report_reruns_on_every_section_it_prints():
+    from stages import report
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert dvc["stages"]["report"]["params"] == list(report.SECTIONS)
 
 
 NO_OUTPUT_EFFECT = {"stages/common/cli.py", "stages/common/params.py", "stages/common/__init__.py"}

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from tests.conftest import REPO, SMALL, set_dotted
 
 ALL_STAGES = ["demo-data", "fetch-models", "extract", "canny-edges", "train-lora", "generate-baseline",
-              "generate-lora", "metrics", "plots"]
+              "generate-lora", "metrics", "plots", "report"]
 
 
 def copy_repo(target: Path) -> None:
@@ -63,17 +64,23 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     p = params["paths"]
     for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
                 "split_summary", "edges", "lora",
-                "loss_log", "generated_baseline", "generated_lora", "metrics", "per_sample", "samples_grid",
-                "loss_curve"):
+                "loss_log", "generated_baseline", "generated_lora", "metrics", "metrics_detail", "per_sample",
+                "samples_grid", "metrics_chart", "deltas_chart", "edge_overlays", "loss_curve", "report"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / p["generated_lora"]).glob("*.png"))) == SMALL["extract.eval_products"]
 
     assert reproduce(tmp_path) == [], "a second repro runs nothing"
+    bundler = str(Path(sys.executable).parent / "fashion-bundle")
+    assert "bundle: wrote dist/results.zip" in run_ok([bundler])
+    assert zipfile.ZipFile(tmp_path / p["bundle"]).read("dvc.lock") == (tmp_path / "dvc.lock").read_bytes()
 
     params["generate"]["steps"] = SMALL["generate.steps"] + 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert sorted(reproduce(tmp_path)) == sorted(["generate-baseline", "generate-lora", "metrics", "plots"])
+    stale = subprocess.run([bundler], capture_output=True, text=True)
+    assert stale.returncode == 1 and stale.stderr.strip().splitlines()[-1].startswith(
+        "error: dvc status: generate-baseline, generate-lora"), stale.stderr
+    assert sorted(reproduce(tmp_path)) == sorted(["generate-baseline", "generate-lora", "metrics", "plots", "report"])
 
     shows = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True, check=True).stdout
     assert '"fid"' in shows and '"lora"' in shows
@@ -99,10 +106,10 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     for done in (run_ok([str(Path(sys.executable).parent / "fashion-exp"), "demo", "-S", "generate.steps=5"]),
                  dvc("exp", "run", "-n", "steps-6", "-S", "generate.steps=6")):
         assert "Running stage 'train-lora'" not in done and "Running stage 'generate-lora'" in done, done
-    shown = dvc("exp", "show", "--only-changed", "--no-pager")
+    shown = dvc("exp", "show", "--only-changed", "--csv")  # every interval is a column: too wide for 80 columns
     assert "demo" in shown and "steps-6" in shown, "each experiment named after what made it"
     diff = dvc("metrics", "diff", "demo", "steps-6")
-    assert "lora.fid" in diff and "clip_score_ci95" not in diff, "headline numbers only"
+    assert "lora.fid" in diff and "lora_minus_baseline.lpips_ci95_low" in diff, "intervals and paired deltas"
     assert max(map(len, diff.splitlines())) <= 100, "fits a terminal"
     dvc("plots", "diff", "demo", "steps-6", "-o", str(tmp_path / "plots_diff"))
     assert (tmp_path / "plots_diff" / "index.html").is_file()

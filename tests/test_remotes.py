@@ -19,7 +19,7 @@ from tests.test_pipeline_e2e import copy_small_repo, stage_env
 
 pytestmark = pytest.mark.slow
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-CHEAP = ["generate-baseline", "generate-lora", "metrics", "plots"]  # what a generate param touches
+CHEAP = ["generate-baseline", "generate-lora", "metrics", "plots", "report"]  # what a generate param touches
 
 
 def run(*args, cwd, env=None) -> str:

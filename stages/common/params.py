@@ -59,11 +59,20 @@ class Paths:
                        "rerun resumes; not a DVC output (git- and DVC-ignored), removed by each stage on success")
     generated_baseline: str = _doc("images from the ControlNet without LoRA")
     generated_lora: str = _doc("images from the ControlNet with the trained LoRA")
-    metrics: str = _doc("headline metrics: FID, KID, LPIPS, CLIP score per variant (a DVC metric, in git)")
-    metrics_detail: str = _doc("n, 95% CIs, KID's spread and the backbones' names behind the headline (in git)")
-    per_sample: str = _doc("per-image LPIPS / CLIP table (git-tracked)")
-    samples_grid: str = _doc("qualitative grid PNG: edges | ground truth | baseline | LoRA (DVC-cached, about 1 MB)")
+    metrics: str = _doc("headline metrics per variant with 95% CIs, and LoRA-minus-baseline paired deltas "
+                        "(a DVC metric, in git)")
+    metrics_detail: str = _doc("edge precision and recall, KID's effective subsets, warnings, settings and the "
+                               "backbones' names behind the headline (in git)")
+    per_sample: str = _doc("per-image table: LPIPS, raw and clipped CLIP cosine, edge precision/recall/F1, deltas "
+                           "(in git)")
+    samples_grid: str = _doc("qualitative grid PNG: ground truth | edges | baseline | LoRA with prompt and scores; "
+                             "seeded rows plus the best and worst by paired LPIPS (DVC-cached)")
+    metrics_chart: str = _doc("bar chart: baseline vs LoRA with 95% CIs, one panel per metric (DVC-cached)")
+    deltas_chart: str = _doc("chart of the paired deltas, LoRA minus baseline, with 95% CIs (DVC-cached)")
+    edge_overlays: str = _doc("input edges and generated edges in two colours on one image (DVC-cached)")
     loss_curve: str = _doc("the loss log as a DVC plot (`dvc plots show`); in git, so `dvc plots diff` needs no cache")
+    report: str = _doc("one self-contained HTML page (numbers, charts, grids, params): the file to hand on")
+    bundle: str = _doc("zip written by `make bundle`: report, metrics, LoRA weights, resolved params, dvc.lock")
 
 
 @dataclass(frozen=True)
@@ -219,22 +228,37 @@ class Generate:
 @dataclass(frozen=True)
 class Metrics:
     batch_size: int = _doc("images per feature-extractor batch", how=True)
-    kid_subsets: int = _doc("KID subsets (clean-fid's default is 100)")
+    kid_subsets: int = _doc("KID subsets (clean-fid's default is 100); one when subsets cover the whole set")
     kid_subset_size: int = _doc("max images per KID subset (clean-fid's default is 1000)")
-    seed: int = _doc("seed for KID subset sampling")
+    bootstrap_resamples: int = _doc("bootstrap resamples of the eval pairs for KID and every paired delta")
+    fid_bootstrap_resamples: int = _doc("bootstrap resamples for FID's intervals, each two covariances: about "
+                                        "1.2 s per resample on a CPU at 3000 images; 0 reports no FID interval")
+    edge_tolerance: float = _doc("edge fidelity: pixels an edge may move and still count as kept")
+    tf32: bool = _doc("let CUDA backbones use TF32 (faster, but GPU and CPU numbers then differ by ~1e-3)")
+    seed: int = _doc("seed for KID subsets and the bootstrap")
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "metrics.batch_size", "must be at least 1")
         _check(self.kid_subsets >= 1, "metrics.kid_subsets", "must be at least 1")
         _check(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be at least 2")
+        _check(self.bootstrap_resamples >= 100, "metrics.bootstrap_resamples",
+               "must be at least 100 (1000 or more for 95% intervals)")
+        _check(self.fid_bootstrap_resamples == 0 or self.fid_bootstrap_resamples >= 20,
+               "metrics.fid_bootstrap_resamples", "must be 0 (no FID interval) or at least 20")
+        _check(self.edge_tolerance >= 0, "metrics.edge_tolerance", "must be >= 0 pixels")
 
 
 @dataclass(frozen=True)
 class Plots:
-    grid_samples: int = _doc("eval samples (rows) in the qualitative grid")
+    grid_samples: int = _doc("seeded random eval samples (rows) in the qualitative grid")
+    extreme_samples: int = _doc("grid rows added for the best and for the worst samples by paired LPIPS delta")
+    overlay_samples: int = _doc("samples in the edge-overlay figure")
+    seed: int = _doc("seed for the grid's and overlays' sample choice")
 
     def __post_init__(self):
         _check(self.grid_samples >= 1, "plots.grid_samples", "must be at least 1")
+        _check(self.extreme_samples >= 0, "plots.extreme_samples", "must be >= 0")
+        _check(self.overlay_samples >= 1, "plots.overlay_samples", "must be at least 1")
 
 
 @dataclass(frozen=True)

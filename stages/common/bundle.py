@@ -1,0 +1,90 @@
+"""One zip with everything needed to read, check and reuse a finished run.
+
+    make bundle                      # or: fashion-bundle [--allow-stale]
+
+Writes `paths.bundle` with the report page, metrics.json, metrics_detail.json, per_sample.csv,
+the LoRA folder (weights and training config), the resolved params (every section, as the stages
+read them) and dvc.lock, which pins every input and output by hash. It refuses while `dvc status`
+says a stage is out of date, since the files would then come from different runs;
+`--allow-stale` packs them anyway. The same files give the same zip, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.io import atomic_file, public_path
+from stages.common.models import LORA_WEIGHTS
+from stages.common.params import load_params
+
+LOCK_FILE = Path("dvc.lock")
+RESOLVED_PARAMS = "params.resolved.yaml"
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: entries carry no build time
+
+
+def members(paths) -> list[Path]:
+    """The files to pack, each checked to exist (with the stage that makes it)."""
+    wanted = [(paths.report, "report"), (paths.metrics, "metrics"), (paths.metrics_detail, "metrics"),
+              (paths.per_sample, "metrics"), (Path(paths.lora) / LORA_WEIGHTS, "train-lora"), (LOCK_FILE, None)]
+    for path, stage in wanted:
+        if not Path(path).is_file():
+            raise StageError(f"{path}: not found; " + (f"run `dvc repro {stage}`" if stage else "run `dvc repro`"))
+    lora = sorted(p for p in Path(paths.lora).iterdir() if p.is_file())
+    return sorted({Path(p) for p, _ in wanted} | set(lora))
+
+
+def check_up_to_date() -> None:
+    # this interpreter's dvc: the console script may run without the venv's bin on PATH
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StageError(f"dvc status failed ({last}); run it here to see why, or pass --allow-stale")
+    stale = [name.split(":")[-1] for name in yaml.safe_load(done.stdout or "{}") or {}]
+    if stale:
+        raise StageError(f"dvc status: {', '.join(stale)} not up to date, so the bundle would mix runs; run "
+                         "`dvc repro` first, or pass --allow-stale")
+
+
+def write_zip(target: Path, files: list[Path], resolved: str) -> None:
+    def add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+        info = zipfile.ZipInfo(name, _EPOCH)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = 0o644 << 16
+        archive.writestr(info, data)
+
+    with atomic_file(target) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for path in files:
+            add(archive, path.as_posix(), path.read_bytes())
+        add(archive, RESOLVED_PARAMS, resolved.encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in args if a != "--allow-stale"]
+    if unknown:
+        raise StageError(f"fashion-bundle: unknown argument {unknown[0]!r}; the only option is --allow-stale")
+    params = load_params()
+    files = members(params.paths)
+    if "--allow-stale" not in args:
+        check_up_to_date()
+    resolved = yaml.safe_dump(dataclasses.asdict(params), sort_keys=False)
+    target = Path(params.paths.bundle)
+    write_zip(target, files, resolved)
+    log.info("bundle: wrote %s (%d files, %.1f MB)", public_path(str(target)), len(files) + 1,
+             target.stat().st_size / 1e6)
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
