@@ -12,12 +12,14 @@ LoRA (diffusers #12689).
 Every random draw is a function of (train.seed, sample or step number), so a run resumed from a
 checkpoint continues exactly as if it had never stopped. Checkpoints are resume state, kept under
 `paths.resume` (not a DVC output, so DVC's run-cache can restore this stage's outputs) and
-deleted once the run has finished. Writes
-pytorch_lora_weights.safetensors (diffusers key names) and training_config.json to `paths.lora`,
-and one loss row per optimiser step to `paths.loss_log`.
+deleted once the run has finished. Writes to `paths.lora` pytorch_lora_weights.safetensors
+(diffusers key names, the adapter config with its alpha in the metadata), the same weights as
+fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; and one loss row per
+optimiser step to `paths.loss_log`.
 """
 
 import csv
+import json
 import math
 import pickle
 import shutil
@@ -29,10 +31,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import save_file
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -40,6 +44,7 @@ from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps, resize_shorter_side, source_files,
                               write_json)
+from stages.common.lora_formats import KOHYA_FILE, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
 from stages.common.params import as_dict, load_params, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
@@ -200,8 +205,25 @@ def main() -> None:
 
     with atomic_dir(paths.lora) as out:
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS,
-                                                  safe_serialization=True)
+        # The adapter config (rank, alpha, target modules) goes into the file's metadata where
+        # diffusers' loaders look for it: without it every loader assumes alpha = rank, and a LoRA
+        # trained with alpha != rank comes back scaled by rank / alpha. Beside it, what made it.
+        # Only the fields that define the adapter: diffusers rebuilds LoraConfig(**metadata), and a
+        # field an older peft does not know would make the file unloadable there.
+        config = m.unet.peft_config["default"]
+        adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+                   "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+                   "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights}
+        metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
+                        {f"unet.{k}": v for k, v in adapter.items()}, sort_keys=True),  # keyed as diffusers packs it
+                    "fashion.train": json.dumps(as_dict(cfg), sort_keys=True),
+                    "fashion.resolution": str(params.extract.resolution), "fashion.fingerprint": expected}
+        StableDiffusionPipeline.save_lora_weights(
+            out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
+            save_function=lambda weights, filename: save_file(weights, filename, metadata=metadata))
+        # The same weights for A1111, ComfyUI and kohya's tools
+        save_file(to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha), out / KOHYA_FILE,
+                  metadata=kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, expected))
         write_json(out / "training_config.json", {
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),

@@ -1,16 +1,19 @@
 """train-lora: diffusers-format output, a loss log, exact resume, real clipping."""
 
+import json
 import logging
 
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stages import train_lora
 from stages.common import dataset, runtime
 from stages.common.cli import StageError
 from stages.common.io import read_json
+from stages.common.lora_formats import KOHYA_FILE
 from stages.common.models import LORA_WEIGHTS
 
 
@@ -128,3 +131,51 @@ def test_auto_precision_picks_fp16_on_a_t4(monkeypatch, capability, expected):
     assert runtime.training_dtype("auto", torch.device("cpu")) == torch.float32
     with pytest.raises(StageError, match="train.mixed_precision: fp16 needs a CUDA device"):
         runtime.training_dtype("fp16", torch.device("cpu"))
+
+
+def test_alpha_other_than_rank_survives_the_round_trip(trained_project):
+    """Trained with alpha = 2 x rank: the public `load_lora_weights` (on the diffusers file and on the
+    kohya export) and the project's own loader must all give the UNet that training had in memory
+    (its weights under the training config), not one scaled by rank / alpha."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from stages.common.models import load_controlnet_pipeline
+
+    p = trained_project
+    rank = p.params["train"]["rank"]
+    p.run("train_lora", train__alpha=2 * rank, train__max_steps=2)
+    paths = p.typed().paths
+    cfg = p.typed().train
+
+    trained = UNet2DConditionModel.from_pretrained(paths.base_model, subfolder="unet")
+    trained.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                   target_modules=cfg.target_modules))
+    state = {k.removeprefix("unet."): v for k, v in lora_weights(p).items()}
+    assert not set_peft_model_state_dict(trained, convert_unet_state_dict_to_peft(state)).unexpected_keys
+
+    public = StableDiffusionPipeline.from_pretrained(paths.base_model, safety_checker=None,
+                                                     requires_safety_checker=False)
+    public.load_lora_weights(paths.lora, weight_name=LORA_WEIGHTS)
+    ours = load_controlnet_pipeline(paths.base_model, paths.controlnet, "unipc", torch.float32, torch.device("cpu"),
+                                    lora=paths.lora)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, trained.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        expected = trained(sample, 10, text).sample
+        base = UNet2DConditionModel.from_pretrained(paths.base_model, subfolder="unet")(sample, 10, text).sample
+    assert (expected - base).abs().max() > 1e-4, "the LoRA changes the output"
+    webui = StableDiffusionPipeline.from_pretrained(paths.base_model, safety_checker=None,
+                                                    requires_safety_checker=False)
+    webui.load_lora_weights(paths.lora, weight_name=KOHYA_FILE)  # diffusers' own kohya converter
+    with torch.no_grad():
+        for unet in (public.unet, ours.unet, webui.unet):
+            torch.testing.assert_close(unet(sample, 10, text).sample, expected, rtol=0, atol=1e-6)
+    with safe_open(p.path("lora") / LORA_WEIGHTS, "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["lora_adapter_metadata"])["unet.lora_alpha"] == 2 * rank
+    assert json.loads(metadata["fashion.train"])["alpha"] == 2 * rank
+    assert metadata["fashion.fingerprint"] == read_json(p.path("lora") / "training_config.json")["fingerprint"]

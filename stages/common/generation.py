@@ -90,22 +90,29 @@ def run(variant: str) -> None:
              len(todo), len(configs) - len(todo))
 
 
+def draw(pipe, edges: list[Image.Image], prompts: list[str], seeds: list[int], cfg, dev,
+         lora_scale: float | None = None) -> list[Image.Image]:
+    """One pipeline call: image i from edge map i, prompt i and its own generator seeded with
+    seeds[i], so an image does not depend on what else is in the batch. `lora_scale` for a
+    pipeline with the LoRA loaded; the generate stages and `fashion-generate` both draw here."""
+    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
+    return pipe(
+        prompt=prompts, negative_prompt=[cfg.negative_prompt] * len(prompts) if cfg.negative_prompt else None,
+        image=edges, height=edges[0].height, width=edges[0].width,
+        num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+        controlnet_conditioning_scale=cfg.controlnet_scale,
+        generator=[torch.Generator(dev).manual_seed(seed) for seed in seeds], **extra,
+    ).images
+
+
 def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> None:
     """Draw `todo` in batches, each image with its own seeded generator, into `work`."""
-    extra = {"cross_attention_kwargs": {"scale": cfg.lora_scale}} if variant == "lora" else {}
     started = time.perf_counter()
     for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate-{variant}", unit="batch"):
         batch = todo[start:start + cfg.batch_size]
         edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]
-        images = pipe(
-            prompt=[c["prompt"] for c in batch],
-            negative_prompt=[cfg.negative_prompt] * len(batch) if cfg.negative_prompt else None,
-            image=edges, height=edges[0].height, width=edges[0].width,
-            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-            controlnet_conditioning_scale=cfg.controlnet_scale,
-            generator=[torch.Generator(dev).manual_seed(cfg.seed + c["index"]) for c in batch],
-            **extra,
-        ).images
+        images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch], cfg, dev,
+                      cfg.lora_scale if variant == "lora" else None)
         for config, image in zip(batch, images, strict=True):
             save_png(work / index_name(config["index"]), image)
     rate = len(todo) / (time.perf_counter() - started)

@@ -1,0 +1,52 @@
+"""lora_formats: the kohya/webui export round-trips exactly and names SD 1.5's modules as the
+LoRA tools do."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from stages.common.lora_formats import KOHYA_FILE, from_kohya, to_kohya
+from stages.common.models import LORA_WEIGHTS
+from tests.conftest import REPO
+
+REFERENCE = REPO / "tests" / "fixtures" / "sd15_unet_kohya_lora_modules.txt"
+
+
+def reference_modules() -> set[str]:
+    return {line for line in REFERENCE.read_text().splitlines() if line and not line.startswith("#")}
+
+
+def test_kohya_export_round_trips_exactly(trained_project):
+    p = trained_project
+    rank = p.params["train"]["rank"]
+    p.run("train_lora", train__alpha=2 * rank, train__max_steps=2)
+    diffusers_state = load_file(p.path("lora") / LORA_WEIGHTS)
+    kohya = load_file(p.path("lora") / KOHYA_FILE)
+    expected = to_kohya(diffusers_state, 2 * rank)
+    assert kohya.keys() == expected.keys() and all(torch.equal(kohya[k], v) for k, v in expected.items())
+    modules = sorted({k.removeprefix("unet.").rsplit(".lora.", 1)[0] for k in diffusers_state})
+    weights, alphas = from_kohya(kohya, modules)
+    assert weights.keys() == diffusers_state.keys()
+    assert all(torch.equal(weights[k], diffusers_state[k]) for k in weights), "bit-exact"
+    assert set(alphas.values()) == {2.0 * rank}
+    with safe_open(p.path("lora") / KOHYA_FILE, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == str(rank) and float(meta["ss_network_alpha"]) == 2 * rank
+    assert meta["ss_base_model_version"] == "sd_v1"
+
+
+def test_kohya_names_are_sd15s(trained_project):
+    """The tiny UNet keeps SD 1.5's module names, so its export must name exactly SD 1.5's 128
+    attention projections."""
+    kohya = load_file(trained_project.path("lora") / KOHYA_FILE)
+    names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in kohya}
+    assert names == reference_modules()
+    assert len(kohya) == 3 * 128  # down, up and alpha per module
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ValueError, match="not a diffusers UNet LoRA key"):
+        to_kohya({"text_encoder.x.lora.down.weight": torch.zeros(1)}, 4)
+    with pytest.raises(ValueError, match="not a kohya key of this UNet's modules"):
+        from_kohya({"lora_unet_nowhere.alpha": torch.tensor(4.0)}, ["down_blocks.0.attentions.0.proj_in"])

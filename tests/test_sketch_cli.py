@@ -1,0 +1,84 @@
+"""fashion-generate: new photos and sketches through the generate stages' own code."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.common import dataset
+from stages.common.cli import StageError
+from stages.common.io import load_rgb
+from stages.common.sketch_cli import main
+from tests.conftest import image_diff
+
+
+def test_a_photo_gives_what_the_generate_stages_gave(finished_project, caplog):
+    """An eval image as a 'new' photo, with its prompt and seed: the same edges, and the same
+    baseline and LoRA images as generate-baseline and generate-lora drew."""
+    caplog.set_level("INFO", logger="stages")
+    p = finished_project
+    paths = p.typed().paths
+    config = dataset.load_eval_configs(paths.eval_data)[1]
+    seed = p.params["generate"]["seed"] + config["index"]
+    main([str(dataset.gt_path(paths.eval_data, config["index"])), "--prompt", config["prompt"], "--seeds", str(seed),
+          "--out", "out"])
+    name = f"{config['index']:06d}"
+    assert np.array_equal(load_rgb(f"out/{name}-edges.png"), load_rgb(dataset.edge_path(paths.edges, config["index"])))
+    for variant in dataset.VARIANTS:
+        made = load_rgb(f"out/{name}-seed{seed}-{variant}.png")
+        staged = load_rgb(dataset.generated_path(paths, variant, config["index"]))
+        # the stage drew it in a batch of 4: batching is not bit-exact on CPU, so +-2 on uint8
+        assert image_diff(made, staged) <= 2, variant
+    assert "resized" not in caplog.text
+
+
+def test_a_sketch_of_another_size_is_resized_and_inverted(finished_project, caplog):
+    caplog.set_level("INFO", logger="stages")
+    p = finished_project
+    resolution = p.params["extract"]["resolution"]
+    sketch = np.full((90, 120, 3), 255, np.uint8)  # black lines on white, not square
+    sketch[20:70, 40] = sketch[20:70, 80] = sketch[20, 40:81] = 0
+    Image.fromarray(sketch).save("sketch.png")
+    main(["sketch.png", "--sketch", "--prompt", "Mini skirt in navy", "--count", "2", "--seed", "5", "--out", "out"])
+    assert "is 120x90; centre-cropped and resized to the model's" in caplog.text and "inverted" in caplog.text
+    edges = load_rgb("out/sketch-edges.png")
+    assert edges.shape == (resolution, resolution, 3) and edges.mean() < 127, "white lines on black"
+    for seed in (5, 6):
+        for variant in dataset.VARIANTS:
+            assert load_rgb(f"out/sketch-seed{seed}-{variant}.png").shape == (resolution, resolution, 3)
+    assert not np.array_equal(load_rgb("out/sketch-seed5-lora.png"), load_rgb("out/sketch-seed6-lora.png"))
+    with Image.open("out/sketch-side-by-side.png") as sheet:
+        assert sheet.size == (3 * resolution, 2 * resolution)
+
+
+def test_bad_inputs_are_one_line(finished_project, tmp_path):
+    p = finished_project
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(StageError, match=r"notes.png: not a readable image"):
+        main([str(tmp_path / "notes.png"), "--prompt", "Dress"])
+    with pytest.raises(StageError, match=r"--prompt: empty"):
+        main([str(tmp_path / "notes.png"), "--prompt", "  "])
+    gt = str(dataset.gt_path(p.typed().paths.eval_data, 0))
+    import shutil
+    shutil.rmtree(p.path("lora"))
+    with pytest.raises(StageError, match=r"models/lora: not found; run `make demo` \(tiny models\) or `dvc pull` first"):
+        main([gt, "--prompt", "Dress"])
+
+
+def test_a_transparent_sketch_is_drawn_on_white(finished_project):
+    rgba = np.zeros((64, 64, 4), np.uint8)  # transparent page, opaque black lines
+    rgba[10:50, 20, 3] = rgba[10:50, 44, 3] = 255
+    Image.fromarray(rgba, "RGBA").save("lines.png")
+    main(["lines.png", "--sketch", "--prompt", "Trousers", "--out", "out"])
+    edges = load_rgb("out/lines-edges.png")
+    assert edges[30, 20].min() == 255 and edges[30, 30].max() == 0, "the lines, white on black"
+
+
+def test_argument_mistakes_are_one_line(finished_project):
+    gt = str(dataset.gt_path(finished_project.typed().paths.eval_data, 0))
+    for argv, message in ((["--prompt", "x"], "the following arguments are required: input"),
+                          ([gt, "--prompt", "x", "--steps", "many"], "argument --steps: invalid int value"),
+                          ([gt, "--prompt", "x", "--seeds", "1", "--count", "2"], "--seeds and --count: give one"),
+                          ([gt, "--prompt", "x", "--low", "200", "--high", "100"], "need 0 <= low <= high"),
+                          (["missing.png", "--prompt", "x"], "missing.png: not found; give the path")):
+        with pytest.raises(StageError, match=message):
+            main(argv)
