@@ -100,10 +100,6 @@ def with_interval(name: str, value, low, high) -> dict:
     return {name: value, f"{name}_ci95_low": low, f"{name}_ci95_high": high}
 
 
-def mean_with_interval(name: str, values) -> dict:
-    return with_interval(name, *statistics.t_interval(values))
-
-
 def mean_interval(values) -> dict:
     mean, low, high = statistics.t_interval(values)
     return {"mean": mean, "ci95_low": low, "ci95_high": high}
@@ -184,7 +180,7 @@ def main() -> None:
                             **with_interval("kid", kid[variant]["kid"],
                                             *statistics.percentile_interval(kid_boot[variant]))}
         for name in ("lpips", "clip_score", "edge_f1"):
-            results[variant].update(mean_with_interval(name, table[f"{name}_{variant}"]))
+            results[variant].update(with_interval(name, *statistics.t_interval(table[f"{name}_{variant}"])))
         details[variant] = {"kid": {k: v for k, v in kid[variant].items() if k != "kid"},
                             **{name: mean_interval(table[f"{name}_{variant}"])
                                for name in ("edge_precision", "edge_recall", "clip_cosine")}}
@@ -207,7 +203,7 @@ def main() -> None:
                        f"{name}_lora_better": d["lora_better"], f"{name}_lora_worse": d["lora_worse"]})
     results["lora_minus_baseline"] = deltas
     details["lora_minus_baseline"] = paired  # every per-sample delta, with the shares LoRA wins and loses
-    details["ground_truth"] = mean_with_interval("clip_score", table["clip_score_ground_truth"])
+    details["ground_truth"] = with_interval("clip_score", *statistics.t_interval(table["clip_score_ground_truth"]))
     details["warnings"] = warnings_for(n, kid["baseline"], cfg)
     details["settings"] = {"confidence": statistics.CONFIDENCE, "means": "Student t",
                            "bootstrap": "paired over eval images; percentile intervals, FID's centred on the "

@@ -36,14 +36,13 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import save_file
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps, resize_shorter_side, source_files,
-                              write_json)
+from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps, resize_shorter_side,
+                              save_safetensors, source_files, write_json)
 from stages.common.lora_formats import KOHYA_FILE, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
 from stages.common.params import as_dict, load_params, what_keys
@@ -220,10 +219,10 @@ def main() -> None:
                     "fashion.resolution": str(params.extract.resolution), "fashion.fingerprint": expected}
         StableDiffusionPipeline.save_lora_weights(
             out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
-            save_function=lambda weights, filename: save_file(weights, filename, metadata=metadata))
+            save_function=lambda weights, filename: save_safetensors(filename, weights, metadata))
         # The same weights for A1111, ComfyUI and kohya's tools
-        save_file(to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha), out / KOHYA_FILE,
-                  metadata=kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, expected))
+        save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
+                         kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, expected))
         write_json(out / "training_config.json", {
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),

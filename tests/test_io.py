@@ -188,3 +188,22 @@ def test_damaged_json_and_images_are_one_line(tmp_path):
         check_images([good, tmp_path / "000002.png"], "canny-edges")
     with pytest.raises(StageError, match="000001.png: not a readable image"):
         load_rgb(bad)
+
+
+def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
+    """safetensors orders header metadata by a per-process random hash; ours sorts it. Each save
+    runs in its own interpreter, where the random order would differ."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from stages.common.io import save_safetensors; "
+            "save_safetensors(sys.argv[1], {'b': torch.ones(3), 'a.alpha': torch.tensor(4.0)}, "
+            "{f'key{i}': str(i) for i in range(12)})")
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path in files:
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=REPO)
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    from safetensors import safe_open
+    with safe_open(files[0], "pt") as f:
+        assert f.metadata() == {f"key{i}": str(i) for i in range(12)}
+        assert f.get_tensor("a.alpha").item() == 4.0 and f.get_tensor("b").tolist() == [1.0, 1.0, 1.0]

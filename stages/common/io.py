@@ -184,6 +184,22 @@ def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
         image.save(tmp, format="PNG")
 
 
+def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the header's metadata in sorted order. safetensors writes it
+    from a Rust HashMap, in a new order in every process, so the same weights would get new bytes
+    (and a new DVC hash) on every run."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])  # tensors in safetensors' own (sorted) order
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes; data offsets are relative to its end
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+
+
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Shorter side to `size` with LANCZOS (the seed recipe's Resize); a no-op when it already is."""
     scale = size / min(img.size)
