@@ -19,6 +19,7 @@ optimiser step to `paths.loss_log`.
 """
 
 import csv
+import hashlib
 import json
 import math
 import pickle
@@ -213,16 +214,19 @@ def main() -> None:
         adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
                    "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
                    "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights}
+        # The params' digest, not the resume fingerprint: that one also hashes the code, so the
+        # weights file would change with every edit to any stage.
+        train_params = json.dumps({**as_dict(cfg), "resolution": params.extract.resolution}, sort_keys=True)
+        params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
         metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
                         {f"unet.{k}": v for k, v in adapter.items()}, sort_keys=True),  # keyed as diffusers packs it
-                    "fashion.train": json.dumps(as_dict(cfg), sort_keys=True),
-                    "fashion.resolution": str(params.extract.resolution), "fashion.fingerprint": expected}
+                    "fashion.train": train_params, "fashion.train_sha256": params_digest}
         StableDiffusionPipeline.save_lora_weights(
             out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
             save_function=lambda weights, filename: save_safetensors(filename, weights, metadata))
         # The same weights for A1111, ComfyUI and kohya's tools
         save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
-                         kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, expected))
+                         kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest))
         write_json(out / "training_config.json", {
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),

@@ -1,5 +1,6 @@
 """train-lora: diffusers-format output, a loss log, exact resume, real clipping."""
 
+import hashlib
 import json
 import logging
 
@@ -178,4 +179,5 @@ def test_alpha_other_than_rank_survives_the_round_trip(trained_project):
         metadata = f.metadata()
     assert json.loads(metadata["lora_adapter_metadata"])["unet.lora_alpha"] == 2 * rank
     assert json.loads(metadata["fashion.train"])["alpha"] == 2 * rank
-    assert metadata["fashion.fingerprint"] == read_json(p.path("lora") / "training_config.json")["fingerprint"]
+    assert json.loads(metadata["fashion.train"])["resolution"] == p.params["extract"]["resolution"]
+    assert metadata["fashion.train_sha256"] == hashlib.sha256(metadata["fashion.train"].encode()).hexdigest()[:16]

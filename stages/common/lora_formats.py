@@ -54,9 +54,9 @@ def from_kohya(state: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict
     return weights, alphas
 
 
-def kohya_metadata(rank: int, alpha: float, resolution: int, fingerprint: str) -> dict[str, str]:
+def kohya_metadata(rank: int, alpha: float, resolution: int, params_digest: str) -> dict[str, str]:
     """What kohya's sd-scripts writes and A1111's LoRA browser reads (all values are strings)."""
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
             "ss_base_model_version": "sd_v1", "ss_resolution": f"({resolution}, {resolution})",
             "ss_output_name": KOHYA_FILE.removesuffix(".safetensors"), "modelspec.architecture":
-            "stable-diffusion-v1/lora", "fashion.fingerprint": fingerprint}
+            "stable-diffusion-v1/lora", "fashion.train_sha256": params_digest}
