@@ -2,6 +2,7 @@
 # make test   install the test and s3 extras into the same .venv and run the test suite
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
+# make studio  a local web page: baseline and LoRA side by side for an uploaded photo or sketch
 # make bundle  one zip of the finished run (paths.bundle): report, metrics, LoRA weights, params, dvc.lock
 #
 # Plain pip on purpose: uv and poetry ignore a machine's local torch wheels and download
@@ -13,7 +14,7 @@ BIN    := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fullsize bench-extract bundle install
+.PHONY: demo test test-fullsize bench-extract bundle studio install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +24,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet --editable '.[test,s3]'
+	$(BIN)/python -m pip install --quiet --editable '.[test,s3,studio]'
 	touch $@
 
 $(VENV)/.installed-fullsize: $(VENV)/.installed-test
-	$(BIN)/python -m pip install --quiet --editable '.[test,s3,fullsize]'
+	$(BIN)/python -m pip install --quiet --editable '.[test,s3,studio,fullsize]'
+	touch $@
+
+$(VENV)/.installed-studio: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --editable '.[studio]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -44,6 +49,10 @@ test: $(VENV)/.installed-test
 
 test-fullsize: $(VENV)/.installed-fullsize
 	$(BIN)/python -m pytest -m fullsize -s tests/test_full_size.py
+
+# PORT=8000 make studio; HOST=0.0.0.0 to reach it from another machine (a Kaggle or cloud box)
+studio: $(VENV)/.installed-studio
+	$(BIN)/fashion-studio --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),7860)
 
 bundle: $(VENV)/.installed
 	$(BIN)/fashion-bundle

@@ -43,8 +43,8 @@ from tqdm import tqdm
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps, resize_shorter_side,
-                              save_safetensors, source_files, write_json)
-from stages.common.lora_formats import KOHYA_FILE, kohya_metadata, to_kohya
+                              read_json, save_safetensors, source_files, write_json)
+from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
 from stages.common.params import as_dict, load_params, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
@@ -218,17 +218,22 @@ def main() -> None:
         # weights file would change with every edit to any stage.
         train_params = json.dumps({**as_dict(cfg), "resolution": params.extract.resolution}, sort_keys=True)
         params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
+        sources = Path(paths.model_sources)
+        base_model = base_model_name(read_json(sources) if sources.is_file() else None)
         metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
                         {f"unet.{k}": v for k, v in adapter.items()}, sort_keys=True),  # keyed as diffusers packs it
-                    "fashion.train": train_params, "fashion.train_sha256": params_digest}
+                    "fashion.train": train_params, "fashion.train_sha256": params_digest,
+                    "fashion.base_model": base_model}
         StableDiffusionPipeline.save_lora_weights(
             out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
             save_function=lambda weights, filename: save_safetensors(filename, weights, metadata))
         # The same weights for A1111, ComfyUI and kohya's tools
         save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
-                         kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest))
+                         kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
+                                        base_model))
         write_json(out / "training_config.json", {
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
+            "base_model_name": base_model,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),
             "lora_parameters": sum(p.numel() for p in lora_params), "lora_tensors": len(lora_state)})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:

@@ -16,6 +16,7 @@ from stages.common import dataset
 from stages.common.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
 
 # The CI machine has 2 shared cores; more threads only make tiny models slower.
 torch.set_num_threads(1)
@@ -98,12 +99,18 @@ def tiny_models(tmp_path_factory) -> Path:
     return run_in(tmp_path_factory.mktemp("models_root"), "fetch_models")
 
 
+def copy_models(models_root: Path, project: Project) -> None:
+    """fetch-models' outputs: the three model folders and models/sources.json."""
+    for key in ("base_model", "controlnet", "eval_models"):
+        shutil.copytree(models_root / project.params["paths"][key], project.path(key))
+    shutil.copy(models_root / project.params["paths"]["model_sources"], project.path("model_sources"))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, tiny_models) -> Project:
     """An empty project with the session's tiny models in place and cwd set to it."""
     project = Project(tmp_path)
-    for key in ("base_model", "controlnet", "eval_models"):
-        shutil.copytree(tiny_models / project.params["paths"][key], project.path(key))
+    copy_models(tiny_models, project)
     monkeypatch.chdir(tmp_path)
     return project
 
@@ -121,8 +128,7 @@ def trained(tmp_path_factory, tiny_models) -> Path:
     """A session-wide project that has run every stage up to and including train-lora."""
     root = tmp_path_factory.mktemp("trained")
     project = Project(root)
-    for key in ("base_model", "controlnet", "eval_models"):
-        shutil.copytree(tiny_models / project.params["paths"][key], project.path(key))
+    copy_models(tiny_models, project)
     return run_in(root, "demo_data", "extract", "canny_edges", "train_lora")
 
 
@@ -163,3 +169,26 @@ def finished_project(finished, tmp_path, monkeypatch) -> Project:
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
     return Project(tmp_path)
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """Headless Chromium through selenium; skipped without it, failed under FASHION_REQUIRE_BROWSER=1 (CI)."""
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        missing = "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+        pytest.fail(missing) if os.environ.get("FASHION_REQUIRE_BROWSER") else pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # As root in a container, with no network: no sandbox, no background fetches.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stages.common.lora_formats import KOHYA_FILE, from_kohya, to_kohya
+from stages.common.lora_formats import KOHYA_FILE, base_model_name, from_kohya, to_kohya
 from stages.common.models import LORA_WEIGHTS
 from tests.conftest import REPO
 
@@ -34,6 +34,17 @@ def test_kohya_export_round_trips_exactly(trained_project):
         meta = f.metadata()
     assert meta["ss_network_dim"] == str(rank) and float(meta["ss_network_alpha"]) == 2 * rank
     assert meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_sd_model_name"] == meta["fashion.base_model"] == "tiny-random (models.seed=0)"
+
+
+def test_the_base_model_is_named_by_where_it_came_from():
+    """From fetch-models' models/sources.json: the hub commit, not the branch name, pins it."""
+    hub = {"mode": "hub", "base": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main",
+                                   "commit": "451f4fe16113bff5a5d2269ed5ad43b0592e9a14", "files": {}}}
+    assert base_model_name(hub) == "stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+    assert base_model_name({"mode": "local", "base": {"path": "/kaggle/input/sd15", "files": {}}}) == \
+        "local:/kaggle/input/sd15"
+    assert base_model_name(None) == "unknown (no models/sources.json)"
 
 
 def test_kohya_names_are_sd15s(trained_project):

@@ -7,7 +7,6 @@ import base64
 import html.parser
 import io
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +15,6 @@ from PIL import Image
 
 from stages import report
 from stages.common.io import read_json
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
 
 
 class Page(html.parser.HTMLParser):
@@ -84,41 +81,24 @@ def test_same_inputs_same_page(finished_project):
 
 
 @pytest.mark.browser
-def test_report_renders_in_headless_chromium(finished_project, tmp_path):
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        missing = "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
-        pytest.fail(missing) if os.environ.get("FASHION_REQUIRE_BROWSER") else pytest.skip(missing)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    p = finished_project
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    # As root in a container, with no network: no sandbox, no background fetches.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        driver.get(p.path("report").resolve().as_uri())
-        images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
-        assert len(images) == 5 and all(done and width > 0 for done, width, _ in images), images
-        rendered = driver.execute_script(
-            "return Array.from(document.querySelectorAll('#headline [data-key]'))"
-            ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")
-        shown = flat(read_json(p.path("metrics")))
-        for key, value, text in rendered:
-            assert float(value) == shown[key] and text.strip(), key
-            if not key.endswith(("_lora_better", "_lora_worse")):  # shown as percentages
-                assert float(text) == pytest.approx(shown[key], rel=5e-4), (key, text)
-        height = driver.execute_script("return document.body.scrollHeight")
-        driver.set_window_size(1280, height)
-        screenshot = os.environ.get("FASHION_REPORT_SCREENSHOT", str(tmp_path / "report.png"))
-        assert driver.save_screenshot(screenshot)
-    finally:
-        driver.quit()
+def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_path):
+    p, driver = finished_project, chromium
+    driver.get(p.path("report").resolve().as_uri())
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+    assert len(images) == 5 and all(done and width > 0 for done, width, _ in images), images
+    rendered = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#headline [data-key]'))"
+        ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")
+    shown = flat(read_json(p.path("metrics")))
+    for key, value, text in rendered:
+        assert float(value) == shown[key] and text.strip(), key
+        if not key.endswith(("_lora_better", "_lora_worse")):  # shown as percentages
+            assert float(text) == pytest.approx(shown[key], rel=5e-4), (key, text)
+    height = driver.execute_script("return document.body.scrollHeight")
+    driver.set_window_size(1280, height)
+    screenshot = os.environ.get("FASHION_REPORT_SCREENSHOT", str(tmp_path / "report.png"))
+    assert driver.save_screenshot(screenshot)
     with Image.open(screenshot) as shot:
         assert shot.width >= 1200 and shot.height > 2000
         assert np.asarray(shot.convert("L")).std() > 20, "the page is not blank"

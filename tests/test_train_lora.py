@@ -181,3 +181,4 @@ def test_alpha_other_than_rank_survives_the_round_trip(trained_project):
     assert json.loads(metadata["fashion.train"])["alpha"] == 2 * rank
     assert json.loads(metadata["fashion.train"])["resolution"] == p.params["extract"]["resolution"]
     assert metadata["fashion.train_sha256"] == hashlib.sha256(metadata["fashion.train"].encode()).hexdigest()[:16]
+    assert metadata["fashion.base_model"] == f"tiny-random (models.seed={p.params['models']['seed']})"

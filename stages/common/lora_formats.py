@@ -54,9 +54,22 @@ def from_kohya(state: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict
     return weights, alphas
 
 
-def kohya_metadata(rank: int, alpha: float, resolution: int, params_digest: str) -> dict[str, str]:
+def base_model_name(sources: dict | None) -> str:
+    """What a LoRA was trained on, from fetch-models' models/sources.json: the hub id at the commit
+    it resolved to, the local folder, or the tiny random kit."""
+    if not sources:
+        return "unknown (no models/sources.json)"
+    if sources.get("mode") == "tiny":
+        return f"tiny-random (models.seed={sources.get('seed')})"
+    base = sources.get("base") or {}
+    if sources.get("mode") == "hub":
+        return f"{base.get('id')}@{base.get('commit')}"
+    return f"local:{base.get('path')}"
+
+
+def kohya_metadata(rank: int, alpha: float, resolution: int, params_digest: str, base_model: str) -> dict[str, str]:
     """What kohya's sd-scripts writes and A1111's LoRA browser reads (all values are strings)."""
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+    return {"ss_sd_model_name": base_model, "fashion.base_model": base_model, "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
             "ss_base_model_version": "sd_v1", "ss_resolution": f"({resolution}, {resolution})",
             "ss_output_name": KOHYA_FILE.removesuffix(".safetensors"), "modelspec.architecture":
             "stable-diffusion-v1/lora", "fashion.train_sha256": params_digest}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -72,10 +73,11 @@ def parse(argv: list[str], params) -> argparse.Namespace:
     return args
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB, upright (a phone photo's EXIF orientation applied), transparency on white."""
+def read_image(source, name) -> np.ndarray:
+    """RGB, upright (a phone photo's EXIF orientation applied), transparency on white. `source` is a
+    path or a file object (the studio's uploads); `name` is what an error calls it."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "P"):
                 img = img.convert("RGBA")
@@ -85,33 +87,61 @@ def read_image(path: Path) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as err:
         if isinstance(err, OSError) and err.errno is not None:
             raise
-        raise StageError(f"{path}: not a readable image ({err}); give a PNG or JPEG photo or sketch") from None
+        raise StageError(f"{name}: not a readable image ({err}); give a PNG or JPEG photo or sketch") from None
 
 
-def edge_map(args, resolution: int) -> Image.Image:
-    """The ControlNet condition at the model's resolution, from a photo (canny) or a sketch."""
-    image = read_image(args.input)
+def edge_map(image: np.ndarray, resolution: int, sketch: bool, low: int, high: int) -> tuple[Image.Image, list[str]]:
+    """The ControlNet condition at the model's resolution, from a photo (canny) or a sketch, and
+    notes on what was done to the input (each to follow the input's name)."""
+    notes = []
     height, width = image.shape[:2]
     if (width, height) != (resolution, resolution):
         side = min(width, height)
         top, left = (height - side) // 2, (width - side) // 2
         image = np.array(Image.fromarray(image[top:top + side, left:left + side]).resize(
             (resolution, resolution), Image.Resampling.LANCZOS))
-        log.info("fashion-generate: %s is %dx%d; %s to the model's %dx%d", args.input, width, height,
-                 "resized" if width == height else "centre-cropped and resized", resolution, resolution)
-    if args.sketch:
+        notes.append(f"is {width}x{height}; {'resized' if width == height else 'centre-cropped and resized'} "
+                     f"to the model's {resolution}x{resolution}")
+    if sketch:
         gray = image.mean(axis=-1)
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         if np.median(border) > 127:  # a light page with dark lines: the ControlNet wants white edges on black
-            log.info("fashion-generate: %s has a light background; inverted to white edges on black", args.input)
+            notes.append("has a light background; inverted to white edges on black")
             gray = 255 - gray
         edges = np.stack([gray.astype(np.uint8)] * 3, axis=-1)
     else:
-        edges = canny(image, args.low, args.high)
+        edges = canny(image, low, high)
     if (edges > 127).mean() < 0.002:
-        log.warning("fashion-generate: the edge map of %s is nearly empty; %s", args.input,
-                    "lower --low/--high" if not args.sketch else "is it a line drawing?")
-    return Image.fromarray(edges)
+        notes.append("gives a nearly empty edge map; " + ("is it a line drawing?" if sketch else
+                                                           "lower the canny thresholds"))
+    return Image.fromarray(edges), notes
+
+
+def check_models(paths) -> None:
+    for folder in (paths.base_model, paths.controlnet, paths.lora):
+        if not Path(folder).is_dir():
+            raise StageError(f"{folder}: not found; run `make demo` (tiny models) or `dvc pull` first")
+
+
+def load_pipeline(paths, cfg, scheduler: str, dev):
+    """The ControlNet pipeline with the LoRA loaded; `draw_pair` switches it off for the baseline."""
+    check_models(paths)
+    return load_controlnet_pipeline(paths.base_model, paths.controlnet, scheduler,
+                                    inference_dtype(cfg.precision, dev), dev, lora=paths.lora)
+
+
+def draw_pair(pipe, edges: Image.Image, prompt: str, seeds: list[int], cfg, dev,
+              lora_scale: float) -> tuple[list[Image.Image], list[Image.Image]]:
+    """Baseline and LoRA images of one edge map and prompt, one per seed, seed k as in the stages."""
+    baseline, lora = [], []
+    for start in range(0, len(seeds), cfg.batch_size):  # generate.batch_size images per call, as the stages
+        batch = seeds[start:start + cfg.batch_size]
+        inputs = ([edges] * len(batch), [prompt] * len(batch), batch)
+        pipe.unet.disable_lora()  # the baseline: the same pipeline without the LoRA
+        baseline += draw(pipe, *inputs, cfg, dev)
+        pipe.unet.enable_lora()
+        lora += draw(pipe, *inputs, cfg, dev, lora_scale)
+    return baseline, lora
 
 
 def side_by_side(rows: list[list[Image.Image]]) -> Image.Image:
@@ -127,25 +157,18 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params()
     args = parse(sys.argv[1:] if argv is None else argv, params)
-    paths = params.paths
-    for folder in (paths.base_model, paths.controlnet, paths.lora):
-        if not Path(folder).is_dir():
-            raise StageError(f"{folder}: not found; run `make demo` (tiny models) or `dvc pull` first")
-    edges = edge_map(args, params.extract.resolution)
+    check_models(params.paths)
+    edges, notes = edge_map(read_image(args.input, args.input), params.extract.resolution, args.sketch,
+                            args.low, args.high)
+    for note in notes:
+        level = logging.WARNING if "nearly empty" in note else logging.INFO
+        log.log(level, "fashion-generate: %s %s", args.input, note.replace("the canny thresholds", "--low/--high"))
     cfg = dataclasses.replace(params.generate, steps=args.steps, guidance_scale=args.guidance,
                               controlnet_scale=args.controlnet_scale, negative_prompt=args.negative_prompt)
     seeds = args.seeds or [args.seed + k for k in range(args.count)]
     dev = device()
-    pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, args.scheduler,
-                                    inference_dtype(cfg.precision, dev), dev, lora=paths.lora)
-    baseline, lora = [], []
-    for start in range(0, len(seeds), cfg.batch_size):  # generate.batch_size images per call, as the stages
-        batch = seeds[start:start + cfg.batch_size]
-        inputs = ([edges] * len(batch), [args.prompt] * len(batch), batch)
-        pipe.unet.disable_lora()  # the baseline: the same pipeline without the LoRA
-        baseline += draw(pipe, *inputs, cfg, dev)
-        pipe.unet.enable_lora()
-        lora += draw(pipe, *inputs, cfg, dev, args.lora_scale)
+    pipe = load_pipeline(params.paths, cfg, args.scheduler, dev)
+    baseline, lora = draw_pair(pipe, edges, args.prompt, seeds, cfg, dev, args.lora_scale)
 
     name = args.input.stem
     save_png(args.out / f"{name}-edges.png", edges)
