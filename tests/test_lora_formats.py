@@ -41,9 +41,10 @@ def test_the_base_model_is_named_by_where_it_came_from():
     """From fetch-models' models/sources.json: the hub commit, not the branch name, pins it."""
     hub = {"mode": "hub", "base": {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main",
                                    "commit": "451f4fe16113bff5a5d2269ed5ad43b0592e9a14", "files": {}}}
-    assert base_model_name(hub) == "stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+    assert base_model_name(hub) == \
+        "stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
     assert base_model_name({"mode": "local", "base": {"path": "/kaggle/input/sd15", "files": {}}}) == \
-        "local:/kaggle/input/sd15"
+        "local:sd15"
     assert base_model_name(None) == "unknown (no models/sources.json)"
 
 

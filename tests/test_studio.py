@@ -64,7 +64,8 @@ def test_an_eval_photo_gives_what_the_generate_stages_gave(client, finished_proj
     request = {"image": sample["image"], "name": sample["name"], "mode": "photo", "prompt": sample["prompt"],
                "low": p.params["canny"]["low_threshold"], "high": p.params["canny"]["high_threshold"],
                "steps": p.params["generate"]["steps"], "guidance": p.params["generate"]["guidance_scale"],
-               "seed": p.params["generate"]["seed"] + index, "count": 2, "lora_scale": p.params["generate"]["lora_scale"]}
+               "seed": sample["seed"], "count": 2, "lora_scale": p.params["generate"]["lora_scale"]}
+    assert sample["seed"] == p.params["generate"]["seed"] + index, "the page offers the stages' seed"
     preview = client.post("/api/edges", json=request).json()
     assert np.array_equal(decode(preview["edges"]), load_rgb(dataset.edge_path(paths.edges, index)))
     assert preview["notes"] == []
@@ -125,6 +126,55 @@ def test_errors_are_one_line_in_the_answer(client, finished_project, tmp_path):
     assert answer.status_code == 400 and answer.json()["error"].startswith("data/eval: no eval set yet")
 
 
+def test_the_knobs_reach_the_pipeline(client, finished_project):
+    p = finished_project
+    request = {"image": data_url(dataset.gt_path(p.path("eval_data"), 0)), "prompt": "Sleeveless dress in red",
+               "seed": 11, "count": 5}  # more than generate.batch_size (4): two pipeline calls
+    made = client.post("/api/generate", json=request).json()["results"]
+    assert [r["seed"] for r in made] == list(range(11, 16))
+    off = client.post("/api/generate", json={**request, "count": 1, "lora_scale": 0}).json()["results"][0]
+    assert image_diff(decode(off["lora"]), decode(off["baseline"])) <= 1, "LoRA scale 0 is the baseline"
+    assert image_diff(decode(off["baseline"]), decode(made[0]["baseline"])) <= 2, "seed 11 in any batch"
+    assert image_diff(decode(made[0]["lora"]), decode(made[0]["baseline"])) > 2, "scale 1 is not"
+    for knob in ({"steps": 2}, {"guidance": 1.0}):
+        other = client.post("/api/generate", json={**request, "count": 1, **knob}).json()["results"][0]
+        assert image_diff(decode(other["baseline"]), decode(made[0]["baseline"])) > 2, knob
+
+
+def test_models_reload_when_the_lora_changes(client, finished_project, monkeypatch):
+    from stages.common import studio
+
+    loads = []
+    real = studio.load_pipeline
+    monkeypatch.setattr(studio, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
+    request = {"image": data_url(dataset.gt_path(finished_project.path("eval_data"), 0)), "prompt": "Dress",
+               "steps": 1}
+    for _ in range(2):
+        assert client.post("/api/generate", json=request).status_code == 200
+    assert len(loads) == 1, "loaded once"
+    weights = finished_project.path("lora") / "pytorch_lora_weights.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10 ** 9))  # a new dvc repro
+    assert client.post("/api/generate", json=request).status_code == 200
+    assert len(loads) == 2, "loaded again"
+
+
+def test_crashes_and_huge_images_are_one_line(finished_project, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    studio = Studio()
+    monkeypatch.setattr(studio, "info", lambda: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")))
+    client = TestClient(app(studio), raise_server_exceptions=False)
+    answer = client.get("/api/info")
+    assert answer.status_code == 500
+    assert answer.json()["error"] == "RuntimeError: boom second line (the terminal has the traceback)"
+    assert client.get("/api/nothing").json()["error"] == "404: Not Found"
+    Image.new("L", (8000, 7000)).save(tmp_path / "huge.png")  # 56 megapixels, a few kB of zeros
+    answer = client.post("/api/edges", json={"image": data_url(tmp_path / "huge.png"), "name": "huge.png"})
+    assert answer.status_code == 400 and answer.json()["error"].startswith("huge.png: 8000x7000 is more than 50")
+    answer = client.post("/api/edges", json={"image": "data:image/png;base64", "name": "x.png"})
+    assert answer.json()["error"].startswith("x.png: the upload is not a data URL with a payload")
+
+
 @pytest.fixture
 def server(finished_project):
     """The studio on a free localhost port, served by uvicorn in a thread."""
@@ -170,8 +220,11 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     wait.until(lambda d: d.find_element(By.ID, "error").text)
     assert driver.find_element(By.ID, "error").text.startswith("prompt: empty")
 
-    preset = driver.find_elements(By.CSS_SELECTOR, "#presets option")[1].get_attribute("value")
-    driver.find_element(By.ID, "prompt").send_keys(preset)
+    from selenium.webdriver.support.ui import Select
+
+    presets = Select(driver.find_element(By.ID, "presets"))
+    presets.select_by_index(1)
+    assert driver.find_element(By.ID, "prompt").get_attribute("value") == presets.first_selected_option.text
     count = driver.find_element(By.ID, "count")
     count.clear()
     count.send_keys("2")
@@ -196,3 +249,9 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     assert driver.save_screenshot(screenshot)
     with Image.open(screenshot) as shot:
         assert shot.width >= 1200 and np.asarray(shot.convert("L")).std() > 20, "the page is not blank"
+
+    driver.find_element(By.ID, "sample").click()  # an eval sample: its prompt and the stages' seed for it
+    wait.until(lambda d: d.execute_script("return document.getElementById('file').value") == "")  # the upload gone
+    configs = {c["prompt"]: c["index"] for c in dataset.load_eval_configs(p.path("eval_data"))}
+    index = configs[driver.find_element(By.ID, "prompt").get_attribute("value")]
+    assert int(driver.find_element(By.ID, "seed").get_attribute("value")) == p.params["generate"]["seed"] + index

@@ -11,6 +11,7 @@ kohya:     `lora_unet_<module with dots as underscores>.lora_down.weight`, `.lor
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -64,12 +65,15 @@ def base_model_name(sources: dict | None) -> str:
     base = sources.get("base") or {}
     if sources.get("mode") == "hub":
         return f"{base.get('id')}@{base.get('commit')}"
-    return f"local:{base.get('path')}"
+    # The folder's name, not its path: the same weights trained on two machines get the same bytes.
+    return f"local:{Path(str(base.get('path'))).name}"
 
 
-def kohya_metadata(rank: int, alpha: float, resolution: int, params_digest: str, base_model: str) -> dict[str, str]:
+def kohya_metadata(rank: int, alpha: float, resolution: int, params_digest: str,
+                   base_model: str) -> dict[str, str]:
     """What kohya's sd-scripts writes and A1111's LoRA browser reads (all values are strings)."""
-    return {"ss_sd_model_name": base_model, "fashion.base_model": base_model, "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+    return {"ss_sd_model_name": base_model, "fashion.base_model": base_model,
+            "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
             "ss_base_model_version": "sd_v1", "ss_resolution": f"({resolution}, {resolution})",
             "ss_output_name": KOHYA_FILE.removesuffix(".safetensors"), "modelspec.architecture":
             "stable-diffusion-v1/lora", "fashion.train_sha256": params_digest}

@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
-
 from stages.common.cli import StageError, log, run_cli, setup_logging
-from stages.common.edges import canny
-from stages.common.generation import draw
 from stages.common.io import save_png
-from stages.common.models import SCHEDULERS, load_controlnet_pipeline
+from stages.common.models import SCHEDULERS
 from stages.common.params import load_params
-from stages.common.runtime import device, inference_dtype
+from stages.common.runtime import device
+from stages.common.sketch import check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,96 +68,15 @@ def parse(argv: list[str], params) -> argparse.Namespace:
     return args
 
 
-def read_image(source, name) -> np.ndarray:
-    """RGB, upright (a phone photo's EXIF orientation applied), transparency on white. `source` is a
-    path or a file object (the studio's uploads); `name` is what an error calls it."""
-    try:
-        with Image.open(source) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "P"):
-                img = img.convert("RGBA")
-                page = Image.new("RGBA", img.size, "white")
-                img = Image.alpha_composite(page, img)
-            return np.array(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:
-        if isinstance(err, OSError) and err.errno is not None:
-            raise
-        raise StageError(f"{name}: not a readable image ({err}); give a PNG or JPEG photo or sketch") from None
-
-
-def edge_map(image: np.ndarray, resolution: int, sketch: bool, low: int, high: int) -> tuple[Image.Image, list[str]]:
-    """The ControlNet condition at the model's resolution, from a photo (canny) or a sketch, and
-    notes on what was done to the input (each to follow the input's name)."""
-    notes = []
-    height, width = image.shape[:2]
-    if (width, height) != (resolution, resolution):
-        side = min(width, height)
-        top, left = (height - side) // 2, (width - side) // 2
-        image = np.array(Image.fromarray(image[top:top + side, left:left + side]).resize(
-            (resolution, resolution), Image.Resampling.LANCZOS))
-        notes.append(f"is {width}x{height}; {'resized' if width == height else 'centre-cropped and resized'} "
-                     f"to the model's {resolution}x{resolution}")
-    if sketch:
-        gray = image.mean(axis=-1)
-        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-        if np.median(border) > 127:  # a light page with dark lines: the ControlNet wants white edges on black
-            notes.append("has a light background; inverted to white edges on black")
-            gray = 255 - gray
-        edges = np.stack([gray.astype(np.uint8)] * 3, axis=-1)
-    else:
-        edges = canny(image, low, high)
-    if (edges > 127).mean() < 0.002:
-        notes.append("gives a nearly empty edge map; " + ("is it a line drawing?" if sketch else
-                                                           "lower the canny thresholds"))
-    return Image.fromarray(edges), notes
-
-
-def check_models(paths) -> None:
-    for folder in (paths.base_model, paths.controlnet, paths.lora):
-        if not Path(folder).is_dir():
-            raise StageError(f"{folder}: not found; run `make demo` (tiny models) or `dvc pull` first")
-
-
-def load_pipeline(paths, cfg, scheduler: str, dev):
-    """The ControlNet pipeline with the LoRA loaded; `draw_pair` switches it off for the baseline."""
-    check_models(paths)
-    return load_controlnet_pipeline(paths.base_model, paths.controlnet, scheduler,
-                                    inference_dtype(cfg.precision, dev), dev, lora=paths.lora)
-
-
-def draw_pair(pipe, edges: Image.Image, prompt: str, seeds: list[int], cfg, dev,
-              lora_scale: float) -> tuple[list[Image.Image], list[Image.Image]]:
-    """Baseline and LoRA images of one edge map and prompt, one per seed, seed k as in the stages."""
-    baseline, lora = [], []
-    for start in range(0, len(seeds), cfg.batch_size):  # generate.batch_size images per call, as the stages
-        batch = seeds[start:start + cfg.batch_size]
-        inputs = ([edges] * len(batch), [prompt] * len(batch), batch)
-        pipe.unet.disable_lora()  # the baseline: the same pipeline without the LoRA
-        baseline += draw(pipe, *inputs, cfg, dev)
-        pipe.unet.enable_lora()
-        lora += draw(pipe, *inputs, cfg, dev, lora_scale)
-    return baseline, lora
-
-
-def side_by_side(rows: list[list[Image.Image]]) -> Image.Image:
-    width, height = rows[0][0].size
-    sheet = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image.convert("RGB"), (c * width, r * height))
-    return sheet
-
-
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params()
     args = parse(sys.argv[1:] if argv is None else argv, params)
     check_models(params.paths)
     edges, notes = edge_map(read_image(args.input, args.input), params.extract.resolution, args.sketch,
-                            args.low, args.high)
+                            args.low, args.high, threshold_hint="lower --low/--high")
     for note in notes:
-        level = logging.WARNING if "nearly empty" in note else logging.INFO
-        log.log(level, "fashion-generate: %s %s", args.input, note.replace("the canny thresholds", "--low/--high"))
+        log.log(note.level, "fashion-generate: %s %s", args.input, note.text)
     cfg = dataclasses.replace(params.generate, steps=args.steps, guidance_scale=args.guidance,
                               controlnet_scale=args.controlnet_scale, negative_prompt=args.negative_prompt)
     seeds = args.seeds or [args.seed + k for k in range(args.count)]

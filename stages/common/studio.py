@@ -20,6 +20,7 @@ import argparse
 import base64
 import binascii
 import dataclasses
+import gc
 import io
 import random
 import sys
@@ -27,15 +28,17 @@ import threading
 from pathlib import Path
 from typing import Literal
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from stages.common import dataset
 from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import load_rgb
-from stages.common.params import load_params
+from stages.common.params import PARAMS_FILE, load_params
 from stages.common.runtime import device
-from stages.common.sketch_cli import check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
+from stages.common.sketch import (ModelsMissing, check_models, draw_pair, edge_map, load_pipeline, read_image,
+                                  side_by_side)
 
 PAGE = Path(__file__).with_name("studio.html")
 MAX_UPLOAD = 20 * 2 ** 20  # bytes of image; a phone photo is a few MB
@@ -70,7 +73,11 @@ def png_data_url(image: Image.Image | bytes) -> str:
 
 def decode_upload(data: str, name: str):
     """The bytes of a data URL (or bare base64) upload, as a file object for PIL."""
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    payload = data
+    if data.startswith("data:"):
+        _, comma, payload = data.partition(",")
+        if not comma:
+            raise StageError(f"{name}: the upload is not a data URL with a payload; choose the file again")
     if not payload:
         raise StageError(f"{name}: empty upload; choose a PNG or JPEG photo or sketch")
     if len(payload) > MAX_UPLOAD * 4 // 3 + 4:
@@ -85,10 +92,16 @@ class Studio:
     """The page's handlers, without the web server: each takes and returns plain data."""
 
     def __init__(self):
-        self.params = load_params()
-        self.paths = self.params.paths
         self.lock = threading.Lock()  # one generation at a time: the pipeline is not re-entrant
-        self.pipe, self.pipe_key = None, None
+        self.pipe, self.pipe_key, self.params_mtime = None, None, None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """params.yaml again if it changed (a `dvc exp apply`, an edit): the studio draws as the stages would."""
+        mtime = Path(PARAMS_FILE).stat().st_mtime_ns
+        if mtime != self.params_mtime:
+            self.params, self.params_mtime = load_params(), mtime
+            self.paths = self.params.paths
 
     def models_problem(self) -> str | None:
         try:
@@ -98,6 +111,7 @@ class Studio:
         return None
 
     def info(self) -> dict:
+        self.refresh()
         g, c = self.params.generate, self.params.canny
         presets = []
         if Path(self.paths.eval_data, dataset.EVAL_CONFIGS).is_file():
@@ -118,7 +132,7 @@ class Studio:
 
     def preview(self, request: EdgeRequest) -> dict:
         edges, notes = self.edges(request)
-        return {"edges": png_data_url(edges), "notes": notes}
+        return {"edges": png_data_url(edges), "notes": [n.text for n in notes]}
 
     def sample(self, seed: int | None = None) -> dict:
         """A random eval sample: its ground-truth photo (canny at the default thresholds gives
@@ -128,17 +142,22 @@ class Studio:
         config = random.Random(seed).choice(dataset.load_eval_configs(self.paths.eval_data))
         photo = Image.fromarray(load_rgb(dataset.gt_path(self.paths.eval_data, config["index"])))
         return {"index": config["index"], "prompt": config["prompt"], "image": png_data_url(photo),
-                "name": f"eval {config['index']:06d}"}
+                "name": f"eval {config['index']:06d}", "seed": self.params.generate.seed + config["index"]}
 
     def pipeline(self, dev):
-        """Loaded once, and again when the models or the LoRA changed on disk (a new `dvc repro`)."""
-        key = tuple(f.stat().st_mtime_ns for folder in (self.paths.base_model, self.paths.controlnet,
-                                                         self.paths.lora)
-                    for f in sorted(Path(folder).rglob("*")) if f.is_file())
+        """Loaded once, and again when the models, the LoRA or the generate params changed (a new
+        `dvc repro`). A few dozen stat() calls: nothing next to a generation."""
+        g = self.params.generate
+        key = (g.scheduler, g.precision, *(f.stat().st_mtime_ns for folder in (
+            self.paths.base_model, self.paths.controlnet, self.paths.lora) for f in sorted(Path(folder).rglob("*"))))
         if self.pipe is None or key != self.pipe_key:
+            self.pipe = None  # freed before the new one loads: two pipelines may not fit a small GPU
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             log.info("studio: loading the models from %s, %s and %s", self.paths.base_model, self.paths.controlnet,
                      self.paths.lora)
-            self.pipe = load_pipeline(self.paths, self.params.generate, self.params.generate.scheduler, dev)
+            self.pipe = load_pipeline(self.paths, g, g.scheduler, dev)
             self.pipe_key = key
         return self.pipe
 
@@ -146,17 +165,18 @@ class Studio:
         prompt = request.prompt.strip()
         if not prompt:
             raise StageError("prompt: empty; describe the garment, e.g. 'Long sleeve dress in red'")
-        check_models(self.paths)
         edges, notes = self.edges(request)
-        cfg = dataclasses.replace(self.params.generate, steps=request.steps, guidance_scale=request.guidance)
         seeds = [request.seed + k for k in range(request.count)]
         dev = device()
         with self.lock:
+            self.refresh()
+            check_models(self.paths)
+            cfg = dataclasses.replace(self.params.generate, steps=request.steps, guidance_scale=request.guidance)
             baseline, lora = draw_pair(self.pipeline(dev), edges, prompt, seeds, cfg, dev, request.lora_scale)
         sheet = side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)])
         log.info("studio: %d seeds from %d for %r (%d steps, guidance %g, LoRA scale %g)", len(seeds), seeds[0],
                  prompt, request.steps, request.guidance, request.lora_scale)
-        return {"edges": png_data_url(edges), "notes": notes, "sheet": png_data_url(sheet),
+        return {"edges": png_data_url(edges), "notes": [n.text for n in notes], "sheet": png_data_url(sheet),
                 "results": [{"seed": s, "baseline": png_data_url(b), "lora": png_data_url(l)}
                             for s, b, l in zip(seeds, baseline, lora, strict=True)]}
 
@@ -166,14 +186,14 @@ def app(studio: Studio | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     studio = studio or Studio()
     api = FastAPI(title="fashion-studio", docs_url=None, redoc_url=None)
 
     @api.exception_handler(StageError)
     async def stage_error(_, err: StageError):
-        status = 503 if "not found; run `make demo`" in str(err) else 400
-        return JSONResponse({"error": str(err)}, status_code=status)
+        return JSONResponse({"error": str(err)}, status_code=503 if isinstance(err, ModelsMissing) else 400)
 
     @api.exception_handler(RequestValidationError)
     async def bad_request(_, err: RequestValidationError):
@@ -181,11 +201,24 @@ def app(studio: Studio | None = None):
         field = ".".join(str(part) for part in first["loc"] if part != "body") or "request"
         return JSONResponse({"error": f"{field}: {first['msg']}"}, status_code=422)
 
-    @api.exception_handler(Exception)
-    async def crash(_, err: Exception):
-        log.exception("studio: request failed")
-        return JSONResponse({"error": f"{type(err).__name__}: {err} (the terminal has the traceback)"},
-                            status_code=500)
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_, err: StarletteHTTPException):  # 404, 405: the page reads "error", not "detail"
+        return JSONResponse({"error": f"{err.status_code}: {err.detail}"}, status_code=err.status_code)
+
+    @api.middleware("http")
+    async def guard(request, call_next):
+        """Too large a body is refused before it is read; a crash is one line in the page and one
+        traceback in the terminal (an exception handler would let Starlette log it twice)."""
+        length = request.headers.get("content-length", "0")
+        if length.isdigit() and int(length) > MAX_UPLOAD * 4 // 3 + 2 ** 16:
+            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD // 2 ** 20} MB; choose a smaller image"},
+                                status_code=413)
+        try:
+            return await call_next(request)
+        except Exception as err:
+            log.exception("studio: %s %s failed", request.method, request.url.path)
+            message = " ".join(f"{type(err).__name__}: {err}".split())
+            return JSONResponse({"error": f"{message} (the terminal has the traceback)"}, status_code=500)
 
     @api.get("/", response_class=HTMLResponse)
     def page():
