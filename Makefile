@@ -2,6 +2,7 @@
 # make test   install the test and s3 extras into the same .venv and run the test suite
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
+# make bench-gpu   training and generation speed against the seed recipe, full-size random models (a GPU)
 # make studio  a local web page: baseline and LoRA side by side for an uploaded photo or sketch
 # make bundle  one zip of the finished run (paths.bundle): report, metrics, LoRA weights, params, dvc.lock
 #
@@ -14,7 +15,7 @@ BIN    := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fullsize bench-extract bundle studio install
+.PHONY: demo test test-fullsize bench-extract bench-gpu bundle studio install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +60,6 @@ bundle: $(VENV)/.installed
 
 bench-extract: $(VENV)/.installed
 	$(BIN)/python -m bench.extract
+
+bench-gpu: $(VENV)/.installed-fullsize
+	$(BIN)/python -m bench.gpu

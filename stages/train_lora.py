@@ -9,6 +9,12 @@ gradient accumulation. Two deliberate differences: gradients are clipped for rea
 clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed run reloads the
 LoRA (diffusers #12689).
 
+With `train.cache_latents` (the default) each image and its mirror image are encoded once, and
+every step samples from the stored latent distribution (mean and log-variance): the same
+objective, and the same random draws in the same order, as encoding at every step, without the
+VAE pass. The text encoder still runs per step: it is about 3% of a step's FLOPs, while a cache of
+unique prompts would take 77 x 768 values each, about 10 GB for FashionGen.
+
 Every random draw is a function of (train.seed, sample or step number), so a run resumed from a
 checkpoint continues exactly as if it had never stopped. Checkpoints are resume state, kept under
 `paths.resume` (not a DVC output, so DVC's run-cache can restore this stage's outputs) and
@@ -33,16 +39,16 @@ from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from stages.common import dataset
-from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps, resize_shorter_side,
+from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps,
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
@@ -54,10 +60,11 @@ LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
 
 class TrainSamples(torch.utils.data.Dataset):
     """Item k is the k-th sample of the whole run: epoch k // N in a seeded order, with a seeded
-    flip and crop. Indexing by k (not by image) is what makes resuming exact."""
+    flip. Indexing by k (not by image) is what makes resuming exact. An item names the image and
+    its orientation; `pixels()` makes the seed recipe's tensor from them."""
 
-    def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, resolution: int, flip: bool, seed: int):
-        self.images, self.resolution, self.flip, self.seed = images, resolution, flip, seed
+    def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, flip: bool, seed: int):
+        self.images, self.flip, self.seed = images, flip, seed
         self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
                                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         self._order = (-1, None)
@@ -70,15 +77,29 @@ class TrainSamples(torch.utils.data.Dataset):
         if self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
         i = int(self._order[1][pos])
-        rng = np.random.default_rng([self.seed, epoch, pos])
-        img = resize_shorter_side(Image.fromarray(np.asarray(self.images[i])), self.resolution)  # then RandomCrop
-        left = int(rng.integers(0, img.width - self.resolution + 1))
-        top = int(rng.integers(0, img.height - self.resolution + 1))
-        img = img.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.flip and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
-        return pixels, self.input_ids[i]
+        flipped = self.flip and np.random.default_rng([self.seed, epoch, pos]).random() < 0.5
+        return i, int(flipped), self.input_ids[i]
+
+    def pixels(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images, mirrored where `flipped`. extract writes them at the training resolution,
+        so the recipe's resize and random crop are no-ops."""
+        pixels = torch.from_numpy(np.stack([self.images[i] for i in index.tolist()])).permute(0, 3, 1, 2)
+        pixels = pixels.float() / 127.5 - 1
+        return torch.where(flipped.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
+
+
+def encode_latents(vae, samples: TrainSamples, dtype: torch.dtype, dev, batch: int) -> torch.Tensor:
+    """The VAE's latent distribution of every image and its mirror image: [N, 2, 2 x latent
+    channels, h, w] (mean and log-variance, as diffusers stores them), fp32 on the CPU."""
+    moments = []
+    for start in tqdm(range(0, len(samples), batch), desc="train-lora: encoding", unit="batch"):
+        index = torch.arange(start, min(start + batch, len(samples)))
+        both = torch.cat([samples.pixels(index, torch.zeros_like(index)),
+                          samples.pixels(index, torch.ones_like(index))])
+        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            encoded = vae.encode(both.to(dev, dtype)).latent_dist.parameters.float().cpu()
+        moments.append(torch.stack(encoded.chunk(2), dim=1))
+    return torch.cat(moments)
 
 
 def latest_checkpoint(folder: Path, expected: str):
@@ -110,6 +131,101 @@ def save_checkpoint(folder: Path, state: dict) -> None:
             old.unlink()
 
 
+def cached_latents(vae, samples: TrainSamples, dtype, dev, folder: Path, expected: str) -> torch.Tensor:
+    """`encode_latents`, kept beside the checkpoints so that a resumed run does not encode again."""
+    path = folder / "latents.pt"
+    if path.is_file():
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+            if cache.get("fingerprint") == expected:
+                return cache["moments"]
+        except (RuntimeError, EOFError, pickle.UnpicklingError):  # written atomically: a disk fault
+            pass
+    started = time.perf_counter()
+    moments = encode_latents(vae, samples, dtype, dev, batch=32)
+    log.info("train-lora: encoded %d images and their mirror images in %.1f s (%.1f MB of latent moments)",
+             len(samples), time.perf_counter() - started, moments.numel() * 4 / 1e6)
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        torch.save({"fingerprint": expected, "moments": moments}, f)
+    return moments
+
+
+def denoising_loss(m, latents, input_ids: torch.Tensor, generator: torch.Generator, dtype) -> torch.Tensor:
+    """The seed's objective for one micro-batch. `latents` is either the cached latent
+    distribution or pixels to encode (the recipe); sampling it draws from `generator` first
+    either way, so both paths draw the same latents, noise and timesteps."""
+    dev = input_ids.device
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        if not isinstance(latents, DiagonalGaussianDistribution):
+            latents = m.vae.encode(latents.to(dtype)).latent_dist
+        latents = latents.sample(generator) * m.vae.config.scaling_factor
+        text = m.text_encoder(input_ids)[0]
+    noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+    timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=dev)
+    noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+    if m.noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        prediction = m.unet(noisy, timesteps, text).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+class Trainer:
+    """The models, optimiser and one optimiser step of the recipe: train-lora's loop and
+    bench/gpu.py both run this."""
+
+    def __init__(self, base_model, cfg, dtype: torch.dtype, dev: torch.device):
+        self.cfg, self.dtype, self.dev = cfg, dtype, dev
+        self.m = m = load_training_models(base_model, dtype)
+        check_target_modules(m.unet, cfg.target_modules)
+        m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                      target_modules=list(cfg.target_modules)))
+        for module in (m.unet, m.vae, m.text_encoder):
+            module.to(dev)
+        cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
+        m.unet.train()
+        self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+            fused=dev.type == "cuda")  # one kernel for all LoRA tensors, the same math
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                          num_training_steps=cfg.max_steps)
+        # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+
+    def step(self, step: int, batches, samples: TrainSamples, moments: torch.Tensor | None) -> dict:
+        """Optimiser step `step` (0-based) on the next grad_accumulation micro-batches; its loss-log row."""
+        cfg, dev, scaler, optimizer = self.cfg, self.dev, self.scaler, self.optimizer
+        generator = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + step)
+        step_loss = torch.zeros((), device=dev)  # summed on the device: one sync per step, not per micro-batch
+        for _ in range(cfg.grad_accumulation):
+            index, flipped, input_ids = next(batches)
+            if moments is not None:
+                latents = DiagonalGaussianDistribution(moments[index, flipped].to(dev, non_blocking=True))
+            else:  # the seed recipe: the VAE at every step
+                latents = samples.pixels(index, flipped).to(dev, non_blocking=True)
+            loss = denoising_loss(self.m, latents, input_ids.to(dev, non_blocking=True), generator, self.dtype)
+            loss = loss / cfg.grad_accumulation
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        scale = scaler.get_scale()
+        scaler.unscale_(optimizer)
+        # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm)
+        scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
+        scaler.update()
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
+        if scaler.get_scale() >= scale:  # as accelerate does: no schedule step for a skipped update
+            self.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "loss": float(step_loss), "lr": lr, "grad_norm": float(grad_norm)}
+
+
 def main() -> None:
     setup_logging()
     params = load_params()
@@ -118,21 +234,12 @@ def main() -> None:
     dtype = training_dtype(cfg.mixed_precision, dev)
     seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG
     images, prompts = dataset.load_train_set(paths.train_data)
-    m = load_training_models(paths.base_model, dtype)
-    check_target_modules(m.unet, cfg.target_modules)
-    m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                  target_modules=list(cfg.target_modules)))
-    for module in (m.unet, m.vae, m.text_encoder):
-        module.to(dev)
-    cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
-    lora_params = [p for p in m.unet.parameters() if p.requires_grad]
-
-    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                 num_training_steps=cfg.max_steps)
-    # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    resolution = params.extract.resolution
+    if images.shape[1:3] != (resolution, resolution):
+        raise StageError(f"{paths.train_data}: images are {images.shape[2]}x{images.shape[1]}, not extract.resolution "
+                         f"{resolution}x{resolution}; rerun `dvc repro extract`")
+    t = Trainer(paths.base_model, cfg, dtype, dev)
+    m, optimizer, lr_scheduler, scaler = t.m, t.optimizer, t.lr_scheduler, t.scaler
 
     checkpoints = dataset.resume_dir(paths, "train-lora")
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -151,50 +258,18 @@ def main() -> None:
         log.info("train-lora: resuming from step %d", start_step)
 
     per_step = cfg.batch_size * cfg.grad_accumulation
-    samples = TrainSamples(images, prompts, m.tokenizer, params.extract.resolution, cfg.random_flip, cfg.seed)
+    samples = TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed)
+    moments = cached_latents(m.vae, samples, dtype, dev, checkpoints, expected) if cfg.cache_latents else None
     loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          sampler=range(start_step * per_step, cfg.max_steps * per_step),
                                          pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0)
     batches = iter(loader)
-    prediction_type = m.noise_scheduler.config.prediction_type
-    m.unet.train()
     started, progress = time.perf_counter(), tqdm(range(start_step, cfg.max_steps), initial=start_step,
                                                   total=cfg.max_steps, desc="train-lora")
     for step in progress:
-        generator = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + step)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accumulation):
-            pixels, input_ids = (t.to(dev, non_blocking=True) for t in next(batches))
-            with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                latents = m.vae.encode(pixels.to(dtype)).latent_dist.sample(generator) * m.vae.config.scaling_factor
-                text = m.text_encoder(input_ids)[0]
-            noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
-            timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=generator, device=dev)
-            noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
-            if prediction_type == "epsilon":
-                target = noise
-            else:
-                target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                prediction = m.unet(noisy, timesteps, text).sample
-            loss = F.mse_loss(prediction.float(), target.float()) / cfg.grad_accumulation
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-        scale = scaler.get_scale()
-        scaler.unscale_(optimizer)
-        # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, max_norm)
-        scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
-        scaler.update()
-        lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-        if scaler.get_scale() >= scale:  # as accelerate does: no schedule step for a skipped update
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_log.append({"step": step + 1, "loss": step_loss, "lr": lr,
-                         "grad_norm": float(grad_norm)})
-        progress.set_postfix(loss=f"{step_loss:.4f}")
+        row = t.step(step, batches, samples, moments)
+        loss_log.append(row)
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(checkpoints, {
                 "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "scaler": scaler.state_dict(),
@@ -235,7 +310,7 @@ def main() -> None:
             "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "base_model_name": base_model,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),
-            "lora_parameters": sum(p.numel() for p in lora_params), "lora_tensors": len(lora_state)})
+            "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         writer.writeheader()

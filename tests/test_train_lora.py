@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -65,11 +66,12 @@ def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
     assert not checkpoints(p).exists(), "a finished run leaves no resume state"
     kill_after_step(p, monkeypatch)
-    assert [c.name for c in checkpoints(p).glob("*.pt")] == ["checkpoint-000002.pt"]
+    assert sorted(c.name for c in checkpoints(p).glob("*.pt")) == ["checkpoint-000002.pt", "latents.pt"]
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora")
 
     assert "resuming from step 2" in caplog.text
+    assert "encoded" not in caplog.text, "a resumed run reuses its latent cache"
     resumed = lora_weights(p)
     for key, value in unbroken.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
@@ -108,6 +110,23 @@ def test_how_knobs_keep_a_checkpoint_valid(trained_project, monkeypatch, caplog)
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora", train__checkpoint_every=3, train__num_workers=1)
     assert "resuming from step 2" in caplog.text
+
+
+def test_cached_latents_train_as_the_seed_recipe_does(trained_project):
+    """Encoding once and sampling the stored distribution is the recipe's objective with the same
+    random draws: loss curve and LoRA equal the VAE-every-step loop's to float noise (fp32)."""
+    p = trained_project
+    p.run("train_lora", train__cache_latents=False)
+    recipe, recipe_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    p.run("train_lora", train__cache_latents=True)
+    cached, cached_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    assert len(recipe_log) == p.params["train"]["max_steps"]
+    np.testing.assert_allclose(cached_log["loss"], recipe_log["loss"], rtol=1e-5)
+    np.testing.assert_allclose(cached_log["grad_norm"], recipe_log["grad_norm"], rtol=1e-4)
+    for key, value in recipe.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-5, msg=key)  # weights reach 0.7
+    p.run("train_lora", train__cache_latents=True, train__random_flip=False)
+    assert not np.allclose(pd.read_csv(p.path("loss_log"))["loss"], cached_log["loss"]), "flips are drawn"
 
 
 def test_gradients_are_really_clipped(trained_project):

@@ -185,6 +185,9 @@ class Train:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
         "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"
     )
+    cache_latents: bool = _doc(
+        "encode each image (and its flip) with the VAE once and sample its latent distribution every step: the "
+        "seed's objective without a VAE pass per step; false runs the seed recipe's loop", how=True)
     checkpoint_every: int = _doc("steps between resumable checkpoints", how=True)
     num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)", how=True)
     seed: int = _doc("seed for data order, augmentation, noise and timesteps")

@@ -1,0 +1,264 @@
+"""Benchmark: training and generation throughput on one GPU, against the seed recipe, in one run.
+
+    python -m bench.gpu                       # full-size SD 1.5 + canny ControlNet, random weights, 256 px
+    python -m bench.gpu --models models       # real weights: a folder with base/ and controlnet/
+    python -m bench.gpu --tiny                # the tiny models on the CPU: the code paths, no timing claims
+
+It runs the project's own code: train-lora's `Trainer` (the optimiser step of the stage, latent
+cache included) and the generate stages' `draw`, not a copy. Measured, each after warm-up steps:
+
+- training samples/s of the seed recipe as the notebooks ran it (fp32, VAE and text encoder at
+  every step, batch 2 x 2 accumulation), of train-lora's path at the seed's 4 samples per
+  optimiser step, and at the largest batch that fits (of --train-batches);
+- the latent cache's encoding rate, and from it and the batch-4 rate an estimate of the seed's
+  whole 5000-step run on 30k images;
+- generation images/s of the notebook recipe (one image per call, UniPC, fp16) and of the
+  generate stages' batched path, at 20 and 40 steps;
+- peak GPU memory of each, and achieved TFLOP/s with FLOPs counted by torch.utils.flop_counter.
+
+Prints a table last and writes JSON (--out). Full size needs the real CLIP vocabulary: the
+`fullsize` extra (pip install -e '.[fullsize]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.common import random_models  # noqa: E402
+from stages.common.generation import draw  # noqa: E402
+from stages.common.models import load_controlnet_pipeline  # noqa: E402
+from stages.common.params import load_params  # noqa: E402
+from stages.common.runtime import device, inference_dtype, training_dtype  # noqa: E402
+from stages.train_lora import Trainer, TrainSamples, encode_latents  # noqa: E402
+
+SEED_RUN = {"steps": 5000, "samples_per_step": 4, "images": 30_000}  # the notebooks' run
+PROMPT = "Long sleeve dress in red with white polka dots"
+
+
+def build_models(folder: Path, size: str) -> tuple[Path, Path]:
+    """Random SD 1.5 and canny ControlNet in the layouts the stages load (plain weight names)."""
+    torch.manual_seed(0)
+    random_models.build_sd15(folder / "base", size)
+    random_models.build_controlnet(folder / "base" / "unet", folder / "controlnet", size)
+    for variant in folder.rglob("*.fp16.safetensors"):  # what fetch-models' install() does
+        variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
+    return folder / "base", folder / "controlnet"
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def reset_peak(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_gb(dev: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2) if dev.type == "cuda" else None
+
+
+def counted_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def significant(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def measure_training(name: str, base: Path, train_cfg, dtype, dev, resolution: int, steps: int,
+                     warmup: int) -> dict:
+    """samples/s of `steps` optimiser steps of train-lora's Trainer after `warmup` steps."""
+    reset_peak(dev)
+    trainer = Trainer(base, dataclasses.replace(train_cfg, max_steps=warmup + steps + 1), dtype, dev)
+    per_step = train_cfg.batch_size * train_cfg.grad_accumulation
+    count = max(64, per_step * 2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, resolution, resolution, 3), dtype=np.uint8)
+    samples = TrainSamples(images, [PROMPT] * count, trainer.m.tokenizer, True, train_cfg.seed)
+    encode = {}
+    moments = None
+    if train_cfg.cache_latents:
+        sync(dev)
+        started = time.perf_counter()
+        moments = encode_latents(trainer.m.vae, samples, dtype, dev, batch=32)
+        sync(dev)
+        encode = {"encode_images_per_s": round(count / (time.perf_counter() - started), 1)}
+    loader = torch.utils.data.DataLoader(samples, batch_size=train_cfg.batch_size,
+                                         sampler=range(0, (warmup + steps + 1) * per_step))
+    batches = iter(loader)
+    for step in range(warmup):
+        trainer.step(step, batches, samples, moments)
+    sync(dev)
+    started = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        trainer.step(step, batches, samples, moments)
+    sync(dev)
+    elapsed = time.perf_counter() - started
+    flops = counted_flops(lambda: trainer.step(warmup + steps, batches, samples, moments))
+    rate = steps * per_step / elapsed
+    result = {"name": name, "kind": "train", "batch": f"{train_cfg.batch_size}x{train_cfg.grad_accumulation}",
+              "dtype": str(dtype).removeprefix("torch."), "rate": round(rate, 2), "unit": "samples/s",
+              "step_ms": round(1000 * elapsed / steps, 1), "tflops": significant(flops * steps / elapsed / 1e12),
+              "peak_gb": peak_gb(dev), **encode}
+    del trainer, moments
+    return result
+
+
+def measure_generation(name: str, pipe, generate_cfg, dev, batch: int, images: int, resolution: int) -> dict:
+    """images/s of the generate stages' `draw`, `batch` images per call."""
+    edges = Image.fromarray(np.zeros((resolution, resolution, 3), np.uint8))
+    edges.paste((255, 255, 255), (resolution // 4, resolution // 4, resolution // 4 + 2, 3 * resolution // 4))
+
+    def call(seeds):
+        return draw(pipe, [edges] * len(seeds), [PROMPT] * len(seeds), seeds, generate_cfg, dev)
+
+    reset_peak(dev)
+    call(list(range(batch)))  # warm-up: kernels picked, memory allocated
+    sync(dev)
+    started = time.perf_counter()
+    done = 0
+    while done < images:
+        call(list(range(done, done + batch)))
+        done += batch
+    sync(dev)
+    elapsed = time.perf_counter() - started
+    flops = counted_flops(lambda: call(list(range(batch))))
+    return {"name": name, "kind": "generate", "batch": str(batch), "steps": generate_cfg.steps,
+            "dtype": str(pipe.dtype).removeprefix("torch."), "rate": round(done / elapsed, 3), "unit": "images/s",
+            "tflops": significant(flops * done / batch / elapsed / 1e12), "peak_gb": peak_gb(dev)}
+
+
+def table(rows: list[dict], baseline: dict[str, float]) -> str:
+    lines = [f"{'measurement':<34} {'batch':>6} {'dtype':>9} {'rate':>10} {'unit':<10} {'x recipe':>8} "
+             f"{'TFLOP/s':>8} {'peak GB':>8}"]
+    for r in rows:
+        ratio = r["rate"] / baseline[r["kind"]] if baseline.get(r["kind"]) else float("nan")
+        peak = "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.1f}"
+        lines.append(f"{r['name']:<34} {r['batch']:>6} {r['dtype']:>9} {r['rate']:>10.2f} {r['unit']:<10} "
+                     f"{ratio:>8.1f} {r['tflops']:>8.3g} {peak:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models (the CPU is fine): code paths, not speed")
+    parser.add_argument("--models", type=Path, help="a folder with base/ and controlnet/ (real weights)")
+    parser.add_argument("--resolution", type=int, help="default 256 (the seed's), 64 with --tiny")
+    parser.add_argument("--train-steps", type=int, help="timed optimiser steps per measurement")
+    parser.add_argument("--train-batches", type=int, nargs="+", help="batch sizes to try for the best batch")
+    parser.add_argument("--generate-batch", type=int, help="images per call for the batched path")
+    parser.add_argument("--images", type=int, help="images per generation measurement")
+    parser.add_argument("--out", type=Path, default=Path("bench-gpu.json"))
+    args = parser.parse_args(argv)
+
+    dev = device()
+    tiny = args.tiny
+    resolution = args.resolution or (64 if tiny else 256)
+    steps = args.train_steps or (3 if tiny else 30)
+    warmup = 1 if tiny else 5
+    batches = args.train_batches or ([8, 16] if tiny else [32, 64, 128])
+    generate_batch = args.generate_batch or (4 if tiny else 64)
+    images = args.images or (4 if tiny else 128)
+    params = load_params(REPO / "params.yaml")
+    train_cfg = dataclasses.replace(params.train, mixed_precision="auto", cache_latents=True, grad_accumulation=1,
+                                    batch_size=4, warmup_steps=0, num_workers=0)
+    started = time.perf_counter()
+    workdir = None
+    if args.models:
+        base, controlnet = args.models / "base", args.models / "controlnet"
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="fashion-bench-"))
+        base, controlnet = build_models(workdir, "tiny" if tiny else "full")
+    build_s = time.perf_counter() - started
+    print(f"bench.gpu: {'tiny' if tiny else 'full-size'} models ({build_s:.0f} s), {resolution} px on {dev}"
+          f"{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}", flush=True)
+
+    rows = []
+    try:
+        recipe = dataclasses.replace(train_cfg, mixed_precision="no", cache_latents=False, batch_size=2,
+                                     grad_accumulation=2)
+        rows.append(measure_training("train: seed recipe", base, recipe, torch.float32, dev, resolution,
+                                     steps, warmup))
+        fast = training_dtype("auto", dev)
+        rows.append(measure_training("train: train-lora, 4 per step", base, train_cfg, fast, dev, resolution,
+                                     steps, warmup))
+        best = None
+        for batch in batches:
+            try:
+                row = measure_training(f"train: train-lora, batch {batch}", base,
+                                       dataclasses.replace(train_cfg, batch_size=batch), fast, dev, resolution,
+                                       max(2, steps // 3), warmup)
+            except RuntimeError as err:
+                if not is_oom(err):
+                    raise
+                print(f"bench.gpu: batch {batch} does not fit", flush=True)
+                break
+            if best is None or row["rate"] > best["rate"]:
+                best = row
+        if best:
+            rows.append(best)
+
+        generate_cfg = dataclasses.replace(params.generate, negative_prompt="", guidance_scale=7.5)
+        dtype = inference_dtype("auto", dev)
+        pipe = load_controlnet_pipeline(base, controlnet, "unipc", dtype, dev)
+        for steps_n in (20, 40):
+            cfg = dataclasses.replace(generate_cfg, steps=steps_n)
+            rows.append(measure_generation(f"generate: notebook recipe, {steps_n} steps", pipe, cfg, dev, 1,
+                                           max(2, images // 16), resolution))
+            rows.append(measure_generation(f"generate: generate stages, {steps_n} steps", pipe, cfg, dev,
+                                           generate_batch, images, resolution))
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    recipe_rate = rows[0]["rate"]
+    baseline = {"train": recipe_rate, "generate": next(r["rate"] for r in rows if r["name"].startswith(
+        "generate: notebook recipe, 20"))}
+    batch4 = rows[1]
+    whole_run = (SEED_RUN["images"] / batch4["encode_images_per_s"]
+                 + SEED_RUN["steps"] * SEED_RUN["samples_per_step"] / batch4["rate"])
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
+              "torch": torch.__version__, "size": "tiny" if tiny else ("real" if args.models else "full"),
+              "resolution": resolution, "rows": rows,
+              "seed_run_estimate_s": {"train_lora": round(whole_run, 1), "seed_recipe": round(
+                  SEED_RUN["steps"] * SEED_RUN["samples_per_step"] / recipe_rate, 1),
+                  "note": "encoding 30k images plus 5000 steps of 4 at the measured rates; no model loading or "
+                          "saving"}}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nbench.gpu: {result['device']}, torch {result['torch']}, {result['size']} models, {resolution} px; "
+          f"JSON in {args.out}")
+    print(f"seed's whole run (estimate): train-lora {result['seed_run_estimate_s']['train_lora']:.0f} s, "
+          f"seed recipe {result['seed_run_estimate_s']['seed_recipe']:.0f} s")
+    print(table(rows, baseline))
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
