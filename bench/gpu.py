@@ -7,14 +7,17 @@
 It runs the project's own code: train-lora's `Trainer` (the optimiser step of the stage, latent
 cache included) and the generate stages' `draw`, not a copy. Measured, each after warm-up steps:
 
-- training samples/s of the seed recipe as the notebooks ran it (fp32, VAE and text encoder at
-  every step, batch 2 x 2 accumulation), of train-lora's path at the seed's 4 samples per
+- training samples/s of the seed recipe's configuration (fp32, VAE and text encoder at every
+  step, batch 2 x 2 accumulation, through the same Trainer: the notebook loop itself was slower
+  still, with an unfused AdamW), of train-lora's path at the seed's 4 samples per
   optimiser step, and at the largest batch that fits (of --train-batches);
 - the latent cache's encoding rate, and from it and the batch-4 rate an estimate of the seed's
   whole 5000-step run on 30k images;
 - generation images/s of the notebook recipe (one image per call, UniPC, fp16) and of the
   generate stages' batched path, at 20 and 40 steps;
-- peak GPU memory of each, and achieved TFLOP/s with FLOPs counted by torch.utils.flop_counter.
+- peak GPU memory of each, and achieved TFLOP/s with FLOPs counted by torch.utils.flop_counter;
+- on a GPU, the T4's shapes: fp16 training at 2 x 2, and generation at batch 8, 16 and 32
+  (the peak memory against a T4's 16 GB; the rates are this GPU's, not a T4's).
 
 Prints a table last and writes JSON (--out). Full size needs the real CLIP vocabulary: the
 `fullsize` extra (pip install -e '.[fullsize]').
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -67,6 +71,7 @@ def sync(dev: torch.device) -> None:
 
 def reset_peak(dev: torch.device) -> None:
     if dev.type == "cuda":
+        gc.collect()  # the last measurement's models, a failed batch's activations
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -88,7 +93,8 @@ def significant(x: float) -> float:
 
 
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 def measure_training(name: str, base: Path, train_cfg, dtype, dev, resolution: int, steps: int,
@@ -97,36 +103,34 @@ def measure_training(name: str, base: Path, train_cfg, dtype, dev, resolution: i
     reset_peak(dev)
     trainer = Trainer(base, dataclasses.replace(train_cfg, max_steps=warmup + steps + 1), dtype, dev)
     per_step = train_cfg.batch_size * train_cfg.grad_accumulation
-    count = max(64, per_step * 2)
+    count = max(64 if dev.type == "cpu" else 512, per_step * 2)  # images to encode (and train on)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (count, resolution, resolution, 3), dtype=np.uint8)
-    samples = TrainSamples(images, [PROMPT] * count, trainer.m.tokenizer, True, train_cfg.seed)
+    samples = TrainSamples(images, [PROMPT] * count, trainer.m.tokenizer, True, train_cfg.seed,
+                           trainer.latent_shape(resolution), trainer.m.noise_scheduler.config.num_train_timesteps)
     encode = {}
-    moments = None
     if train_cfg.cache_latents:
+        encode_latents(trainer.m.vae, samples, range(32), dtype, dev, batch=32)  # warm-up: kernels chosen
         sync(dev)
         started = time.perf_counter()
-        moments = encode_latents(trainer.m.vae, samples, dtype, dev, batch=32)
+        samples.moments = encode_latents(trainer.m.vae, samples, range(count), dtype, dev, batch=32)
         sync(dev)
         encode = {"encode_images_per_s": round(count / (time.perf_counter() - started), 1)}
-    loader = torch.utils.data.DataLoader(samples, batch_size=train_cfg.batch_size,
-                                         sampler=range(0, (warmup + steps + 1) * per_step))
-    batches = iter(loader)
+    batches = trainer.loader(samples, 0, warmup + steps + 1)
     for step in range(warmup):
-        trainer.step(step, batches, samples, moments)
+        trainer.step(step, batches, samples)
     sync(dev)
     started = time.perf_counter()
     for step in range(warmup, warmup + steps):
-        trainer.step(step, batches, samples, moments)
+        trainer.step(step, batches, samples)
     sync(dev)
     elapsed = time.perf_counter() - started
-    flops = counted_flops(lambda: trainer.step(warmup + steps, batches, samples, moments))
+    flops = counted_flops(lambda: trainer.step(warmup + steps, batches, samples))
     rate = steps * per_step / elapsed
     result = {"name": name, "kind": "train", "batch": f"{train_cfg.batch_size}x{train_cfg.grad_accumulation}",
               "dtype": str(dtype).removeprefix("torch."), "rate": round(rate, 2), "unit": "samples/s",
               "step_ms": round(1000 * elapsed / steps, 1), "tflops": significant(flops * steps / elapsed / 1e12),
               "peak_gb": peak_gb(dev), **encode}
-    del trainer, moments
     return result
 
 
@@ -223,6 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
                 best = row
         if best:
             rows.append(best)
+        if dev.type == "cuda":  # a Kaggle T4 has no bf16: fp16 with loss scaling, the seed's 2 x 2
+            t4 = dataclasses.replace(train_cfg, mixed_precision="fp16", batch_size=2, grad_accumulation=2)
+            rows.append(measure_training("train: T4 shape (fp16, 2x2)", base, t4, torch.float16, dev, resolution,
+                                         max(2, steps // 3), warmup))
 
         generate_cfg = dataclasses.replace(params.generate, negative_prompt="", guidance_scale=7.5)
         dtype = inference_dtype("auto", dev)
@@ -233,6 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
                                            max(2, images // 16), resolution))
             rows.append(measure_generation(f"generate: generate stages, {steps_n} steps", pipe, cfg, dev,
                                            generate_batch, images, resolution))
+        if dev.type == "cuda":  # the largest batch a 16 GB T4 holds, fp16 (peak memory is the figure to read)
+            for batch in (8, 16, 32):
+                rows.append(measure_generation(f"generate: T4 shape, batch {batch}", pipe,
+                                               dataclasses.replace(generate_cfg, steps=20), dev, batch, batch,
+                                               resolution))
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)

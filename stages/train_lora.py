@@ -24,6 +24,7 @@ fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; and on
 optimiser step to `paths.loss_log`.
 """
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -46,13 +47,13 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from stages.common import dataset
+from stages.common import dataset, distributed
 from stages.common.cli import StageError, log, run_cli, setup_logging
 from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps,
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
-from stages.common.params import as_dict, load_params, what_keys
+from stages.common.params import load_params, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
@@ -60,11 +61,16 @@ LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
 
 class TrainSamples(torch.utils.data.Dataset):
     """Item k is the k-th sample of the whole run: epoch k // N in a seeded order, with a seeded
-    flip. Indexing by k (not by image) is what makes resuming exact. An item names the image and
-    its orientation; `pixels()` makes the seed recipe's tensor from them."""
+    flip, and its own draws of the latent sample, the noise and the timestep. Everything random is
+    a function of (train.seed, k), so a resumed run continues exactly, and how the samples of a
+    step are split into micro-batches or between processes changes nothing but float rounding.
+    An item names the image and its orientation; `pixels()` makes the seed recipe's tensor."""
 
-    def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, flip: bool, seed: int):
+    def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, flip: bool, seed: int,
+                 latent_shape: tuple[int, int, int], timesteps: int):
         self.images, self.flip, self.seed = images, flip, seed
+        self.latent_shape, self.timesteps = latent_shape, timesteps
+        self.moments = None  # set to encode_latents' output to train from the latent cache
         self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
                                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         self._order = (-1, None)
@@ -78,7 +84,14 @@ class TrainSamples(torch.utils.data.Dataset):
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
         i = int(self._order[1][pos])
         flipped = self.flip and np.random.default_rng([self.seed, epoch, pos]).random() < 0.5
-        return i, int(flipped), self.input_ids[i]
+        # Drawn on the CPU: the same numbers on any device, and one copy per micro-batch to the GPU.
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0]))
+        latent_noise = torch.randn(self.latent_shape, generator=generator)
+        noise = torch.randn(self.latent_shape, generator=generator)
+        timestep = torch.randint(0, self.timesteps, (), generator=generator)
+        # The cached latent distribution travels with the item, so the loader collates and pins it.
+        moments = self.moments[i, int(flipped)] if self.moments is not None else torch.empty(0)
+        return i, int(flipped), self.input_ids[i], moments, latent_noise, noise, timestep
 
     def pixels(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images, mirrored where `flipped`. extract writes them at the training resolution,
@@ -88,22 +101,27 @@ class TrainSamples(torch.utils.data.Dataset):
         return torch.where(flipped.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
 
 
-def encode_latents(vae, samples: TrainSamples, dtype: torch.dtype, dev, batch: int) -> torch.Tensor:
-    """The VAE's latent distribution of every image and its mirror image: [N, 2, 2 x latent
-    channels, h, w] (mean and log-variance, as diffusers stores them), fp32 on the CPU."""
-    moments = []
-    for start in tqdm(range(0, len(samples), batch), desc="train-lora: encoding", unit="batch"):
-        index = torch.arange(start, min(start + batch, len(samples)))
+def encode_latents(vae, samples: TrainSamples, images: range, dtype: torch.dtype, dev, batch: int) -> torch.Tensor:
+    """The VAE's latent distribution of `images` and their mirror images: [n, 2, 2 x latent
+    channels, h, w] (mean and log-variance, as diffusers stores them), on the CPU in the VAE's
+    dtype (bf16 on a GPU: upcasting adds no information and doubles the memory)."""
+    moments = None
+    for start in tqdm(range(0, len(images), batch), desc="train-lora: encoding", unit="batch",
+                      disable=not distributed.is_writer()):
+        index = torch.tensor(images[start:start + batch])
         both = torch.cat([samples.pixels(index, torch.zeros_like(index)),
                           samples.pixels(index, torch.ones_like(index))])
         with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            encoded = vae.encode(both.to(dev, dtype)).latent_dist.parameters.float().cpu()
-        moments.append(torch.stack(encoded.chunk(2), dim=1))
-    return torch.cat(moments)
+            encoded = vae.encode(both.to(dev, dtype)).latent_dist.parameters.cpu()
+        if moments is None:  # filled in place: no list to concatenate, no second copy at the peak
+            moments = torch.empty((len(images), 2, *encoded.shape[1:]), dtype=encoded.dtype)
+        moments[start:start + len(index)] = torch.stack(encoded.chunk(2), dim=1)
+    return moments
 
 
-def latest_checkpoint(folder: Path, expected: str):
-    """The newest checkpoint made from the same inputs, or None; stale ones are deleted."""
+def latest_checkpoint(folder: Path, expected: str, delete: bool = True):
+    """The newest checkpoint made from the same inputs, or None; stale ones are deleted (by the
+    writer: the other processes read what it kept)."""
     checkpoints = sorted(folder.glob("checkpoint-*.pt"))
     if not checkpoints:
         return None
@@ -116,7 +134,7 @@ def latest_checkpoint(folder: Path, expected: str):
         if state.get("fingerprint") != expected:
             log.info("train-lora: %s was made from other params, data or code; starting afresh", checkpoints[-1])
             state = None
-    if state is None:
+    if state is None and delete:
         for path in checkpoints:
             path.unlink()
     return state
@@ -132,53 +150,72 @@ def save_checkpoint(folder: Path, state: dict) -> None:
 
 
 def cached_latents(vae, samples: TrainSamples, dtype, dev, folder: Path, expected: str) -> torch.Tensor:
-    """`encode_latents`, kept beside the checkpoints so that a resumed run does not encode again."""
-    path = folder / "latents.pt"
-    if path.is_file():
-        try:
-            cache = torch.load(path, map_location="cpu", weights_only=True)
-            if cache.get("fingerprint") == expected:
-                return cache["moments"]
-        except (RuntimeError, EOFError, pickle.UnpicklingError):  # written atomically: a disk fault
-            pass
-    started = time.perf_counter()
-    moments = encode_latents(vae, samples, dtype, dev, batch=32)
-    log.info("train-lora: encoded %d images and their mirror images in %.1f s (%.1f MB of latent moments)",
-             len(samples), time.perf_counter() - started, moments.numel() * 4 / 1e6)
-    with atomic_file(path) as tmp, tmp.open("wb") as f:
-        torch.save({"fingerprint": expected, "moments": moments}, f)
-    return moments
+    """`encode_latents` of every image, each process encoding its share into a file beside the
+    checkpoints (so a resumed run does not encode again), then every process reading them all."""
+    rank, processes = distributed.rank(), distributed.world_size()
+    parts = [folder / f"latents-{r}-of-{processes}.pt" for r in range(processes)]
+
+    def load(path: Path):
+        try:  # memory-mapped: the processes of one machine share the pages
+            cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # written atomically: a disk fault
+            return None
+        return cache["moments"] if cache.get("fingerprint") == expected else None
+
+    if load(parts[rank]) is None:
+        started = time.perf_counter()
+        share = range(len(samples) * rank // processes, len(samples) * (rank + 1) // processes)
+        moments = encode_latents(vae, samples, share, dtype, dev, batch=32)
+        with atomic_file(parts[rank]) as tmp, tmp.open("wb") as f:
+            torch.save({"fingerprint": expected, "moments": moments}, f)
+        log.info("train-lora: encoded %d images and their mirror images in %.1f s (%.1f MB of latent moments)",
+                 len(share), time.perf_counter() - started, moments.numel() * moments.element_size() / 1e6)
+    distributed.barrier()
+    # One process keeps the file's mapping (no copy); several each hold a copy of the whole.
+    return load(parts[0]) if processes == 1 else torch.cat([load(part) for part in parts])
 
 
-def denoising_loss(m, latents, input_ids: torch.Tensor, generator: torch.Generator, dtype) -> torch.Tensor:
-    """The seed's objective for one micro-batch. `latents` is either the cached latent
-    distribution or pixels to encode (the recipe); sampling it draws from `generator` first
-    either way, so both paths draw the same latents, noise and timesteps."""
+def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, dtype, unet=None) -> torch.Tensor:
+    """The seed's objective, per sample. `latents` is either the cached latent distribution or
+    pixels to encode (the recipe); either way the latent is mean + std x latent_noise, as
+    diffusers' `latent_dist.sample()` computes it, so both paths train on the same numbers."""
     dev = input_ids.device
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         if not isinstance(latents, DiagonalGaussianDistribution):
             latents = m.vae.encode(latents.to(dtype)).latent_dist
-        latents = latents.sample(generator) * m.vae.config.scaling_factor
+        latents = (latents.mean + latents.std * latent_noise.to(latents.mean.dtype)) * m.vae.config.scaling_factor
         text = m.text_encoder(input_ids)[0]
-    noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
-    timesteps = torch.randint(0, m.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=dev)
+    noise = noise.to(latents.dtype)
     noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
     if m.noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     else:
         target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-        prediction = m.unet(noisy, timesteps, text).sample
-    return F.mse_loss(prediction.float(), target.float())
+        prediction = (unet if unet is not None else m.unet)(noisy, timesteps, text).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def micro_batches(step: int, cfg, rank: int, processes: int) -> list[list[int]]:
+    """The sample numbers this process trains on in optimiser step `step`: its contiguous share
+    of the step's batch_size x grad_accumulation samples, in micro-batches of batch_size."""
+    per_step = cfg.batch_size * cfg.grad_accumulation
+    share = per_step // processes
+    first = step * per_step + rank * share
+    return [list(range(start, min(start + cfg.batch_size, first + share)))
+            for start in range(first, first + share, cfg.batch_size)]
 
 
 class Trainer:
     """The models, optimiser and one optimiser step of the recipe: train-lora's loop and
-    bench/gpu.py both run this."""
+    bench/gpu.py both run this. Under several processes the UNet is wrapped in DDP, which
+    averages the LoRA's gradients; each process weights its share so that the average is the
+    one-process gradient of the whole step."""
 
     def __init__(self, base_model, cfg, dtype: torch.dtype, dev: torch.device):
         self.cfg, self.dtype, self.dev = cfg, dtype, dev
+        self.rank, self.processes = distributed.rank(), distributed.world_size()
         self.m = m = load_training_models(base_model, dtype)
         check_target_modules(m.unet, cfg.target_modules)
         m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
@@ -188,6 +225,10 @@ class Trainer:
         cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
         m.unet.train()
         self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+        self.unet = m.unet
+        if self.processes > 1:
+            self.unet = torch.nn.parallel.DistributedDataParallel(
+                m.unet, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(
             self.lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
@@ -197,21 +238,39 @@ class Trainer:
         # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
-    def step(self, step: int, batches, samples: TrainSamples, moments: torch.Tensor | None) -> dict:
-        """Optimiser step `step` (0-based) on the next grad_accumulation micro-batches; its loss-log row."""
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        vae = self.m.vae.config
+        return vae.latent_channels, *(resolution // 2 ** (len(vae.block_out_channels) - 1),) * 2
+
+    def loader(self, samples: TrainSamples, first_step: int, last_step: int):
+        """This process's micro-batches of steps [first_step, last_step), in order."""
+        plan = [batch for step in range(first_step, last_step)
+                for batch in micro_batches(step, self.cfg, self.rank, self.processes)]
+        return iter(torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=self.cfg.num_workers,
+                                                pin_memory=self.dev.type == "cuda"))
+
+    def step(self, step: int, batches, samples: TrainSamples) -> dict:
+        """Optimiser step `step` (0-based) on this process's next micro-batches; the loss-log row."""
         cfg, dev, scaler, optimizer = self.cfg, self.dev, self.scaler, self.optimizer
-        generator = torch.Generator(dev).manual_seed(cfg.seed * 1_000_003 + step)
+        per_step = cfg.batch_size * cfg.grad_accumulation
+        count = len(micro_batches(step, cfg, self.rank, self.processes))
         step_loss = torch.zeros((), device=dev)  # summed on the device: one sync per step, not per micro-batch
-        for _ in range(cfg.grad_accumulation):
-            index, flipped, input_ids = next(batches)
-            if moments is not None:
-                latents = DiagonalGaussianDistribution(moments[index, flipped].to(dev, non_blocking=True))
+        for n in range(count):
+            index, flipped, input_ids, moments, *draws = next(batches)
+            if samples.moments is not None:
+                latents = DiagonalGaussianDistribution(moments.to(dev, non_blocking=True).float())
             else:  # the seed recipe: the VAE at every step
                 latents = samples.pixels(index, flipped).to(dev, non_blocking=True)
-            loss = denoising_loss(self.m, latents, input_ids.to(dev, non_blocking=True), generator, self.dtype)
-            loss = loss / cfg.grad_accumulation
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
+            # DDP averages gradients over processes only on the last micro-batch's backward.
+            sync = self.processes == 1 or n == count - 1
+            with contextlib.nullcontext() if sync else self.unet.no_sync():
+                losses = denoising_loss(self.m, latents, input_ids.to(dev, non_blocking=True),
+                                        *(d.to(dev, non_blocking=True) for d in draws), self.dtype, self.unet)
+                # Each sample weighs 1 / per_step in the step's mean; x processes undoes DDP's average.
+                loss = losses.sum() * self.processes / per_step
+                scaler.scale(loss).backward()
+            step_loss += losses.detach().sum() / per_step
+        step_loss = distributed.all_sum(step_loss)
         scale = scaler.get_scale()
         scaler.unscale_(optimizer)
         # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
@@ -230,6 +289,8 @@ def main() -> None:
     setup_logging()
     params = load_params()
     cfg, paths = params.train, params.paths
+    if distributed.relaunch(cfg.processes, "stages.train_lora", "train.processes"):
+        return  # its processes did the work
     dev = device()
     dtype = training_dtype(cfg.mixed_precision, dev)
     seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG
@@ -238,15 +299,25 @@ def main() -> None:
     if images.shape[1:3] != (resolution, resolution):
         raise StageError(f"{paths.train_data}: images are {images.shape[2]}x{images.shape[1]}, not extract.resolution "
                          f"{resolution}x{resolution}; rerun `dvc repro extract`")
+    writer, processes = distributed.is_writer(), distributed.world_size()
+    per_step = cfg.batch_size * cfg.grad_accumulation
+    if per_step % processes:
+        raise StageError(f"train.batch_size x train.grad_accumulation = {per_step} does not split between "
+                         f"{processes} processes; make it a multiple of {processes}")
+    distributed.init(dev)
     t = Trainer(paths.base_model, cfg, dtype, dev)
     m, optimizer, lr_scheduler, scaler = t.m, t.optimizer, t.lr_scheduler, t.scaler
 
     checkpoints = dataset.resume_dir(paths, "train-lora")
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    remove_temps(checkpoints)  # a checkpoint half-written when a run was killed
     settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype)}
     expected = fingerprint(settings, paths.train_data, paths.base_model, *source_files())
-    state = latest_checkpoint(checkpoints, expected)
+    if writer:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_temps(checkpoints)  # a checkpoint half-written when a run was killed
+        state = latest_checkpoint(checkpoints, expected)
+    distributed.barrier()
+    if not writer:
+        state = latest_checkpoint(checkpoints, expected, delete=False)
     start_step, loss_log = 0, []
     if state is not None:
         set_peft_model_state_dict(m.unet, state["lora"])
@@ -257,24 +328,25 @@ def main() -> None:
         start_step, loss_log = state["step"], state["loss_log"]
         log.info("train-lora: resuming from step %d", start_step)
 
-    per_step = cfg.batch_size * cfg.grad_accumulation
-    samples = TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed)
-    moments = cached_latents(m.vae, samples, dtype, dev, checkpoints, expected) if cfg.cache_latents else None
-    loader = torch.utils.data.DataLoader(samples, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         sampler=range(start_step * per_step, cfg.max_steps * per_step),
-                                         pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    batches = iter(loader)
+    samples = TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed, t.latent_shape(resolution),
+                           m.noise_scheduler.config.num_train_timesteps)
+    if cfg.cache_latents:
+        samples.moments = cached_latents(m.vae, samples, dtype, dev, checkpoints, expected)
+    batches = t.loader(samples, start_step, cfg.max_steps)
     started, progress = time.perf_counter(), tqdm(range(start_step, cfg.max_steps), initial=start_step,
-                                                  total=cfg.max_steps, desc="train-lora")
+                                                  total=cfg.max_steps, desc="train-lora", disable=not writer)
     for step in progress:
-        row = t.step(step, batches, samples, moments)
+        row = t.step(step, batches, samples)
         loss_log.append(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+        if writer and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(checkpoints, {
                 "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "scaler": scaler.state_dict(),
                 "lora": get_peft_model_state_dict(m.unet), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict()})
+    if not writer:  # the LoRA is the same in every process: one writes it
+        distributed.finish()
+        return
     elapsed = time.perf_counter() - started
     trained = cfg.max_steps - start_step
 
@@ -291,7 +363,8 @@ def main() -> None:
                    "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights}
         # The params' digest, not the resume fingerprint: that one also hashes the code, so the
         # weights file would change with every edit to any stage.
-        train_params = json.dumps({**as_dict(cfg), "resolution": params.extract.resolution}, sort_keys=True)
+        # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.
+        train_params = json.dumps({**what_keys(cfg), "resolution": params.extract.resolution}, sort_keys=True)
         params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
         sources = Path(paths.model_sources)
         base_model = base_model_name(read_json(sources) if sources.is_file() else None)
@@ -307,20 +380,21 @@ def main() -> None:
                          kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
                                         base_model))
         write_json(out / "training_config.json", {
-            "train": as_dict(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
+            "train": what_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "base_model_name": base_model,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),
             "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(loss_log)
+        table = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
+        table.writeheader()
+        table.writerows(loss_log)
     shutil.rmtree(checkpoints)  # the outputs are whole: DVC's cache keeps them from here
     # Throughput and resume point go to the log, not to training_config.json: anything that
     # varies between otherwise identical runs would make every downstream stage rerun.
     log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s%s, final loss %.4f; wrote %s/%s",
              cfg.max_steps, start_step, dev, dtype, trained * per_step / elapsed if trained else 0.0,
              peak_memory(dev), loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
+    distributed.finish()
 
 
 if __name__ == "__main__":

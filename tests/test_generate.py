@@ -122,3 +122,19 @@ def test_lora_changes_images_and_scale_zero_is_baseline(trained_project):
     assert all(image_diff(baseline[i], off[i]) <= 1 for i in baseline)
     assert np.mean([image_diff(baseline[i], lora[i]) for i in baseline]) > np.mean(
         [image_diff(baseline[i], off[i]) for i in baseline])
+
+
+def test_two_processes_draw_what_one_draws(trained_project, monkeypatch, caplog):
+    """generate.processes: 2 (accelerate launch, gloo on the CPU): each process draws every other
+    batch, the same batches one process draws, so the images are identical to the bit."""
+    p = trained_project
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    p.run("generate_lora", generate__batch_size=1)  # 4 eval images: batches 0 and 2 to process 0, 1 and 3 to 1
+    one = generated(p, "lora")
+    shutil.rmtree(p.path("generated_lora"))
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("generate_lora", generate__processes=2)
+    assert "launch --multi_gpu --num_processes 2" in caplog.text
+    two = generated(p, "lora")
+    assert one.keys() == two.keys() and all(np.array_equal(one[i], two[i]) for i in one)
+    assert not dataset.resume_dir(p.typed().paths, "generate-lora").exists()

@@ -66,7 +66,7 @@ def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
     assert not checkpoints(p).exists(), "a finished run leaves no resume state"
     kill_after_step(p, monkeypatch)
-    assert sorted(c.name for c in checkpoints(p).glob("*.pt")) == ["checkpoint-000002.pt", "latents.pt"]
+    assert sorted(c.name for c in checkpoints(p).glob("*.pt")) == ["checkpoint-000002.pt", "latents-0-of-1.pt"]
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora")
 
@@ -127,6 +127,49 @@ def test_cached_latents_train_as_the_seed_recipe_does(trained_project):
         torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-5, msg=key)  # weights reach 0.7
     p.run("train_lora", train__cache_latents=True, train__random_flip=False)
     assert not np.allclose(pd.read_csv(p.path("loss_log"))["loss"], cached_log["loss"]), "flips are drawn"
+
+
+def test_each_step_is_shared_out_whole():
+    """Process r of N trains on its contiguous share of the step's samples: together exactly the
+    one-process step, whatever the split."""
+    cfg = type("Cfg", (), {"batch_size": 3, "grad_accumulation": 2})
+    assert train_lora.micro_batches(5, cfg, 0, 1) == [[30, 31, 32], [33, 34, 35]]
+    assert [train_lora.micro_batches(5, cfg, r, 2) for r in range(2)] == [[[30, 31, 32]], [[33, 34, 35]]]
+    assert [train_lora.micro_batches(5, cfg, r, 3) for r in range(3)] == [[[30, 31]], [[32, 33]], [[34, 35]]]
+
+
+def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
+    """Every draw belongs to a sample, not to a micro-batch: 4 x 1, 2 x 2 and 1 x 4 are one run."""
+    p = trained_project
+    runs = []
+    for batch, accumulation in ((2, 2), (4, 1), (1, 4)):
+        p.run("train_lora", train__batch_size=batch, train__grad_accumulation=accumulation)
+        runs.append((lora_weights(p), pd.read_csv(p.path("loss_log"))))
+    for weights, losses in runs[1:]:
+        np.testing.assert_allclose(losses["loss"], runs[0][1]["loss"], rtol=1e-5)
+        for key, value in runs[0][0].items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_processes_train_as_one_and_resume_its_checkpoint(trained_project, monkeypatch, capfd, caplog):
+    """train.processes: 2 runs train-lora under accelerate launch (gloo on the CPU, as NCCL on
+    GPUs): it picks up a one-process checkpoint, one process writes, and the LoRA and loss curve
+    are the one-process run's."""
+    p = trained_project
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    kill_after_step(p, monkeypatch)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("train_lora", train__processes=2)
+    err = capfd.readouterr().err  # the processes' own logs
+    assert "launch --multi_gpu --num_processes 2" in caplog.text
+    assert err.count("resuming from step 2") == 2, "both processes resume"
+    assert err.count("wrote models/lora") == 1, "one writer"
+    pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log, rtol=1e-5, check_exact=False)
+    for key, value in unbroken.items():
+        torch.testing.assert_close(lora_weights(p)[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert not checkpoints(p).exists()
 
 
 def test_gradients_are_really_clipped(trained_project):

@@ -5,7 +5,9 @@ the batch size or on which images were already done. Images are drawn into a res
 `paths.resume` and moved into the output folder whole at the end. A rerun after a crash skips the
 images already drawn; a rerun after any input changed (fingerprint in generation_config.json)
 starts afresh, but only once the models and the LoRA have loaded. The output is an ordinary
-DVC output, so DVC's run-cache restores it for any configuration seen before.
+DVC output, so DVC's run-cache restores it for any configuration seen before. With
+`generate.processes` above 1 (or under `accelerate launch`) each process draws its share of the
+batches, one per GPU, into the same resume folder.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import dataset
+from stages.common import dataset, distributed
 from stages.common.cli import StageError, log, setup_logging
 from stages.common.io import (atomic_dir, check_images, fingerprint, index_name, load_rgb, read_json, remove_temps,
                               save_png, source_files, write_json)
@@ -42,7 +44,11 @@ def run(variant: str) -> None:
     setup_logging()
     params = load_params()
     cfg, paths = params.generate, params.paths
+    if distributed.relaunch(cfg.processes, f"stages.generate_{variant}", "generate.processes"):
+        return  # its processes did the work
+    writer, rank, processes = distributed.is_writer(), distributed.rank(), distributed.world_size()
     dev = device()
+    distributed.init(dev)
     dtype = inference_dtype(cfg.precision, dev)
     configs = dataset.load_eval_configs(paths.eval_data)
     out_dir = dataset.generated_dir(paths, variant)
@@ -63,6 +69,7 @@ def run(variant: str) -> None:
     if previous_fingerprint(out_dir / CONFIG_FILE) == expected and all(
             dataset.generated_path(paths, variant, c["index"]).is_file() for c in configs):
         log.info("generate-%s: all %d images already in %s", variant, len(configs), out_dir)
+        distributed.finish()
         return
     # Images are made in a resume folder outside the DVC output and moved in whole at the end.
     work = dataset.resume_dir(paths, f"generate-{variant}")
@@ -76,23 +83,33 @@ def run(variant: str) -> None:
             # step runs the plain UNet, without two extra matmuls per attention projection.
             # Within 1 level of the unfused LoRA (tests/test_sketch_cli.py draws it unfused).
             pipe.fuse_lora(components=["unet"], lora_scale=cfg.lora_scale)
-    if work.exists() and not resumable:
-        log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, work)
+    distributed.barrier()  # every process has read the resume folder before the writer changes it
+    if writer:
+        if work.exists() and not resumable:
+            log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, work)
+            shutil.rmtree(work)
+        remove_temps(work)  # half-written images of a killed run
+        write_json(work / CONFIG_FILE, {"fingerprint": expected, "variant": variant, "generate": settings,
+                                        "dtype": str(dtype), "images": len(configs)})
+    distributed.barrier()
+    # Process r draws every processes-th batch: the same batches as one process draws, so the same
+    # images to the bit, and the one writer moves them all into the output.
+    batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
+    mine = [config for batch in batches[rank::processes] for config in batch]
+    if mine:
+        generate(pipe, mine, cfg, variant, dev, paths, work)
+    distributed.barrier()
+    if writer:
+        with atomic_dir(out_dir) as tmp:
+            for done in work.iterdir():  # linked, not moved: if the swap fails, the resume folder is whole
+                try:
+                    os.link(done, tmp / done.name)
+                except OSError:  # paths.resume on another file system
+                    shutil.copy2(done, tmp / done.name)
         shutil.rmtree(work)
-    remove_temps(work)  # half-written images of a killed run
-    write_json(work / CONFIG_FILE, {"fingerprint": expected, "variant": variant, "generate": settings,
-                                    "dtype": str(dtype), "images": len(configs)})
-    if todo:
-        generate(pipe, todo, cfg, variant, dev, paths, work)
-    with atomic_dir(out_dir) as tmp:
-        for done in work.iterdir():  # linked, not moved: if the swap fails, the resume folder is whole
-            try:
-                os.link(done, tmp / done.name)
-            except OSError:  # paths.resume on another file system
-                shutil.copy2(done, tmp / done.name)
-    shutil.rmtree(work)
-    log.info("generate-%s: %d images in %s (%d made now, %d by an earlier run)", variant, len(configs), out_dir,
-             len(todo), len(configs) - len(todo))
+        log.info("generate-%s: %d images in %s (%d made now, %d by an earlier run)", variant, len(configs),
+                 out_dir, len(todo), len(configs) - len(todo))
+    distributed.finish()
 
 
 def draw(pipe, edges: list[Image.Image], prompts: list[str], seeds: list[int], cfg, dev,
@@ -113,7 +130,8 @@ def draw(pipe, edges: list[Image.Image], prompts: list[str], seeds: list[int], c
 def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> None:
     """Draw `todo` in batches, each image with its own seeded generator, into `work`."""
     started = time.perf_counter()
-    for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate-{variant}", unit="batch"):
+    for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate-{variant}", unit="batch",
+                      disable=not distributed.is_writer()):
         batch = todo[start:start + cfg.batch_size]
         edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]
         images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch], cfg, dev)

@@ -190,6 +190,8 @@ class Train:
         "seed's objective without a VAE pass per step; false runs the seed recipe's loop", how=True)
     checkpoint_every: int = _doc("steps between resumable checkpoints", how=True)
     num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)", how=True)
+    processes: int = _doc("data-parallel processes, one per GPU (accelerate launch); each optimiser step's "
+                          "batch_size x grad_accumulation samples are shared out between them", how=True)
     seed: int = _doc("seed for data order, augmentation, noise and timesteps")
 
     def __post_init__(self):
@@ -205,6 +207,10 @@ class Train:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.alpha > 0, "train.alpha", "must be positive (the LoRA's output is scaled by alpha / rank)")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        _check(self.processes >= 1, "train.processes", "must be at least 1")
+        _check(self.batch_size * self.grad_accumulation % self.processes == 0, "train.processes",
+               f"must divide batch_size x grad_accumulation ({self.batch_size * self.grad_accumulation}) so that "
+               "every process gets as many samples")
         _check(len(self.target_modules) > 0, "train.target_modules", "must name at least one module")
         _check(len(set(self.target_modules)) == len(self.target_modules), "train.target_modules",
                "names a module twice")
@@ -219,12 +225,15 @@ class Generate:
     negative_prompt: str = _doc("negative prompt for CFG (empty = unconditional)")
     lora_scale: float = _doc("LoRA strength in generate-lora")
     batch_size: int = _doc("images per pipeline call; each image has its own seeded generator", how=True)
+    processes: int = _doc("processes, one per GPU (accelerate launch), each drawing every processes-th image",
+                          how=True)
     seed: int = _doc("image i uses seed + i, so results do not depend on batch size")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _doc("auto: fp16 on CUDA, fp32 on CPU")
 
     def __post_init__(self):
         _check(self.steps >= 1, "generate.steps", "must be at least 1")
         _check(self.batch_size >= 1, "generate.batch_size", "must be at least 1")
+        _check(self.processes >= 1, "generate.processes", "must be at least 1")
         _check(self.guidance_scale >= 0, "generate.guidance_scale", "must be >= 0")
 
 

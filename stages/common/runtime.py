@@ -14,8 +14,9 @@ from stages.common.cli import StageError, log
 def device() -> torch.device:
     """CUDA when there is one; FASHION_DEVICE=cpu forces the CPU."""
     wanted = os.environ.get("FASHION_DEVICE", "auto")
-    if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted == "auto":  # under accelerate launch, process k of a machine takes its GPU k
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+            torch.device("cpu")
     try:
         dev = torch.device(wanted)
     except RuntimeError:
