@@ -29,6 +29,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import pickle
 import shutil
 import time
@@ -225,6 +226,11 @@ class Trainer:
         cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
         m.unet.train()
         self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+        if cfg.compile != "none":
+            # In place (Module.compile), so the LoRA's state-dict keys stay as peft saves them.
+            # FASHION_COMPILE_BACKEND=aot_eager traces without inductor's minutes (the CPU tests).
+            backend = os.environ.get("FASHION_COMPILE_BACKEND", "inductor")
+            m.unet.compile(backend=backend, **({"mode": cfg.compile} if backend == "inductor" else {}))
         self.unet = m.unet
         if self.processes > 1:
             self.unet = torch.nn.parallel.DistributedDataParallel(
@@ -291,6 +297,8 @@ def main() -> None:
     cfg, paths = params.train, params.paths
     if distributed.relaunch(cfg.processes, "stages.train_lora", "train.processes"):
         return  # its processes did the work
+    # Compiled kernels persist beside the resume state, so a rerun does not compile again.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(paths.resume) / "inductor"))
     dev = device()
     dtype = training_dtype(cfg.mixed_precision, dev)
     seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG

@@ -129,6 +129,18 @@ def test_cached_latents_train_as_the_seed_recipe_does(trained_project):
     assert not np.allclose(pd.read_csv(p.path("loss_log"))["loss"], cached_log["loss"]), "flips are drawn"
 
 
+def test_a_compiled_unet_trains_as_the_eager_one(trained_project, monkeypatch):
+    """train.compile goes through torch.compile (traced by dynamo and AOTAutograd; inductor's
+    code generation would take minutes on a CPU) and trains the same LoRA."""
+    p = trained_project
+    eager, eager_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    monkeypatch.setenv("FASHION_COMPILE_BACKEND", "aot_eager")
+    p.run("train_lora", train__compile="reduce-overhead")
+    np.testing.assert_allclose(pd.read_csv(p.path("loss_log"))["loss"], eager_log["loss"], rtol=1e-5)
+    for key, value in eager.items():
+        torch.testing.assert_close(lora_weights(p)[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_each_step_is_shared_out_whole():
     """Process r of N trains on its contiguous share of the step's samples: together exactly the
     one-process step, whatever the split."""

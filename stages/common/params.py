@@ -188,6 +188,10 @@ class Train:
     cache_latents: bool = _doc(
         "encode each image (and its flip) with the VAE once and sample its latent distribution every step: the "
         "seed's objective without a VAE pass per step; false runs the seed recipe's loop", how=True)
+    compile: Literal["none", "default", "reduce-overhead"] = _doc(
+        "torch.compile the UNet: default (inductor kernels) or reduce-overhead (plus CUDA graphs: the lever at "
+        "small batches, where a step is bound by kernel launches); minutes of compiling, kept in an on-disk cache "
+        "for the next run", how=True)
     checkpoint_every: int = _doc("steps between resumable checkpoints", how=True)
     num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)", how=True)
     processes: int = _doc("data-parallel processes, one per GPU (accelerate launch); each optimiser step's "
