@@ -200,12 +200,12 @@ def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tens
 
 def micro_batches(step: int, cfg, rank: int, processes: int) -> list[list[int]]:
     """The sample numbers this process trains on in optimiser step `step`: its contiguous share
-    of the step's batch_size x grad_accumulation samples, in micro-batches of batch_size."""
+    of the step's batch_size x grad_accumulation samples, in forward passes of train.micro_batch
+    (batch_size unless set)."""
     per_step = cfg.batch_size * cfg.grad_accumulation
-    share = per_step // processes
+    share, size = per_step // processes, cfg.micro_batch or cfg.batch_size
     first = step * per_step + rank * share
-    return [list(range(start, min(start + cfg.batch_size, first + share)))
-            for start in range(first, first + share, cfg.batch_size)]
+    return [list(range(start, min(start + size, first + share))) for start in range(first, first + share, size)]
 
 
 class Trainer:

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from stages.common import dataset, generation
 from stages.common.cli import StageError
@@ -138,3 +139,26 @@ def test_two_processes_draw_what_one_draws(trained_project, monkeypatch, caplog)
     two = generated(p, "lora")
     assert one.keys() == two.keys() and all(np.array_equal(one[i], two[i]) for i in one)
     assert not dataset.resume_dir(p.typed().paths, "generate-lora").exists()
+
+
+def test_a_batch_too_large_for_the_gpu_is_halved(trained_project, monkeypatch, caplog):
+    """generate.batch_size is a ceiling: out of memory at 4, the stage draws 2 at a time, and the
+    images are the ones a batch of 4 gives (+-2 levels)."""
+    p = trained_project
+    p.run("generate_baseline", generate__batch_size=4)
+    whole = generated(p, "baseline")
+    shutil.rmtree(p.path("generated_baseline"))
+    real, sizes = generation.draw, []
+
+    def small_gpu(pipe, edges, *args, **kwargs):
+        sizes.append(len(edges))
+        if len(edges) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(pipe, edges, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "draw", small_gpu)
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("generate_baseline")
+    assert sizes == [4, 2, 2] and "a batch of 4 does not fit in the GPU's memory; drawing 2 at a time" in caplog.text
+    halved = generated(p, "baseline")
+    assert all(image_diff(halved[i], whole[i]) <= 2 for i in whole)

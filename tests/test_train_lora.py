@@ -144,18 +144,21 @@ def test_a_compiled_unet_trains_as_the_eager_one(trained_project, monkeypatch):
 def test_each_step_is_shared_out_whole():
     """Process r of N trains on its contiguous share of the step's samples: together exactly the
     one-process step, whatever the split."""
-    cfg = type("Cfg", (), {"batch_size": 3, "grad_accumulation": 2})
+    cfg = type("Cfg", (), {"batch_size": 3, "grad_accumulation": 2, "micro_batch": 0})
     assert train_lora.micro_batches(5, cfg, 0, 1) == [[30, 31, 32], [33, 34, 35]]
     assert [train_lora.micro_batches(5, cfg, r, 2) for r in range(2)] == [[[30, 31, 32]], [[33, 34, 35]]]
     assert [train_lora.micro_batches(5, cfg, r, 3) for r in range(3)] == [[[30, 31]], [[32, 33]], [[34, 35]]]
+    cfg.micro_batch = 6  # the two passes fused into one
+    assert train_lora.micro_batches(5, cfg, 0, 1) == [[30, 31, 32, 33, 34, 35]]
 
 
 def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
-    """Every draw belongs to a sample, not to a micro-batch: 4 x 1, 2 x 2 and 1 x 4 are one run."""
+    """Every draw belongs to a sample, not to a micro-batch: 4 x 1, 2 x 2, 1 x 4 and 2 x 2 in one forward
+    pass (train.micro_batch: 4) are one run."""
     p = trained_project
     runs = []
-    for batch, accumulation in ((2, 2), (4, 1), (1, 4)):
-        p.run("train_lora", train__batch_size=batch, train__grad_accumulation=accumulation)
+    for batch, accumulation, micro in ((2, 2, 0), (4, 1, 0), (1, 4, 0), (2, 2, 4)):
+        p.run("train_lora", train__batch_size=batch, train__grad_accumulation=accumulation, train__micro_batch=micro)
         runs.append((lora_weights(p), pd.read_csv(p.path("loss_log"))))
     for weights, losses in runs[1:]:
         np.testing.assert_allclose(losses["loss"], runs[0][1]["loss"], rtol=1e-5)

@@ -128,15 +128,33 @@ def draw(pipe, edges: list[Image.Image], prompts: list[str], seeds: list[int], c
 
 
 def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> None:
-    """Draw `todo` in batches, each image with its own seeded generator, into `work`."""
-    started = time.perf_counter()
-    for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate-{variant}", unit="batch",
-                      disable=not distributed.is_writer()):
-        batch = todo[start:start + cfg.batch_size]
+    """Draw `todo` in batches, each image with its own seeded generator, into `work`.
+    `generate.batch_size` is a ceiling: a batch the GPU cannot hold is halved and drawn again
+    (an image does not depend on its batch), so a T4 gets through a preset sized for an H100."""
+    started, size, done = time.perf_counter(), cfg.batch_size, 0
+    progress = tqdm(total=len(todo), desc=f"generate-{variant}", unit="img", disable=not distributed.is_writer())
+    while done < len(todo):
+        batch = todo[done:done + size]
         edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]
-        images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch], cfg, dev)
+        try:
+            images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch], cfg,
+                          dev)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise StageError(f"generate-{variant}: one image does not fit in the GPU's memory; use "
+                                 "generate.precision: fp16 or a smaller extract.resolution") from None
+            size //= 2
+            images = None  # the failed batch's activations go before the smaller batch runs
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("generate-%s: a batch of %d does not fit in the GPU's memory; drawing %d at a time",
+                        variant, len(batch), size)
+            continue
         for config, image in zip(batch, images, strict=True):
             save_png(work / index_name(config["index"]), image)
+        done += len(batch)
+        progress.update(len(batch))
+    progress.close()
     rate = len(todo) / (time.perf_counter() - started)
     log.info("generate-%s: drew %d images (%.2f images/s, %s %s, %d steps%s)",
              variant, len(todo), rate, dev, pipe.dtype, cfg.steps, peak_memory(dev))

@@ -185,6 +185,9 @@ class Train:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
         "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"
     )
+    micro_batch: int = _doc(
+        "samples per forward pass; 0: batch_size. Every random draw belongs to its sample, so any value trains the "
+        "same run: raise it to fuse the grad_accumulation passes into one when memory allows", how=True)
     cache_latents: bool = _doc(
         "encode each image (and its flip) with the VAE once and sample its latent distribution every step: the "
         "seed's objective without a VAE pass per step; false runs the seed recipe's loop", how=True)
@@ -212,6 +215,7 @@ class Train:
         _check(self.alpha > 0, "train.alpha", "must be positive (the LoRA's output is scaled by alpha / rank)")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
         _check(self.processes >= 1, "train.processes", "must be at least 1")
+        _check(self.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: batch_size)")
         _check(self.batch_size * self.grad_accumulation % self.processes == 0, "train.processes",
                f"must divide batch_size x grad_accumulation ({self.batch_size * self.grad_accumulation}) so that "
                "every process gets as many samples")
