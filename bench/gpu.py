@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,11 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
-def measure_training(name: str, base: Path, train_cfg, dtype, dev, resolution: int, steps: int,
+def measure_training(name: str, paths, train_cfg, dtype, dev, resolution: int, steps: int,
                      warmup: int) -> dict:
     """samples/s of `steps` optimiser steps of train-lora's Trainer after `warmup` steps."""
     reset_peak(dev)
-    trainer = Trainer(base, dataclasses.replace(train_cfg, max_steps=warmup + steps + 1), dtype, dev)
+    trainer = Trainer(paths, dataclasses.replace(train_cfg, max_steps=warmup + steps + 1), dtype, dev)
     per_step = train_cfg.batch_size * train_cfg.grad_accumulation
     count = max(64 if dev.type == "cpu" else 512, per_step * 2)  # images to encode (and train on)
     rng = np.random.default_rng(0)
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tempfile.mkdtemp(prefix="fashion-bench-"))
         base, controlnet = build_models(workdir, "tiny" if tiny else "full")
     build_s = time.perf_counter() - started
+    # What train-lora's Trainer reads of paths: the base model, and where compiled kernels are kept.
+    paths = types.SimpleNamespace(base_model=base, resume=os.path.join(tempfile.gettempdir(), "fashion-bench-cache"))
     print(f"bench.gpu: {'tiny' if tiny else 'full-size'} models ({build_s:.0f} s), {resolution} px on {dev}"
           f"{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}", flush=True)
 
@@ -210,19 +213,19 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         recipe = dataclasses.replace(train_cfg, mixed_precision="no", cache_latents=False, batch_size=2,
                                      grad_accumulation=2)
-        rows.append(measure_training("train: seed recipe", base, recipe, torch.float32, dev, resolution,
+        rows.append(measure_training("train: seed recipe", paths, recipe, torch.float32, dev, resolution,
                                      steps, warmup))
         fast = training_dtype("auto", dev)
-        rows.append(measure_training("train: train-lora, 4 per step", base, train_cfg, fast, dev, resolution,
+        rows.append(measure_training("train: train-lora, 4 per step", paths, train_cfg, fast, dev, resolution,
                                      steps, warmup))
         if dev.type == "cuda":  # inductor on a CPU takes minutes to compile even the tiny UNet
             graphed = dataclasses.replace(train_cfg, compile="reduce-overhead")
-            rows.append(measure_training("train: train-lora, 4 per step, CUDA graphs", base, graphed, fast, dev,
+            rows.append(measure_training("train: train-lora, 4 per step, CUDA graphs", paths, graphed, fast, dev,
                                          resolution, steps * 3, warmup))
         best = None
         for batch in batches:
             try:
-                row = measure_training(f"train: train-lora, batch {batch}", base,
+                row = measure_training(f"train: train-lora, batch {batch}", paths,
                                        dataclasses.replace(train_cfg, batch_size=batch), fast, dev, resolution,
                                        max(2, steps // 3), warmup)
             except RuntimeError as err:
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(best)
         if dev.type == "cuda":  # a Kaggle T4 has no bf16: fp16 with loss scaling, the seed's 2 x 2
             t4 = dataclasses.replace(train_cfg, mixed_precision="fp16", batch_size=2, grad_accumulation=2)
-            rows.append(measure_training("train: T4 shape (fp16, 2x2)", base, t4, torch.float16, dev, resolution,
+            rows.append(measure_training("train: T4 shape (fp16, 2x2)", paths, t4, torch.float16, dev, resolution,
                                          max(2, steps // 3), warmup))
 
         generate_cfg = dataclasses.replace(params.generate, negative_prompt="", guidance_scale=7.5)

@@ -29,7 +29,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import pickle
 import shutil
 import time
@@ -55,7 +54,7 @@ from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS, check_target_modules, load_training_models
 from stages.common.params import load_params, what_keys
-from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
+from stages.common.runtime import compile_module, device, peak_memory, seed_everything, training_dtype
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
 
@@ -214,10 +213,10 @@ class Trainer:
     averages the LoRA's gradients; each process weights its share so that the average is the
     one-process gradient of the whole step."""
 
-    def __init__(self, base_model, cfg, dtype: torch.dtype, dev: torch.device):
+    def __init__(self, paths, cfg, dtype: torch.dtype, dev: torch.device):
         self.cfg, self.dtype, self.dev = cfg, dtype, dev
         self.rank, self.processes = distributed.rank(), distributed.world_size()
-        self.m = m = load_training_models(base_model, dtype)
+        self.m = m = load_training_models(paths.base_model, dtype)
         check_target_modules(m.unet, cfg.target_modules)
         m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                       target_modules=list(cfg.target_modules)))
@@ -226,11 +225,7 @@ class Trainer:
         cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
         m.unet.train()
         self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
-        if cfg.compile != "none":
-            # In place (Module.compile), so the LoRA's state-dict keys stay as peft saves them.
-            # FASHION_COMPILE_BACKEND=aot_eager traces without inductor's minutes (the CPU tests).
-            backend = os.environ.get("FASHION_COMPILE_BACKEND", "inductor")
-            m.unet.compile(backend=backend, **({"mode": cfg.compile} if backend == "inductor" else {}))
+        compile_module(m.unet, cfg.compile, paths)  # in place: the LoRA's state-dict keys stay as peft saves them
         self.unet = m.unet
         if self.processes > 1:
             self.unet = torch.nn.parallel.DistributedDataParallel(
@@ -297,8 +292,6 @@ def main() -> None:
     cfg, paths = params.train, params.paths
     if distributed.relaunch(cfg.processes, "stages.train_lora", "train.processes"):
         return  # its processes did the work
-    # Compiled kernels persist beside the resume state, so a rerun does not compile again.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(paths.resume) / "inductor"))
     dev = device()
     dtype = training_dtype(cfg.mixed_precision, dev)
     seed_everything(cfg.seed)  # the LoRA's gaussian init draws from the global RNG
@@ -313,7 +306,7 @@ def main() -> None:
         raise StageError(f"train.batch_size x train.grad_accumulation = {per_step} does not split between "
                          f"{processes} processes; make it a multiple of {processes}")
     distributed.init(dev)
-    t = Trainer(paths.base_model, cfg, dtype, dev)
+    t = Trainer(paths, cfg, dtype, dev)
     m, optimizer, lr_scheduler, scaler = t.m, t.optimizer, t.lr_scheduler, t.scaler
 
     checkpoints = dataset.resume_dir(paths, "train-lora")

@@ -162,3 +162,16 @@ def test_a_batch_too_large_for_the_gpu_is_halved(trained_project, monkeypatch, c
     assert sizes == [4, 2, 2] and "a batch of 4 does not fit in the GPU's memory; drawing 2 at a time" in caplog.text
     halved = generated(p, "baseline")
     assert all(image_diff(halved[i], whole[i]) <= 2 for i in whole)
+
+
+def test_compiled_models_draw_the_same_images(trained_project, monkeypatch):
+    """generate.compile goes through torch.compile (dynamo and AOTAutograd here; inductor's code
+    generation takes minutes on a CPU): the same images."""
+    p = trained_project
+    p.run("generate_lora")
+    eager = generated(p, "lora")
+    shutil.rmtree(p.path("generated_lora"))
+    monkeypatch.setenv("FASHION_COMPILE_BACKEND", "aot_eager")
+    p.run("generate_lora", generate__compile="default")
+    compiled = generated(p, "lora")
+    assert all(image_diff(compiled[i], eager[i]) <= 2 for i in eager)

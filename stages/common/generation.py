@@ -27,7 +27,7 @@ from stages.common.io import (atomic_dir, check_images, fingerprint, index_name,
 from stages.common.model_layouts import check_folder
 from stages.common.models import check_lora, load_controlnet_pipeline
 from stages.common.params import load_params, what_keys
-from stages.common.runtime import device, inference_dtype, peak_memory
+from stages.common.runtime import compile_module, device, inference_dtype, peak_memory
 
 CONFIG_FILE = "generation_config.json"
 
@@ -83,6 +83,8 @@ def run(variant: str) -> None:
             # step runs the plain UNet, without two extra matmuls per attention projection.
             # Within 1 level of the unfused LoRA (tests/test_sketch_cli.py draws it unfused).
             pipe.fuse_lora(components=["unet"], lora_scale=cfg.lora_scale)
+        compile_module(pipe.unet, cfg.compile, paths)
+        compile_module(pipe.controlnet, cfg.compile, paths)
     distributed.barrier()  # every process has read the resume folder before the writer changes it
     if writer:
         if work.exists() and not resumable:

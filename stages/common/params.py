@@ -233,8 +233,10 @@ class Generate:
     negative_prompt: str = _doc("negative prompt for CFG (empty = unconditional)")
     lora_scale: float = _doc("LoRA strength in generate-lora")
     batch_size: int = _doc("images per pipeline call; each image has its own seeded generator", how=True)
-    processes: int = _doc("processes, one per GPU (accelerate launch), each drawing every processes-th image",
+    processes: int = _doc("processes, one per GPU (accelerate launch), each drawing every processes-th batch",
                           how=True)
+    compile: Literal["none", "default", "reduce-overhead"] = _doc(
+        "torch.compile the UNet and the ControlNet (see train.compile); pays off over many batches", how=True)
     seed: int = _doc("image i uses seed + i, so results do not depend on batch size")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _doc("auto: fp16 on CUDA, fp32 on CPU")
 

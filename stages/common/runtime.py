@@ -71,3 +71,15 @@ def peak_memory(dev: torch.device) -> str:
     if dev.type != "cuda":
         return ""
     return f", peak GPU memory {torch.cuda.max_memory_allocated(dev) / 1e9:.1f} GB"
+
+
+def compile_module(module: torch.nn.Module, mode: str, paths) -> None:
+    """torch.compile in place (state-dict keys unchanged) with `mode` (train.compile, generate.compile).
+    Compiled kernels persist beside the resume state, so a rerun does not compile again.
+    FASHION_COMPILE_BACKEND=aot_eager traces without inductor's minutes of code generation: the
+    CPU tests use it."""
+    if mode == "none":
+        return
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(paths.resume, "inductor"))
+    backend = os.environ.get("FASHION_COMPILE_BACKEND", "inductor")
+    module.compile(backend=backend, **({"mode": mode} if backend == "inductor" else {}))
