@@ -50,7 +50,7 @@ from stages.common.generation import draw  # noqa: E402
 from stages.common.models import load_controlnet_pipeline  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
 from stages.common.runtime import device, inference_dtype, training_dtype  # noqa: E402
-from stages.train_lora import Trainer, TrainSamples, encode_latents  # noqa: E402
+from stages.common.training import Trainer, TrainSamples, encode_latents  # noqa: E402
 
 SEED_RUN = {"steps": 5000, "samples_per_step": 4, "images": 30_000}  # the notebooks' run
 PROMPT = "Long sleeve dress in red with white polka dots"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stages import train_lora
-from stages.common import dataset, runtime
+from stages.common import dataset, runtime, training
 from stages.common.cli import StageError
 from stages.common.io import read_json
 from stages.common.lora_formats import KOHYA_FILE
@@ -145,11 +145,11 @@ def test_each_step_is_shared_out_whole():
     """Process r of N trains on its contiguous share of the step's samples: together exactly the
     one-process step, whatever the split."""
     cfg = type("Cfg", (), {"batch_size": 3, "grad_accumulation": 2, "micro_batch": 0})
-    assert train_lora.micro_batches(5, cfg, 0, 1) == [[30, 31, 32], [33, 34, 35]]
-    assert [train_lora.micro_batches(5, cfg, r, 2) for r in range(2)] == [[[30, 31, 32]], [[33, 34, 35]]]
-    assert [train_lora.micro_batches(5, cfg, r, 3) for r in range(3)] == [[[30, 31]], [[32, 33]], [[34, 35]]]
+    assert training.micro_batches(5, cfg, 0, 1) == [[30, 31, 32], [33, 34, 35]]
+    assert [training.micro_batches(5, cfg, r, 2) for r in range(2)] == [[[30, 31, 32]], [[33, 34, 35]]]
+    assert [training.micro_batches(5, cfg, r, 3) for r in range(3)] == [[[30, 31]], [[32, 33]], [[34, 35]]]
     cfg.micro_batch = 6  # the two passes fused into one
-    assert train_lora.micro_batches(5, cfg, 0, 1) == [[30, 31, 32, 33, 34, 35]]
+    assert training.micro_batches(5, cfg, 0, 1) == [[30, 31, 32, 33, 34, 35]]
 
 
 def test_the_split_into_micro_batches_changes_only_rounding(trained_project):

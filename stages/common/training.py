@@ -1,0 +1,193 @@
+"""The training step of train-lora, shared with bench/gpu.py: samples and their random draws,
+the latent cache's encoder, the seed recipe's loss, and one optimiser step, on one process or
+several (DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from peft import LoraConfig
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from stages.common import distributed
+from stages.common.models import check_target_modules, load_training_models
+from stages.common.runtime import compile_module
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Item k is the k-th sample of the whole run: epoch k // N in a seeded order, with a seeded
+    flip, and its own draws of the latent sample, the noise and the timestep. Everything random is
+    a function of (train.seed, k), so a resumed run continues exactly, and how the samples of a
+    step are split into micro-batches or between processes changes nothing but float rounding.
+    An item names the image and its orientation; `pixels()` makes the seed recipe's tensor."""
+
+    def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, flip: bool, seed: int,
+                 latent_shape: tuple[int, int, int], timesteps: int):
+        self.images, self.flip, self.seed = images, flip, seed
+        self.latent_shape, self.timesteps = latent_shape, timesteps
+        self.moments = None  # set to encode_latents' output to train from the latent cache
+        self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
+                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        self._order = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int):
+        epoch, pos = divmod(k, len(self.images))
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
+        i = int(self._order[1][pos])
+        flipped = self.flip and np.random.default_rng([self.seed, epoch, pos]).random() < 0.5
+        # Drawn on the CPU: the same numbers on any device, and one copy per micro-batch to the GPU.
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0]))
+        latent_noise = torch.randn(self.latent_shape, generator=generator)
+        noise = torch.randn(self.latent_shape, generator=generator)
+        timestep = torch.randint(0, self.timesteps, (), generator=generator)
+        # The cached latent distribution travels with the item, so the loader collates and pins it.
+        moments = self.moments[i, int(flipped)] if self.moments is not None else torch.empty(0)
+        return i, int(flipped), self.input_ids[i], moments, latent_noise, noise, timestep
+
+    def pixels(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images, mirrored where `flipped`. extract writes them at the training resolution,
+        so the recipe's resize and random crop are no-ops."""
+        pixels = torch.from_numpy(np.stack([self.images[i] for i in index.tolist()])).permute(0, 3, 1, 2)
+        pixels = pixels.float() / 127.5 - 1
+        return torch.where(flipped.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
+
+
+def encode_latents(vae, samples: TrainSamples, images: range, dtype: torch.dtype, dev, batch: int) -> torch.Tensor:
+    """The VAE's latent distribution of `images` and their mirror images: [n, 2, 2 x latent
+    channels, h, w] (mean and log-variance, as diffusers stores them), on the CPU in the VAE's
+    dtype (bf16 on a GPU: upcasting adds no information and doubles the memory)."""
+    moments = None
+    for start in tqdm(range(0, len(images), batch), desc="train-lora: encoding", unit="batch",
+                      disable=not distributed.is_writer()):
+        index = torch.tensor(images[start:start + batch])
+        both = torch.cat([samples.pixels(index, torch.zeros_like(index)),
+                          samples.pixels(index, torch.ones_like(index))])
+        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            encoded = vae.encode(both.to(dev, dtype)).latent_dist.parameters.cpu()
+        if moments is None:  # filled in place: no list to concatenate, no second copy at the peak
+            moments = torch.empty((len(images), 2, *encoded.shape[1:]), dtype=encoded.dtype)
+        moments[start:start + len(index)] = torch.stack(encoded.chunk(2), dim=1)
+    return moments
+
+
+def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, dtype, unet=None) -> torch.Tensor:
+    """The seed's objective, per sample. `latents` is either the cached latent distribution or
+    pixels to encode (the recipe); either way the latent is mean + std x latent_noise, as
+    diffusers' `latent_dist.sample()` computes it, so both paths train on the same numbers."""
+    dev = input_ids.device
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        if not isinstance(latents, DiagonalGaussianDistribution):
+            latents = m.vae.encode(latents.to(dtype)).latent_dist
+        latents = (latents.mean + latents.std * latent_noise.to(latents.mean.dtype)) * m.vae.config.scaling_factor
+        text = m.text_encoder(input_ids)[0]
+    noise = noise.to(latents.dtype)
+    noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+    if m.noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        prediction = (unet if unet is not None else m.unet)(noisy, timesteps, text).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def micro_batches(step: int, cfg, rank: int, processes: int) -> list[list[int]]:
+    """The sample numbers this process trains on in optimiser step `step`: its contiguous share
+    of the step's batch_size x grad_accumulation samples, in forward passes of train.micro_batch
+    (batch_size unless set)."""
+    per_step = cfg.batch_size * cfg.grad_accumulation
+    share, size = per_step // processes, cfg.micro_batch or cfg.batch_size
+    first = step * per_step + rank * share
+    return [list(range(start, min(start + size, first + share))) for start in range(first, first + share, size)]
+
+
+class Trainer:
+    """The models, optimiser and one optimiser step of the recipe: train-lora's loop and
+    bench/gpu.py both run this. Under several processes the UNet is wrapped in DDP, which
+    averages the LoRA's gradients; each process weights its share so that the average is the
+    one-process gradient of the whole step."""
+
+    def __init__(self, paths, cfg, dtype: torch.dtype, dev: torch.device):
+        self.cfg, self.dtype, self.dev = cfg, dtype, dev
+        self.rank, self.processes = distributed.rank(), distributed.world_size()
+        self.m = m = load_training_models(paths.base_model, dtype)
+        check_target_modules(m.unet, cfg.target_modules)
+        m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                      target_modules=list(cfg.target_modules)))
+        for module in (m.unet, m.vae, m.text_encoder):
+            module.to(dev)
+        cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
+        m.unet.train()
+        self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+        compile_module(m.unet, cfg.compile, paths)  # in place: the LoRA's state-dict keys stay as peft saves them
+        self.unet = m.unet
+        if self.processes > 1:
+            self.unet = torch.nn.parallel.DistributedDataParallel(
+                m.unet, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(
+            self.lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+            fused=dev.type == "cuda")  # one kernel for all LoRA tensors, the same math
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                          num_training_steps=cfg.max_steps)
+        # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        vae = self.m.vae.config
+        return vae.latent_channels, *(resolution // 2 ** (len(vae.block_out_channels) - 1),) * 2
+
+    def loader(self, samples: TrainSamples, first_step: int, last_step: int):
+        """This process's micro-batches of steps [first_step, last_step), in order."""
+        plan = [batch for step in range(first_step, last_step)
+                for batch in micro_batches(step, self.cfg, self.rank, self.processes)]
+        return iter(torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=self.cfg.num_workers,
+                                                pin_memory=self.dev.type == "cuda"))
+
+    def step(self, step: int, batches, samples: TrainSamples) -> dict:
+        """Optimiser step `step` (0-based) on this process's next micro-batches; the loss-log row."""
+        cfg, dev, scaler, optimizer = self.cfg, self.dev, self.scaler, self.optimizer
+        per_step = cfg.batch_size * cfg.grad_accumulation
+        count = len(micro_batches(step, cfg, self.rank, self.processes))
+        step_loss = torch.zeros((), device=dev)  # summed on the device: one sync per step, not per micro-batch
+        for n in range(count):
+            index, flipped, input_ids, moments, *draws = next(batches)
+            if samples.moments is not None:
+                latents = DiagonalGaussianDistribution(moments.to(dev, non_blocking=True).float())
+            else:  # the seed recipe: the VAE at every step
+                latents = samples.pixels(index, flipped).to(dev, non_blocking=True)
+            # DDP averages gradients over processes only on the last micro-batch's backward.
+            sync = self.processes == 1 or n == count - 1
+            with contextlib.nullcontext() if sync else self.unet.no_sync():
+                losses = denoising_loss(self.m, latents, input_ids.to(dev, non_blocking=True),
+                                        *(d.to(dev, non_blocking=True) for d in draws), self.dtype, self.unet)
+                # Each sample weighs 1 / per_step in the step's mean; x processes undoes DDP's average.
+                loss = losses.sum() * self.processes / per_step
+                scaler.scale(loss).backward()
+            step_loss += losses.detach().sum() / per_step
+        step_loss = distributed.all_sum(step_loss)
+        scale = scaler.get_scale()
+        scaler.unscale_(optimizer)
+        # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm)
+        scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
+        scaler.update()
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
+        if scaler.get_scale() >= scale:  # as accelerate does: no schedule step for a skipped update
+            self.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, "loss": float(step_loss), "lr": lr, "grad_norm": float(grad_norm)}
