@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-batches", type=int, nargs="+", help="batch sizes to try for the best batch")
     parser.add_argument("--generate-batch", type=int, help="images per call for the batched path")
     parser.add_argument("--images", type=int, help="images per generation measurement")
+    parser.add_argument("--generate-steps", type=int, nargs="+", default=[20, 40],
+                        help="denoising steps to time generation at; the first is the baseline of the ratios")
     parser.add_argument("--out", type=Path, default=Path("bench-gpu.json"))
     args = parser.parse_args(argv)
 
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         generate_cfg = dataclasses.replace(params.generate, negative_prompt="", guidance_scale=7.5)
         dtype = inference_dtype("auto", dev)
         pipe = load_controlnet_pipeline(base, controlnet, "unipc", dtype, dev)
-        for steps_n in (20, 40):
+        for steps_n in args.generate_steps:
             cfg = dataclasses.replace(generate_cfg, steps=steps_n)
             rows.append(measure_generation(f"generate: notebook recipe, {steps_n} steps", pipe, cfg, dev, 1,
                                            max(2, images // 16), resolution))
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     recipe_rate = rows[0]["rate"]
     baseline = {"train": recipe_rate, "generate": next(r["rate"] for r in rows if r["name"].startswith(
-        "generate: notebook recipe, 20"))}
+        f"generate: notebook recipe, {args.generate_steps[0]} steps"))}
     batch4 = rows[1]
     graphed = next((r for r in rows if r["name"].endswith("CUDA graphs")), None)
     fastest = max((batch4, graphed) if graphed else (batch4,), key=lambda r: r["rate"])
