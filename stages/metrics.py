@@ -16,13 +16,15 @@ edge maps, and how sure we can be, with LoRA compared to the baseline pair by pa
 - Edge fidelity (controllability): the canny map of each generated image, with canny-edges'
   thresholds, against the edge map it was given: precision, recall and F1 within
   `metrics.edge_tolerance` pixels.
+- Prompt colour (the demo only, where every prompt names a palette colour): the share of the
+  garment in the prompt's colour, and whether it reaches `colour.MATCH` (stages/common/colour.py).
 - Uncertainty: Student-t 95% intervals for means; one seeded bootstrap over eval pairs for FID,
   KID and every LoRA-minus-baseline delta. FID's interval is the bootstrap's spread centred on
   the estimate: resampling repeats images, which pushes FID up (statistics.centred_interval).
   Backbones run in full fp32 unless `metrics.tf32`.
 Writes metrics.json (headline numbers with intervals and paired deltas: `dvc metrics show`),
-metrics_detail.json (edge precision and recall, KID's effective subsets, warnings, settings,
-backbones) and a per-image table.
+metrics_detail.json (edge precision and recall, prompt colour, KID's effective subsets, warnings,
+settings, backbones) and a per-image table.
 """
 
 import dataclasses
@@ -34,7 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import dataset, statistics
+from stages.common import colour, dataset, statistics
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.edges import canny, edge_fidelity
 from stages.common.io import atomic_file, check_images, check_no_strays, load_rgb, read_json, write_json
@@ -163,6 +165,16 @@ def main() -> None:
         for column, name in enumerate(("edge_precision", "edge_recall", "edge_f1")):
             table[f"{name}_{variant}"] = edges[:, column]
 
+    # The demo names one palette colour per prompt; real FashionGen prompts name others.
+    colours = [colour.named_colour(p) for p in prompts]
+    demo_colours = all(colours)
+    if demo_colours:
+        masks = [colour.garment_mask(load_rgb(f)) for f in gt_files]
+        for variant, files in {"ground_truth": gt_files, **generated}.items():
+            shares = [colour.colour_share(load_rgb(f), m, c) for f, m, c in zip(files, masks, colours, strict=True)]
+            table[f"colour_share_{variant}"] = shares
+            table[f"colour_match_{variant}"] = (np.array(shares) >= colour.MATCH).astype(float)
+
     # One draw of resampled eval pairs serves every interval; FID uses its first rows.
     counts = statistics.resample_counts(n, max(cfg.bootstrap_resamples, cfg.fid_bootstrap_resamples), cfg.seed)
     fid_counts = counts[:cfg.fid_bootstrap_resamples]
@@ -194,7 +206,8 @@ def main() -> None:
     deltas.update(with_interval("kid", kid["lora"]["kid"] - kid["baseline"]["kid"],
                                 *statistics.percentile_interval(kid_boot["lora"] - kid_boot["baseline"])))
     paired = {}
-    for name, higher in HIGHER_IS_BETTER.items():
+    compared = {**HIGHER_IS_BETTER, **({"colour_share": True, "colour_match": True} if demo_colours else {})}
+    for name, higher in compared.items():
         paired[name] = statistics.paired_delta(table[f"{name}_baseline"], table[f"{name}_lora"], counts, higher)
         table[f"{name}_delta"] = table[f"{name}_lora"] - table[f"{name}_baseline"]
     for name in ("lpips", "clip_score", "edge_f1"):
@@ -204,6 +217,12 @@ def main() -> None:
     results["lora_minus_baseline"] = deltas
     details["lora_minus_baseline"] = paired  # every per-sample delta, with the shares LoRA wins and loses
     details["ground_truth"] = with_interval("clip_score", *statistics.t_interval(table["clip_score_ground_truth"]))
+    if demo_colours:
+        details["prompt_colour"] = {"match_threshold": colour.MATCH, **{
+            variant: {"colour_share": mean_interval(table[f"colour_share_{variant}"]),
+                      "colour_match": dict(zip(("mean", "ci95_low", "ci95_high"),
+                                               statistics.proportion_interval(table[f"colour_match_{variant}"])))}
+            for variant in ("ground_truth", *dataset.VARIANTS)}}
     details["warnings"] = warnings_for(n, kid["baseline"], cfg)
     details["settings"] = {"confidence": statistics.CONFIDENCE, "means": "Student t",
                            "bootstrap": "paired over eval images; percentile intervals, FID's centred on the "

@@ -43,6 +43,13 @@ def test_identical_images_score_perfectly(extracted):
     assert len(table) == n and {"clip_lora", "clip_ground_truth"}.isdisjoint(table.columns), "named for what they hold"
     assert {"clip_cosine_lora", "clip_score_lora", "edge_f1_baseline", "lpips_delta"} <= set(table.columns)
     assert (table["clip_score_lora"] == table["clip_cosine_lora"].clip(lower=0)).all()
+    # the demo's prompts name palette colours: the garment-colour check, ground truth = both variants
+    colours = detail["prompt_colour"]
+    assert colours["ground_truth"]["colour_match"]["mean"] >= 0.75
+    for variant in dataset.VARIANTS:
+        assert colours[variant] == colours["ground_truth"]
+    assert detail["lora_minus_baseline"]["colour_match"]["mean"] == 0.0
+    assert (table["colour_share_lora"] == table["colour_share_ground_truth"]).all()
 
 
 def test_the_same_inputs_give_the_same_bytes(extracted):
@@ -69,6 +76,7 @@ def test_different_images_score_worse(extracted):
     table = pd.read_csv(p.path("per_sample"))
     assert (table[["clip_score_baseline", "clip_score_lora"]] >= 0).all().all()  # max(cos, 0)
     assert (table["clip_cosine_baseline"] < 0).any(), "the raw cosine keeps its sign"
+    assert table["colour_match_lora"].mean() < table["colour_match_ground_truth"].mean(), "edges are not garments"
     assert re.search(r"\d\.\d{9,}", p.path("per_sample").read_text()), "floats keep every digit, not 6 decimals"
 
 

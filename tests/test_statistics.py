@@ -175,3 +175,12 @@ def test_kid_bootstrap_is_centred_on_the_estimate_for_correlated_pairs():
         low, high = statistics.percentile_interval(boot)
         held += low <= full <= high
     assert held == 20
+
+
+def test_proportion_interval_is_wilsons():
+    """The textbook Wilson intervals (statsmodels' proportion_confint(method='wilson') gives them): 1 of 20,
+    0 of 20 and 20 of 20 stay inside [0, 1] with a real width."""
+    share, low, high = statistics.proportion_interval([1] + [0] * 19)
+    assert share == 0.05 and low == pytest.approx(0.008881, abs=1e-6) and high == pytest.approx(0.236132, abs=1e-6)
+    assert statistics.proportion_interval([0] * 20)[1:] == (0.0, pytest.approx(0.161125, abs=1e-6))
+    assert statistics.proportion_interval([1] * 20)[1:] == (pytest.approx(0.838875, abs=1e-6), 1.0)

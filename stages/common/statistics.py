@@ -26,6 +26,17 @@ def t_interval(values) -> tuple[float, float, float]:
     return mean, float(mean - half), float(mean + half)
 
 
+def proportion_interval(hits) -> tuple[float, float, float]:
+    """Share of true values and its Wilson score 95% interval: inside [0, 1] and sound at 0 of n
+    or n of n, where a t interval on 0/1 data goes below 0 or collapses to a point."""
+    hits = np.asarray(hits, dtype=np.float64)
+    n, share = len(hits), float(hits.mean())
+    z = stats.norm.ppf((1 + CONFIDENCE) / 2)
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return share, float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     """(resamples, n) int counts: row r says how often each of the n eval pairs is in resample r."""
     rng = np.random.default_rng(seed)
