@@ -13,7 +13,7 @@ cache included) and the generate stages' `draw`, not a copy. Measured, each afte
   optimiser step, eager and (on a GPU) with CUDA graphs (`train.compile: reduce-overhead`), and
   at the batch of --train-batches that runs fastest;
 - the latent cache's encoding rate, and from it and the batch-4 rate an estimate of the seed's
-  whole 5000-step run on 30k images;
+  whole 5000-step run on 30k images (20k samples: 20k pairs to encode);
 - generation images/s of the notebook recipe (one image per call, UniPC, fp16) and of the
   generate stages' batched path, at 20 and 40 steps;
 - peak GPU memory of each, and achieved TFLOP/s with FLOPs counted by torch.utils.flop_counter;
@@ -112,12 +112,13 @@ def measure_training(name: str, paths, train_cfg, dtype, dev, resolution: int, s
                            trainer.latent_shape(resolution), trainer.m.noise_scheduler.config.num_train_timesteps)
     encode = {}
     if train_cfg.cache_latents:
-        encode_latents(trainer.m.vae, samples, range(32), dtype, dev, batch=32)  # warm-up: kernels chosen
+        pairs = [(i, f) for i in range(count) for f in (0, 1)]
+        encode_latents(trainer.m.vae, samples, pairs[:32], dtype, dev, batch=32)  # warm-up: kernels chosen
         sync(dev)
         started = time.perf_counter()
-        samples.moments = encode_latents(trainer.m.vae, samples, range(count), dtype, dev, batch=32)
+        samples.use_cache(pairs, encode_latents(trainer.m.vae, samples, pairs, dtype, dev, batch=32))
         sync(dev)
-        encode = {"encode_images_per_s": round(count / (time.perf_counter() - started), 1)}
+        encode = {"encode_images_per_s": round(len(pairs) / (time.perf_counter() - started), 1)}
     batches = trainer.loader(samples, 0, warmup + steps + 1)
     started = time.perf_counter()
     for step in range(warmup):  # with train.compile, this is where it compiles and captures
@@ -268,15 +269,17 @@ def main(argv: list[str] | None = None) -> dict:
     batch4 = rows[1]
     graphed = next((r for r in rows if r["name"].endswith("CUDA graphs")), None)
     fastest = max((batch4, graphed) if graphed else (batch4,), key=lambda r: r["rate"])
-    whole_run = (SEED_RUN["images"] / batch4["encode_images_per_s"] + fastest["warmup_s"]
+    # The cache encodes the (image, flip) pairs the run draws: 20k samples of 30k images are 20k pairs.
+    encodes = min(SEED_RUN["steps"] * SEED_RUN["samples_per_step"], 2 * SEED_RUN["images"])
+    whole_run = (encodes / batch4["encode_images_per_s"] + fastest["warmup_s"]
                  + SEED_RUN["steps"] * SEED_RUN["samples_per_step"] / fastest["rate"])
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
               "torch": torch.__version__, "size": "tiny" if tiny else ("real" if args.models else "full"),
               "resolution": resolution, "rows": rows,
               "seed_run_estimate_s": {"train_lora": round(whole_run, 1), "seed_recipe": round(
                   SEED_RUN["steps"] * SEED_RUN["samples_per_step"] / recipe_rate, 1),
-                  "note": "encoding 30k images, warm-up (compiling, where it compiles) and 5000 steps of 4 at the "
-                          "faster batch-4 rate; no model loading or saving"}}
+                  "note": "encoding the 20k (image, flip) pairs the run draws, warm-up (compiling, where it "
+                          "compiles) and 5000 steps of 4 at the faster batch-4 rate; no model loading or saving"}}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nbench.gpu: {result['device']}, torch {result['torch']}, {result['size']} models, {resolution} px; "
           f"JSON in {args.out}")

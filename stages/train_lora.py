@@ -9,9 +9,10 @@ gradient accumulation. Two deliberate differences: gradients are clipped for rea
 clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed run reloads the
 LoRA (diffusers #12689).
 
-With `train.cache_latents` (the default) each image and its mirror image are encoded once, and
-every step samples from the stored latent distribution (mean and log-variance): the same
-objective and the same random draws as encoding at every step, without the VAE pass. The text encoder still runs per step: it is about 3% of a step's FLOPs, while a cache of
+With `train.cache_latents` (the default) each (image, flip) pair the run draws is encoded once,
+in batches, before the first step, and every step samples from the stored latent distribution
+(mean and log-variance): the same objective and the same random draws as encoding at every step,
+with at most as many VAE passes (fewer from the second epoch on). The text encoder still runs per step: it is about 3% of a step's FLOPs, while a cache of
 unique prompts would take 77 x 768 values each, about 10 GB for FashionGen.
 
 Every random draw is a function of (train.seed, sample number), so a run resumed from a
@@ -83,11 +84,12 @@ def save_checkpoint(folder: Path, state: dict) -> None:
             old.unlink()
 
 
-def cached_latents(vae, samples: TrainSamples, dtype, dev, folder: Path, expected: str) -> torch.Tensor:
-    """`encode_latents` of every image, each process encoding its share into a file beside the
-    checkpoints (so a resumed run does not encode again), then every process reading them all."""
+def cached_latents(vae, samples: TrainSamples, run: range, dtype, dev, folder: Path, expected: str) -> None:
+    """Encode the (image, flip) pairs the run's samples draw, each process its share, into files
+    beside the checkpoints (so a resumed run does not encode again); then train from them."""
     rank, processes = distributed.rank(), distributed.world_size()
     parts = [folder / f"latents-{r}-of-{processes}.pt" for r in range(processes)]
+    pairs = samples.pairs(run)
 
     def load(path: Path):
         try:  # memory-mapped: the processes of one machine share the pages
@@ -98,15 +100,16 @@ def cached_latents(vae, samples: TrainSamples, dtype, dev, folder: Path, expecte
 
     if load(parts[rank]) is None:
         started = time.perf_counter()
-        share = range(len(samples) * rank // processes, len(samples) * (rank + 1) // processes)
+        share = pairs[len(pairs) * rank // processes:len(pairs) * (rank + 1) // processes]
         moments = encode_latents(vae, samples, share, dtype, dev, batch=32)
         with atomic_file(parts[rank]) as tmp, tmp.open("wb") as f:
             torch.save({"fingerprint": expected, "moments": moments}, f)
-        log.info("train-lora: encoded %d images and their mirror images in %.1f s (%.1f MB of latent moments)",
-                 len(share), time.perf_counter() - started, moments.numel() * moments.element_size() / 1e6)
+        log.info("train-lora: encoded the %d (image, flip) pairs the run draws in %.1f s (%.1f MB of latent "
+                 "moments)", len(share), time.perf_counter() - started,
+                 moments.numel() * moments.element_size() / 1e6)
     distributed.barrier()
     # One process keeps the file's mapping (no copy); several each hold a copy of the whole.
-    return load(parts[0]) if processes == 1 else torch.cat([load(part) for part in parts])
+    samples.use_cache(pairs, load(parts[0]) if processes == 1 else torch.cat([load(part) for part in parts]))
 
 
 def main() -> None:
@@ -154,8 +157,8 @@ def main() -> None:
 
     samples = TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed, t.latent_shape(resolution),
                            m.noise_scheduler.config.num_train_timesteps)
-    if cfg.cache_latents:
-        samples.moments = cached_latents(m.vae, samples, dtype, dev, checkpoints, expected)
+    if cfg.cache_latents:  # the whole run's pairs, so that a resumed run finds the same files
+        cached_latents(m.vae, samples, range(cfg.max_steps * per_step), dtype, dev, checkpoints, expected)
     batches = t.loader(samples, start_step, cfg.max_steps)
     started, progress = time.perf_counter(), tqdm(range(start_step, cfg.max_steps), initial=start_step,
                                                   total=cfg.max_steps, desc="train-lora", disable=not writer)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -110,6 +111,26 @@ def test_how_knobs_keep_a_checkpoint_valid(trained_project, monkeypatch, caplog)
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("train_lora", train__checkpoint_every=3, train__num_workers=1)
     assert "resuming from step 2" in caplog.text
+
+
+def test_the_cache_encodes_only_the_pairs_the_run_draws(trained_project, caplog):
+    """The seed's run draws 20k samples of 30k images: caching every image twice would triple the
+    VAE's work. Here 4 steps of 4 draw 16 of the images once each."""
+    p = trained_project
+    shutil.rmtree(p.path("lora"))
+    with caplog.at_level(logging.INFO, logger="stages"):
+        p.run("train_lora")
+    assert "encoded the 16 (image, flip) pairs the run draws" in caplog.text
+    class Tokenizer:  # what TrainSamples asks of CLIP's tokenizer
+        model_max_length = 1
+
+        def __call__(self, prompts, **kwargs):
+            return type("Tokens", (), {"input_ids": torch.zeros(len(prompts), 1)})
+
+    samples = training.TrainSamples(np.zeros((5, 8, 8, 3), np.uint8), ["x"] * 5, Tokenizer(), True, 0, (4, 1, 1), 10)
+    assert samples.pairs(range(3)) == sorted({samples.image_and_flip(k) for k in range(3)}) and len(
+        samples.pairs(range(3))) == 3
+    assert samples.pairs(range(100)) == [(i, f) for i in range(5) for f in (0, 1)], "many epochs: all of them"
 
 
 def test_cached_latents_train_as_the_seed_recipe_does(trained_project):

@@ -33,7 +33,7 @@ class TrainSamples(torch.utils.data.Dataset):
                  latent_shape: tuple[int, int, int], timesteps: int):
         self.images, self.flip, self.seed = images, flip, seed
         self.latent_shape, self.timesteps = latent_shape, timesteps
-        self.moments = None  # set to encode_latents' output to train from the latent cache
+        self.moments = self.rows = None  # the latent cache: see use_cache()
         self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
                                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         self._order = (-1, None)
@@ -41,20 +41,36 @@ class TrainSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, k: int):
+    def image_and_flip(self, k: int) -> tuple[int, int]:
         epoch, pos = divmod(k, len(self.images))
         if self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images)))
-        i = int(self._order[1][pos])
         flipped = self.flip and np.random.default_rng([self.seed, epoch, pos]).random() < 0.5
+        return int(self._order[1][pos]), int(flipped)
+
+    def pairs(self, samples: range) -> list[tuple[int, int]]:
+        """The (image, flip) pairs that samples `samples` draw, in order: what the latent cache
+        needs. Under one epoch (the seed's run is 0.7 of one) that is fewer than every image twice."""
+        if len(samples) >= 8 * len(self.images):  # several epochs: every pair, without listing them
+            return [(i, f) for i in range(len(self.images)) for f in ((0, 1) if self.flip else (0,))]
+        return sorted({self.image_and_flip(k) for k in samples})
+
+    def use_cache(self, pairs: list[tuple[int, int]], moments: torch.Tensor) -> None:
+        """Train from `moments[j]`, the latent distribution of pairs[j], instead of the pixels."""
+        self.rows = torch.full((len(self.images), 2), -1, dtype=torch.long)
+        self.rows[tuple(torch.tensor(pairs).T)] = torch.arange(len(pairs))
+        self.moments = moments
+
+    def __getitem__(self, k: int):
+        i, flipped = self.image_and_flip(k)
         # Drawn on the CPU: the same numbers on any device, and one copy per micro-batch to the GPU.
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0]))
         latent_noise = torch.randn(self.latent_shape, generator=generator)
         noise = torch.randn(self.latent_shape, generator=generator)
         timestep = torch.randint(0, self.timesteps, (), generator=generator)
         # The cached latent distribution travels with the item, so the loader collates and pins it.
-        moments = self.moments[i, int(flipped)] if self.moments is not None else torch.empty(0)
-        return i, int(flipped), self.input_ids[i], moments, latent_noise, noise, timestep
+        moments = self.moments[self.rows[i, flipped]] if self.moments is not None else torch.empty(0)
+        return i, flipped, self.input_ids[i], moments, latent_noise, noise, timestep
 
     def pixels(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images, mirrored where `flipped`. extract writes them at the training resolution,
@@ -64,21 +80,20 @@ class TrainSamples(torch.utils.data.Dataset):
         return torch.where(flipped.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
 
 
-def encode_latents(vae, samples: TrainSamples, images: range, dtype: torch.dtype, dev, batch: int) -> torch.Tensor:
-    """The VAE's latent distribution of `images` and their mirror images: [n, 2, 2 x latent
-    channels, h, w] (mean and log-variance, as diffusers stores them), on the CPU in the VAE's
-    dtype (bf16 on a GPU: upcasting adds no information and doubles the memory)."""
+def encode_latents(vae, samples: TrainSamples, pairs: list[tuple[int, int]], dtype: torch.dtype, dev,
+                   batch: int) -> torch.Tensor:
+    """The VAE's latent distribution of each (image, flip) pair: [n, 2 x latent channels, h, w]
+    (mean and log-variance, as diffusers stores them), on the CPU in the VAE's dtype (bf16 on a
+    GPU: upcasting adds no information and doubles the memory)."""
     moments = None
-    for start in tqdm(range(0, len(images), batch), desc="train-lora: encoding", unit="batch",
+    for start in tqdm(range(0, len(pairs), batch), desc="train-lora: encoding", unit="batch",
                       disable=not distributed.is_writer()):
-        index = torch.tensor(images[start:start + batch])
-        both = torch.cat([samples.pixels(index, torch.zeros_like(index)),
-                          samples.pixels(index, torch.ones_like(index))])
+        index, flipped = torch.tensor(pairs[start:start + batch]).T
         with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            encoded = vae.encode(both.to(dev, dtype)).latent_dist.parameters.cpu()
+            encoded = vae.encode(samples.pixels(index, flipped).to(dev, dtype)).latent_dist.parameters.cpu()
         if moments is None:  # filled in place: no list to concatenate, no second copy at the peak
-            moments = torch.empty((len(images), 2, *encoded.shape[1:]), dtype=encoded.dtype)
-        moments[start:start + len(index)] = torch.stack(encoded.chunk(2), dim=1)
+            moments = torch.empty((len(pairs), *encoded.shape[1:]), dtype=encoded.dtype)
+        moments[start:start + len(index)] = encoded
     return moments
 
 
