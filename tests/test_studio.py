@@ -110,7 +110,8 @@ def test_errors_are_one_line_in_the_answer(client, finished_project, tmp_path):
 
     assert error({**ok, "prompt": "   "}, 400).startswith("prompt: empty")
     text = "data:image/png;base64," + base64.b64encode(b"these are my notes").decode()
-    assert error({**ok, "image": text, "name": "notes.png"}, 400).startswith("notes.png: not a readable image")
+    assert error({**ok, "image": text, "name": "notes.png"}, 400) == \
+        "notes.png: not a readable image (cannot identify image file); give a PNG or JPEG photo or sketch"
     assert error({**ok, "image": "data:image/png;base64,@@@"}, 400).startswith("dress.png: the upload is not valid")
     assert error({**ok, "image": "data:image/png;base64,"}, 400).startswith("dress.png: empty upload")
     assert error({**ok, "count": 99}, 422) == "count: Input should be less than or equal to 8"

@@ -8,6 +8,7 @@ seeds, seed k exactly as generate-baseline and generate-lora draw it.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,7 +47,9 @@ def read_image(source, name) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         if isinstance(err, OSError) and err.errno is not None:
             raise
-        raise StageError(f"{name}: not a readable image ({err}); give a PNG or JPEG photo or sketch") from None
+        # PIL repeats what it was given: a path in quotes, or an upload's "<_io.BytesIO object at 0x...>"
+        reason = re.sub(r" (<_io\.BytesIO object at 0x[0-9a-f]+>|'[^']*')$", "", str(err))
+        raise StageError(f"{name}: not a readable image ({reason}); give a PNG or JPEG photo or sketch") from None
 
 
 def edge_map(image: np.ndarray, resolution: int, sketch: bool, low: int, high: int,
