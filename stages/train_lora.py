@@ -22,8 +22,11 @@ The step itself lives in stages/common/training.py, shared with bench/gpu.py. Ch
 `paths.resume` (not a DVC output, so DVC's run-cache can restore this stage's outputs) and
 deleted once the run has finished. Writes to `paths.lora` pytorch_lora_weights.safetensors
 (diffusers key names, the adapter config with its alpha in the metadata), the same weights as
-fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; and one loss row per
-optimiser step to `paths.loss_log`.
+fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; one loss row per
+optimiser step to `paths.loss_log`; and to `paths.train_summary` (a DVC metric) whether training
+learned: the denoising loss of the run's first 64 samples, fixed images, noise and timesteps,
+with the base UNet and with the LoRA. The training loss curve is too noisy to say so: each step
+draws new timesteps.
 """
 
 import csv
@@ -49,9 +52,11 @@ from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metada
 from stages.common.models import LORA_WEIGHTS
 from stages.common.params import load_params, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
-from stages.common.training import Trainer, TrainSamples, encode_latents
+from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
+# Samples whose loss is measured with and without the LoRA when training ends (a second or two on a GPU).
+FIXED_SAMPLES = 64
 
 
 def latest_checkpoint(folder: Path, expected: str, delete: bool = True):
@@ -176,6 +181,12 @@ def main() -> None:
         return
     elapsed = time.perf_counter() - started
     trained = cfg.max_steps - start_step
+    learned = fixed_sample_loss(m, m.unet, samples, FIXED_SAMPLES, dtype, dev)
+    summary = {"fixed_samples": learned["samples"], "denoising_loss_base": learned["base"],
+               "denoising_loss_lora": learned["lora"], "denoising_loss_change": learned["lora"] / learned["base"] - 1}
+    log.info("train-lora: denoising loss on the run's first %d samples: %.4f with the base UNet, %.4f with the "
+             "LoRA (%+.1f%%)", learned["samples"], learned["base"], learned["lora"],
+             100 * summary["denoising_loss_change"])
 
     with atomic_dir(paths.lora) as out:
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
@@ -215,6 +226,7 @@ def main() -> None:
         table = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         table.writeheader()
         table.writerows(loss_log)
+    write_json(paths.train_summary, summary)
     shutil.rmtree(checkpoints)  # the outputs are whole: DVC's cache keeps them from here
     # Throughput and resume point go to the log, not to training_config.json: anything that
     # varies between otherwise identical runs would make every downstream stage rerun.

@@ -64,7 +64,7 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     p = params["paths"]
     for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
                 "split_summary", "edges", "lora",
-                "loss_log", "generated_baseline", "generated_lora", "metrics", "metrics_detail", "per_sample",
+                "loss_log", "train_summary", "generated_baseline", "generated_lora", "metrics", "metrics_detail", "per_sample",
                 "samples_grid", "metrics_chart", "deltas_chart", "edge_overlays", "loss_curve", "report"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()

@@ -55,6 +55,8 @@ class Paths:
     edges: str = _doc("canny edge PNGs, one per eval image")
     lora: str = _doc("trained LoRA weights and the resolved training config")
     loss_log: str = _doc("training loss per optimiser step (CSV, DVC-cached, a `dvc plots` source)")
+    train_summary: str = _doc("did training learn: the denoising loss of fixed samples with the base UNet and "
+                              "with the LoRA (a DVC metric)")
     resume: str = _doc("what killed train-lora and generate runs had finished (checkpoints, images), so a "
                        "rerun resumes; not a DVC output (git- and DVC-ignored), removed by each stage on success")
     generated_baseline: str = _doc("images from the ControlNet without LoRA")
