@@ -24,9 +24,9 @@ deleted once the run has finished. Writes to `paths.lora` pytorch_lora_weights.s
 (diffusers key names, the adapter config with its alpha in the metadata), the same weights as
 fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; one loss row per
 optimiser step to `paths.loss_log`; and to `paths.train_summary` (a DVC metric) whether training
-learned: the denoising loss of the run's first 64 samples, fixed images, noise and timesteps,
-with the base UNet and with the LoRA. The training loss curve is too noisy to say so: each step
-draws new timesteps.
+learned: the denoising loss of the run's first 64 samples (training images with the run's own
+noise and timesteps: in-sample) with the base UNet and with the LoRA. The training loss curve is
+too noisy to say so: each step draws new timesteps.
 """
 
 import csv
@@ -55,7 +55,7 @@ from stages.common.runtime import device, peak_memory, seed_everything, training
 from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
-# Samples whose loss is measured with and without the LoRA when training ends (a second or two on a GPU).
+# Samples whose loss is measured with and without the LoRA when training ends: 2 x 64 UNet passes.
 FIXED_SAMPLES = 64
 
 
@@ -181,7 +181,7 @@ def main() -> None:
         return
     elapsed = time.perf_counter() - started
     trained = cfg.max_steps - start_step
-    learned = fixed_sample_loss(m, m.unet, samples, FIXED_SAMPLES, dtype, dev)
+    learned = fixed_sample_loss(m, m.unet, samples, FIXED_SAMPLES, dtype, dev, cfg.micro_batch or cfg.batch_size)
     summary = {"fixed_samples": learned["samples"], "denoising_loss_base": learned["base"],
                "denoising_loss_lora": learned["lora"], "denoising_loss_change": learned["lora"] / learned["base"] - 1}
     log.info("train-lora: denoising loss on the run's first %d samples: %.4f with the base UNet, %.4f with the "

@@ -185,13 +185,14 @@ def test_training_learns_and_the_saved_lora_carries_it(extracted):
     samples = training.TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed,
                                     (vae.latent_channels, images.shape[1] // 8, images.shape[2] // 8),
                                     m.noise_scheduler.config.num_train_timesteps)
-    again = training.fixed_sample_loss(m, pipe.unet, samples, learned["samples"], torch.float32, torch.device("cpu"))
+    again = training.fixed_sample_loss(m, pipe.unet, samples, learned["samples"], torch.float32, torch.device("cpu"),
+                                       batch=5)  # another split into passes: the same numbers
     assert again == pytest.approx(learned, rel=1e-5)
 
     p.run("train_lora", train__max_steps=40, train__learning_rate=1e-12)
     still = read_json(p.path("train_summary"))
     assert still["denoising_loss_base"] == pytest.approx(learned["base"], rel=1e-6)
-    assert still["denoising_loss_lora"] == pytest.approx(still["denoising_loss_base"], rel=1e-6)  # up weights start at zero and stay there
+    assert still["denoising_loss_lora"] == pytest.approx(still["denoising_loss_base"], rel=1e-6)  # up weights start at zero and move by about 1e-11
 
 
 def test_each_step_is_shared_out_whole():

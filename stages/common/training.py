@@ -120,25 +120,31 @@ def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tens
 
 
 @torch.no_grad()
-def fixed_sample_loss(m, unet, samples: TrainSamples, count: int, dtype, dev, batch: int = 32) -> dict:
+def fixed_sample_loss(m, unet, samples: TrainSamples, count: int, dtype, dev, batch: int) -> dict:
     """Did training learn? The mean denoising loss of the run's first `count` samples (their
-    images, flips, latent draws, noise and timesteps, all fixed by train.seed) under the base UNet
-    and under the base plus its LoRA: the same numbers before and after, so only the LoRA moves
-    the second. From the pixels, not the latent cache, which need not hold these pairs."""
+    images, flips, latent draws, noise and timesteps, all fixed by train.seed: in-sample numbers)
+    under the base UNet and under the base plus its LoRA. Both passes see the same inputs, so only
+    the LoRA moves the second. From the pixels, not the latent cache, which need not hold these
+    pairs. Eager even when the UNet is compiled: eval mode and toggled adapters would otherwise
+    cost a recompile each."""
     losses = {"base": 0.0, "lora": 0.0}
     was_training = unet.training
     unet.eval()
-    for start in range(0, count, batch):
-        items = [samples[k] for k in range(start, min(start + batch, count))]
-        index, flipped, input_ids, _, latent_noise, noise, timesteps = (
-            torch.stack([torch.as_tensor(item[j]) for item in items]) for j in range(7))
-        pixels = samples.pixels(index, flipped).to(dev)
-        args = (input_ids.to(dev), latent_noise.to(dev), noise.to(dev), timesteps.to(dev), dtype, unet)
-        for name, enabled in (("base", False), ("lora", True)):
-            unet.enable_adapters() if enabled else unet.disable_adapters()
-            losses[name] += float(denoising_loss(m, pixels, *args).sum()) / count
-    unet.enable_adapters()
-    unet.train(was_training)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            for start in range(0, count, batch):
+                items = [samples[k] for k in range(start, min(start + batch, count))]
+                index, flipped, input_ids, _, latent_noise, noise, timesteps = (
+                    torch.stack([torch.as_tensor(item[j]) for item in items]) for j in range(7))
+                with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):  # encoded once for both
+                    latents = m.vae.encode(samples.pixels(index, flipped).to(dev, dtype)).latent_dist
+                args = (input_ids.to(dev), latent_noise.to(dev), noise.to(dev), timesteps.to(dev), dtype, unet)
+                for name, enabled in (("base", False), ("lora", True)):
+                    unet.enable_adapters() if enabled else unet.disable_adapters()
+                    losses[name] += float(denoising_loss(m, latents, *args).sum()) / count
+    finally:
+        unet.enable_adapters()
+        unet.train(was_training)
     return {"samples": count, **losses}
 
 
