@@ -3,9 +3,9 @@
     python -m stages.report
 
 `paths.report` holds the headline table (each variant with its 95% interval, and the paired
-LoRA-minus-baseline deltas), the warnings behind the numbers, the charts, the loss curve, the
-qualitative grid, the edge overlays, the worst and best samples, the params that made the run,
-the metric backbones and n. Images are embedded as data URIs: it opens offline, from anywhere,
+LoRA-minus-baseline deltas), the warnings behind the numbers, the charts, the loss curve and
+train-lora's fixed-sample loss with and without the LoRA, the qualitative grid, the edge
+overlays, the worst and best samples, the params that made the run, the metric backbones and n. Images are embedded as data URIs: it opens offline, from anywhere,
 and the same inputs give the same bytes.
 """
 
@@ -35,6 +35,7 @@ DETAIL_KEYS = (["n", "warnings", "backbones"]
                + [f"{v}.{name}.{k}" for v in dataset.VARIANTS for name in ("edge_precision", "edge_recall")
                   for k in ("mean", "ci95_low", "ci95_high")]
                + [f"lora_minus_baseline.{name}.{k}" for name in PAIRED for k in ("mean", "lora_better", "lora_worse")])
+SUMMARY_KEYS = ["fixed_samples", "denoising_loss_base", "denoising_loss_lora", "denoising_loss_change"]
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -128,7 +129,17 @@ def loss_figure(loss_log: Path) -> Figure:
     return fig
 
 
-def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list[str]) -> str:
+def learned(summary: dict) -> str:
+    """train-lora's answer to "did training learn?", beside the loss curve that cannot give it."""
+    values = "".join(f'<span data-key="train.{key}" data-value="{summary[key]!r}"></span>'
+                     for key in ("denoising_loss_base", "denoising_loss_lora"))
+    return (f"<p>Did training learn? The denoising loss of the run's first {summary['fixed_samples']} samples "
+            f"(their own images, noise and timesteps) is {summary['denoising_loss_base']:.4f} with the base UNet and "
+            f"{summary['denoising_loss_lora']:.4f} with the LoRA ({100 * summary['denoising_loss_change']:+.1f}%). "
+            f"The curve above is noisier than that: each step draws new timesteps.{values}</p>")
+
+
+def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list[str], summary: dict) -> str:
     backbones = ", ".join(f"{k}: {html.escape(v)}" for k, v in detail["backbones"].items())
     warnings = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in detail["warnings"])
     settings = detail["settings"]
@@ -161,6 +172,7 @@ TF32: {'on' if settings['tf32'] else 'off'}; metrics device: {settings['device']
 {figures[0]}
 {figures[1]}
 {figures[2]}
+{learned(summary)}
 <h2>Samples</h2>
 {figures[3]}
 {figures[4]}
@@ -181,6 +193,7 @@ def main() -> None:
     metrics = read_results(paths.metrics, HEADLINE_KEYS)
     detail = read_results(paths.metrics_detail, DETAIL_KEYS)
     table = read_scores(paths.per_sample)
+    summary = read_results(paths.train_summary, SUMMARY_KEYS, "train-lora")
     if not metrics["n"] == detail["n"] == len(table):
         raise StageError(f"{paths.metrics}, {paths.metrics_detail} and {paths.per_sample} disagree on n; "
                          "rerun `dvc repro metrics`")
@@ -193,7 +206,7 @@ def main() -> None:
     figures = [figure(title, png_bytes(loss_figure(require(paths.loss_log, "train-lora"))) if path is None
                       else require(path, "plots").read_bytes(), alt) for title, path, alt in charts]
     with atomic_file(paths.report) as tmp:
-        Path(tmp).write_text(page(params, metrics, detail, table, figures), encoding="utf-8")
+        Path(tmp).write_text(page(params, metrics, detail, table, figures, summary), encoding="utf-8")
     log.info("report: wrote %s (%.1f MB, self-contained; open it in any browser)", paths.report,
              Path(paths.report).stat().st_size / 1e6)
 

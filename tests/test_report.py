@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from stages import report
+from stages.common.cli import StageError
 from stages.common.io import read_json
 
 
@@ -62,6 +63,9 @@ def test_report_is_self_contained_and_shows_metrics_json(finished_project):
     metrics = read_json(p.path("metrics"))
     shown = flat(metrics)
     assert page.values.pop("n") == metrics["n"]
+    summary = read_json(p.path("train_summary"))
+    for key in ("denoising_loss_base", "denoising_loss_lora"):
+        assert page.values.pop(f"train.{key}") == summary[key], key  # train-lora's, exactly
     assert page.values, "the headline numbers carry their exact values"
     for key, value in page.values.items():
         assert value == shown[key], key  # repr round-trips: exactly metrics.json's float
@@ -71,6 +75,17 @@ def test_report_is_self_contained_and_shows_metrics_json(finished_project):
     printed = yaml.safe_load(page.pre)
     assert list(printed) == list(report.SECTIONS)
     assert printed["train"]["max_steps"] == p.params["train"]["max_steps"]
+
+
+def test_a_missing_or_older_train_summary_is_one_line(finished_project):
+    p = finished_project
+    summary = p.path("train_summary")
+    summary.write_text('{"fixed_samples": 64}')
+    with pytest.raises(StageError, match=r"train_summary.json: has no denoising_loss_base .*rerun `dvc repro train-lora`"):
+        p.run("report")
+    summary.unlink()
+    with pytest.raises(StageError, match=r"train_summary.json: not found; run `dvc repro train-lora`"):
+        p.run("report")
 
 
 def test_same_inputs_same_page(finished_project):

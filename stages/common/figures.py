@@ -29,16 +29,16 @@ SCORE_COLUMNS = ["index", "prompt", "lpips_delta", "clip_score_delta", "edge_f1_
     for variant in ("baseline", "lora")]
 
 
-def read_results(path: str, required: list[str]) -> dict:
-    """A JSON file of the metrics stage, holding every dotted key a figure reads."""
+def read_results(path: str, required: list[str], stage: str = "metrics") -> dict:
+    """A JSON file of `stage`, holding every dotted key a figure reads."""
     if not Path(path).is_file():
-        raise StageError(f"{path}: not found; run `dvc repro metrics`")
+        raise StageError(f"{path}: not found; run `dvc repro {stage}`")
     data = read_json(path)
     for dotted in required:
         node = data
         for part in dotted.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise StageError(f"{path}: has no {dotted} (an older metrics stage wrote it?); rerun `dvc repro metrics`")
+                raise StageError(f"{path}: has no {dotted} (an older {stage} stage wrote it?); rerun `dvc repro {stage}`")
             node = node[part]
     return data
 
