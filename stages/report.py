@@ -5,8 +5,9 @@
 `paths.report` holds the headline table (each variant with its 95% interval, and the paired
 LoRA-minus-baseline deltas), the warnings behind the numbers, the charts, the loss curve and
 train-lora's fixed-sample loss with and without the LoRA, the qualitative grid, the edge
-overlays, the worst and best samples, the params that made the run, the metric backbones and n. Images are embedded as data URIs: it opens offline, from anywhere,
-and the same inputs give the same bytes.
+overlays, the worst and best samples, the params that made the run, the metric backbones and n.
+Images are embedded as data URIs: it opens offline, from anywhere, and the same inputs give the
+same bytes.
 """
 
 import base64

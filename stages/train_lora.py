@@ -181,12 +181,10 @@ def main() -> None:
         return
     elapsed = time.perf_counter() - started
     trained = cfg.max_steps - start_step
-    learned = fixed_sample_loss(m, m.unet, samples, FIXED_SAMPLES, dtype, dev, cfg.micro_batch or cfg.batch_size)
-    summary = {"fixed_samples": learned["samples"], "denoising_loss_base": learned["base"],
-               "denoising_loss_lora": learned["lora"], "denoising_loss_change": learned["lora"] / learned["base"] - 1}
+    summary = fixed_sample_loss(m, m.unet, samples, FIXED_SAMPLES, dtype, dev, cfg.micro_batch or cfg.batch_size)
     log.info("train-lora: denoising loss on the run's first %d samples: %.4f with the base UNet, %.4f with the "
-             "LoRA (%+.1f%%)", learned["samples"], learned["base"], learned["lora"],
-             100 * summary["denoising_loss_change"])
+             "LoRA (%+.1f%%)", summary["fixed_samples"], summary["denoising_loss_base"],
+             summary["denoising_loss_lora"], 100 * summary["denoising_loss_change"])
 
     with atomic_dir(paths.lora) as out:
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))

@@ -45,7 +45,7 @@ def _byte_unicode() -> list[str]:
 
 
 def _clip_bpe_merges() -> list[str]:
-    """The real CLIP BPE merges (the ones openai/clip-* and SD 1.5 use), from the copy that ships
+    """The real CLIP BPE merges (the ones OpenAI's CLIP models and SD 1.5 use), from the copy that ships
     inside the open_clip_torch wheel: the one place a package registry carries them."""
     import gzip
     import importlib.util
@@ -255,7 +255,7 @@ def save_alexnet(path: Path, classifier: bool = False) -> None:
 
 
 def build_clip(folder: Path, size: str = "tiny") -> None:
-    """The CLIP score's model: tiny, or openai/clip-vit-base-patch32's configuration saved as
+    """The CLIP score's model: tiny, or OpenAI's CLIP ViT-B/32 configuration saved as
     that repo has it (weights only as pytorch_model.bin)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
 

@@ -126,26 +126,26 @@ def fixed_sample_loss(m, unet, samples: TrainSamples, count: int, dtype, dev, ba
     under the base UNet and under the base plus its LoRA. Both passes see the same inputs, so only
     the LoRA moves the second. From the pixels, not the latent cache, which need not hold these
     pairs. Eager even when the UNet is compiled: eval mode and toggled adapters would otherwise
-    cost a recompile each."""
-    losses = {"base": 0.0, "lora": 0.0}
+    cost a recompile each. Returns train-lora's summary metric."""
+    losses = {False: 0.0, True: 0.0}  # keyed by "LoRA enabled"
     was_training = unet.training
     unet.eval()
     try:
         with torch.compiler.set_stance("force_eager"):
             for start in range(0, count, batch):
-                items = [samples[k] for k in range(start, min(start + batch, count))]
-                index, flipped, input_ids, _, latent_noise, noise, timesteps = (
-                    torch.stack([torch.as_tensor(item[j]) for item in items]) for j in range(7))
+                index, flipped, input_ids, _, latent_noise, noise, timesteps = torch.utils.data.default_collate(
+                    [samples[k] for k in range(start, min(start + batch, count))])
                 with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):  # encoded once for both
                     latents = m.vae.encode(samples.pixels(index, flipped).to(dev, dtype)).latent_dist
                 args = (input_ids.to(dev), latent_noise.to(dev), noise.to(dev), timesteps.to(dev), dtype, unet)
-                for name, enabled in (("base", False), ("lora", True)):
+                for enabled in losses:
                     unet.enable_adapters() if enabled else unet.disable_adapters()
-                    losses[name] += float(denoising_loss(m, latents, *args).sum()) / count
+                    losses[enabled] += float(denoising_loss(m, latents, *args).sum()) / count
     finally:
         unet.enable_adapters()
         unet.train(was_training)
-    return {"samples": count, **losses}
+    return {"fixed_samples": count, "denoising_loss_base": losses[False], "denoising_loss_lora": losses[True],
+            "denoising_loss_change": losses[True] / losses[False] - 1}
 
 
 def micro_batches(step: int, cfg, rank: int, processes: int) -> list[list[int]]:
