@@ -59,8 +59,7 @@ PROMPT = "Long sleeve dress in red with white polka dots"
 def build_models(folder: Path, size: str) -> tuple[Path, Path]:
     """Random SD 1.5 and canny ControlNet in the layouts the stages load (plain weight names)."""
     torch.manual_seed(0)
-    random_models.build_sd15(folder / "base", size)
-    random_models.build_controlnet(folder / "base" / "unet", folder / "controlnet", size)
+    random_models.build_sd15_and_controlnet(folder / "base", folder / "controlnet", size)
     for variant in folder.rglob("*.fp16.safetensors"):  # what fetch-models' install() does
         variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
     return folder / "base", folder / "controlnet"

@@ -3,7 +3,9 @@
     python -m stages.fetch_models
 
 `models.mode` says where they come from:
-- `tiny` (the demo): random tiny models built offline from `models.seed`.
+- `tiny` (the demo): tiny models built offline from `models.seed`, then taught garments for
+  about three minutes of CPU (`models.pretrain`, stages/common/pretrain.py) on drawings at
+  `extract.resolution` with canny edges at `canny.*`; all steps 0 leaves them random.
 - `hub`: the real weights. SD 1.5, the ControlNet and CLIP come from the Hugging Face hub
   (`models.*_id` at `models.*_revision`; HF_ENDPOINT and HF_TOKEN are honoured), only the files
   the stages load, fp16 where `models.variant` asks and the repo has it. clean-fid's Inception and
@@ -70,10 +72,18 @@ def main() -> None:
     paths, models = params.paths, params.models
     with atomic_dirs(paths.base_model, paths.controlnet, paths.eval_models) as (base, controlnet, eval_models):
         if models.mode == "tiny":
-            from stages.common import random_models
+            from stages.common import pretrain, random_models
 
-            backbones = random_models.build_all(Path(base), Path(controlnet), Path(eval_models), models.seed)
-            record = {"mode": "tiny", "seed": models.seed}
+            steps = models.pretrain
+            teach = (lambda parts, control: pretrain.pretrain(
+                parts, control, steps, models.seed, params.extract.resolution, params.canny.low_threshold,
+                params.canny.high_threshold)) if steps.text_steps + steps.vae_steps + steps.steps else None
+            backbones, measured = random_models.build_all(Path(base), Path(controlnet), Path(eval_models),
+                                                          models.seed, teach)
+            record = {"mode": "tiny", "seed": models.seed, **({"pretrain": measured} if measured else {})}
+            if measured:
+                log.info("fetch-models: pretrained the tiny models on %d drawn garment images in %.0f s",
+                         measured["images"], measured["total_s"])
         else:  # a full disk or a read-only folder is one line too (run_cli)
             record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)

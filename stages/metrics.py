@@ -15,7 +15,8 @@ edge maps, and how sure we can be, with LoRA compared to the baseline pair by pa
   drops EOS.
 - Edge fidelity (controllability): the canny map of each generated image, with canny-edges'
   thresholds, against the edge map it was given: precision, recall and F1 within
-  `metrics.edge_tolerance` pixels.
+  `metrics.edge_tolerance` pixels; and F1 against the next sample's edge map, the chance level
+  of an image that ignores its own (`edge_f1_mismatched` in metrics_detail.json).
 - Prompt colour (the demo only, where every prompt names a palette colour): the share of the
   garment in the prompt's colour, and whether it reaches `colour.MATCH` (stages/common/colour.py).
 - Uncertainty: Student-t 95% intervals for means; one seeded bootstrap over eval pairs for FID,
@@ -164,6 +165,10 @@ def main() -> None:
         edges = edge_scores(files, edge_files, params.canny, cfg.edge_tolerance)
         for column, name in enumerate(("edge_precision", "edge_recall", "edge_f1")):
             table[f"{name}_{variant}"] = edges[:, column]
+        # Chance level: the same images against the next sample's edge map. A model that draws
+        # garments but ignores its edge map scores this much too.
+        table[f"edge_f1_mismatched_{variant}"] = edge_scores(
+            files, edge_files[1:] + edge_files[:1], params.canny, cfg.edge_tolerance)[:, 2]
 
     # The demo names one palette colour per prompt; real FashionGen prompts name others.
     colours = [colour.named_colour(p) for p in prompts]
@@ -195,7 +200,7 @@ def main() -> None:
             results[variant].update(with_interval(name, *statistics.t_interval(table[f"{name}_{variant}"])))
         details[variant] = {"kid": {k: v for k, v in kid[variant].items() if k != "kid"},
                             **{name: mean_interval(table[f"{name}_{variant}"])
-                               for name in ("edge_precision", "edge_recall", "clip_cosine")}}
+                               for name in ("edge_precision", "edge_recall", "edge_f1_mismatched", "clip_cosine")}}
 
     # LoRA minus baseline on the same pairs: what users want to know, and far tighter than
     # comparing two separate intervals.

@@ -26,10 +26,22 @@ os.environ["FASHION_DEVICE"] = "cpu"
 # Small but complete: every stage runs for real, in seconds.
 SMALL = {
     "demo.products": 16,
+    # a few-step pretrain: the code path runs, the suite does not pay for the demo's three minutes
+    "models.pretrain.products": 3,
+    "models.pretrain.text_steps": 2,
+    "models.pretrain.vae_steps": 2,
+    "models.pretrain.steps": 2,
+    "models.pretrain.batch_size": 4,
     "extract.train_products": 10,
     "extract.eval_products": 4,
     "extract.read_chunk": 5,
     "train.max_steps": 4,
+    # the seed recipe's batch (2 x 2, rank 4) and guidance, not the demo's: the suite checks accumulation and CFG
+    "train.batch_size": 2,
+    "train.grad_accumulation": 2,
+    "train.rank": 4,
+    "train.alpha": 4,
+    "generate.guidance_scale": 7.5,
     "train.warmup_steps": 1,
     "train.checkpoint_every": 2,
     "generate.steps": 3,

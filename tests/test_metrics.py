@@ -33,6 +33,8 @@ def test_identical_images_score_perfectly(extracted):
         # the edge maps are canny of the ground truth, so its own canny edges match exactly
         assert r["edge_f1"] == r["edge_f1_ci95_low"] == 1.0
         assert detail[variant]["edge_precision"]["mean"] == detail[variant]["edge_recall"]["mean"] == 1.0
+        # against the next sample's edge map the same images score well below their own
+        assert detail[variant]["edge_f1_mismatched"]["mean"] < 0.9
         assert detail[variant]["kid"] == {"subset_size": n, "subsets": 1, "subset_std": None}
     delta = result["lora_minus_baseline"]
     for name in ("fid", "kid", "lpips", "clip_score", "edge_f1"):

@@ -15,7 +15,8 @@ from tests.conftest import REPO, repo_params, set_dotted
 def test_committed_params_load_with_types():
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
-    assert params.train.learning_rate == pytest.approx(1e-3)
+    assert params.train.learning_rate == pytest.approx(5e-3)
+    assert params.models.pretrain.steps > 0 and 0 <= params.models.pretrain.colour_captions <= 1
     assert params.train.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert params.extract.h5 == params.paths.demo_h5  # the YAML anchor keeps them one path
 
@@ -123,7 +124,8 @@ STAGE_SECTIONS = {"demo-data": ["demo"], "fetch-models": ["models"], "extract": 
                   "train-lora": ["train"], "generate-baseline": ["generate"], "generate-lora": ["generate"],
                   "metrics": ["metrics"], "plots": ["plots"]}
 CANNY = {"canny.low_threshold", "canny.high_threshold"}  # metrics and plots redraw generated images' edges
-EXTRA = {"train-lora": {"extract.resolution"}, "metrics": CANNY, "plots": CANNY}
+EXTRA = {"train-lora": {"extract.resolution"}, "metrics": CANNY, "plots": CANNY,
+         "fetch-models": {"extract.resolution"} | CANNY}  # tiny mode pretrains on the demo's own edges
 NOT_A_PARAM = {"extract.h5",  # a dep (interpolated path), not a param
                "generate.lora_scale@generate-baseline"}
 

@@ -1,5 +1,6 @@
 """presets.yaml: every preset validates against the params schema, and fashion-exp expands it."""
 
+import re
 import subprocess
 
 import pytest
@@ -32,6 +33,9 @@ def test_the_seed_presets_say_what_the_seed_did():
         assert (p["extract.train_images"], p["extract.eval_products"], p["generate.steps"],
                 p["generate.guidance_scale"]) == (images, evaluated, steps, guidance)
         assert (p["train.max_steps"], p["train.learning_rate"], p["extract.resolution"]) == (5000, 1e-4, 256)
+        # the demo's own training knobs must not leak into a seed run
+        assert (p["train.batch_size"], p["train.grad_accumulation"], p["train.warmup_steps"], p["train.rank"],
+                p["train.alpha"]) == (2, 2, 500, 4, 4)
 
 
 def test_user_overrides_go_through_and_are_checked_first():
@@ -61,7 +65,9 @@ def test_a_preset_starts_from_the_committed_params(tmp_path, monkeypatch):
     for cmd in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
         subprocess.run([*git, *cmd], check=True)
     presets.check_params_clean()
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("max_steps: 40", "max_steps: 5"))
+    edited = re.sub(r"max_steps: \d+", "max_steps: 5", (REPO / "params.yaml").read_text(), count=1)
+    assert edited != (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(edited)
     with pytest.raises(StageError, match=r"params.yaml: differs from HEAD \(the last experiment applied its params\)"):
         presets.check_params_clean()
 

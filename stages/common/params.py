@@ -99,6 +99,27 @@ class LocalModels:
 
 
 @dataclass(frozen=True)
+class Pretrain:
+    """Tiny mode: what fetch-models teaches the tiny models before the demo uses them
+    (stages/common/pretrain.py). All steps 0: random models, as the tests use."""
+
+    products: int = _doc("garments drawn to pretrain on (all poses, about 3.5 images each); none is a demo product")
+    text_steps: int = _doc("text-encoder steps: learn to tell colours and kinds apart")
+    vae_steps: int = _doc("VAE steps (4 images each)")
+    steps: int = _doc("UNet and ControlNet steps, trained together")
+    batch_size: int = _doc("captions or images per text-encoder and UNet step")
+    colour_captions: float = _doc("share of UNet samples whose caption names the colour; lower leaves the "
+                                  "LoRA more to teach")
+
+    def __post_init__(self):
+        for key in ("products", "batch_size"):
+            _check(getattr(self, key) >= 1, f"models.pretrain.{key}", "must be at least 1")
+        for key in ("text_steps", "vae_steps", "steps"):
+            _check(getattr(self, key) >= 0, f"models.pretrain.{key}", "must be 0 or more")
+        _check(0 <= self.colour_captions <= 1, "models.pretrain.colour_captions", "must be between 0 and 1")
+
+
+@dataclass(frozen=True)
 class Models:
     mode: Literal["tiny", "hub", "local"] = _doc(
         "tiny: random tiny models built offline (the demo); hub: download the real weights; "
@@ -118,6 +139,7 @@ class Models:
     alexnet_url: str = _doc("torchvision's AlexNet weights, the LPIPS backbone; a mirror may stand in")
     alexnet_sha256: str = _doc("its sha256 or a prefix of at least 8 hex digits (torchvision names files by one)")
     local: LocalModels = _doc("local mode: where each model already is")
+    pretrain: Pretrain = _doc("tiny mode: how the tiny models learn garments first")
 
     def __post_init__(self):
         for key in ("inception_sha256", "alexnet_sha256"):

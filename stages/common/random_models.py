@@ -10,7 +10,8 @@ the real weights. Two sizes:
   memory, load times, the real tokenizer's 77-token truncation. Used as `models.mode: local`
   sources by the full-size smoke test.
 
-The numbers either produces mean nothing beyond "the code path works".
+Random, the numbers either produces mean nothing beyond "the code path works". fetch-models
+then pretrains the tiny ones on drawn garments (stages/common/pretrain.py) for the demo.
 """
 
 from __future__ import annotations
@@ -91,12 +92,15 @@ def _text_config(size: str, hidden: int = 768, heads: int = 12, intermediate: in
 
 
 # SD 1.5's UNet and VAE; the tiny ones keep every block type and narrow the widths.
-UNET = {"tiny": dict(sample_size=8, block_out_channels=(16, 32, 64, 64), attention_head_dim=4, norm_num_groups=8,
+# The tiny UNet's norm groups are wide (8 channels and more): GroupNorm over a garment on a white
+# page keeps a group's direction, not its amplitude; with 2-channel groups pretraining learned
+# colours more slowly (colour share 0.11 vs 0.18 after the same steps).
+UNET = {"tiny": dict(sample_size=8, block_out_channels=(16, 32, 64, 64), attention_head_dim=4, norm_num_groups=2,
                      cross_attention_dim=32),
         "full": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
                      norm_num_groups=32, cross_attention_dim=768)}
-VAE = {"tiny": dict(sample_size=64, block_out_channels=(8, 16, 32, 32), norm_num_groups=4),
-       "full": dict(sample_size=512, block_out_channels=(128, 256, 512, 512), norm_num_groups=32)}
+VAE = {"tiny": dict(sample_size=64, block_out_channels=(8, 16, 32, 32), norm_num_groups=4, layers_per_block=1),
+       "full": dict(sample_size=512, block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)}
 CONTROLNET_EMBEDDING = {"tiny": (8, 16, 16, 32), "full": (16, 32, 96, 256)}
 # The real repo's model_index.json lists the safety checker the project never loads or fetches.
 SD15_MODEL_INDEX = {
@@ -119,27 +123,37 @@ def build_unet(size: str = "tiny"):
     )
 
 
-def build_sd15(folder: Path, size: str = "tiny") -> None:
-    """SD 1.5 in the diffusers pipeline layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/.
-    Full size is saved as the hub has it: fp16 variant files and the real model_index.json."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+def sd15_parts(folder: Path, size: str = "tiny") -> dict:
+    """SD 1.5's components, random: vae, text_encoder, unet, tokenizer (written to folder/tokenizer),
+    scheduler. The tiny scheduler is v-prediction with zero terminal SNR (as SD 2.1-v's): the demo's
+    pretraining needs it (see pretrain.py); the full size keeps SD 1.5's own config."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, **VAE[size],
+        in_channels=3, out_channels=3, latent_channels=4, **VAE[size],
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=0.18215,
     )
-    # SD 1.5's own scheduler config; training reads it as a DDPMScheduler.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False,
-                              steps_offset=1)
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 set_alpha_to_one=False, steps_offset=1)
+    if size == "full":  # training reads either config as a DDPMScheduler
+        scheduler = PNDMScheduler(**betas, skip_prk_steps=True)
+    else:
+        scheduler = DDIMScheduler(**betas, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                  timestep_spacing="trailing", clip_sample=False)
     write_clip_tokenizer(folder / "tokenizer", size)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel(_text_config(size)), unet=build_unet(size),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return {"vae": vae, "text_encoder": CLIPTextModel(_text_config(size)), "unet": build_unet(size),
+            "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"), "scheduler": scheduler}
+
+
+def save_sd15(folder: Path, parts: dict, size: str = "tiny") -> None:
+    """SD 1.5 in the diffusers pipeline layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+    Full size is saved as the hub has it: fp16 variant files and the real model_index.json."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     if size == "full":
         pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
         (folder / "model_index.json").write_text(json.dumps(SD15_MODEL_INDEX, indent=2) + "\n")
@@ -147,23 +161,33 @@ def build_sd15(folder: Path, size: str = "tiny") -> None:
         pipe.save_pretrained(folder)
 
 
-def build_controlnet(unet_folder: Path, folder: Path, size: str = "tiny") -> None:
-    """A canny ControlNet cloned from the UNet in `unet_folder`, with its zero convs randomised."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+def new_controlnet(unet, size: str = "tiny"):
+    """A canny ControlNet cloned from `unet`, with its zero convs randomised."""
+    from diffusers import ControlNetModel
 
-    unet = UNet2DConditionModel.from_pretrained(unet_folder, **({"variant": "fp16"} if size == "full" else {}))
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING[size])
     # A fresh ControlNet's output convs are zero, so the control image would change nothing and
-    # the demo would never exercise the control path. Give them small random weights.
+    # a random demo would never exercise the control path; pretraining also learns faster from here.
     zero_convs = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
                   *controlnet.controlnet_down_blocks]
     for conv in zero_convs:
         nn.init.normal_(conv.weight, std=0.05)
         nn.init.zeros_(conv.bias)
+    return controlnet
+
+
+def build_sd15_and_controlnet(base: Path, controlnet: Path, size: str = "tiny", pretrain=None) -> dict:
+    """SD 1.5 and its canny ControlNet, first trained by `pretrain(parts, controlnet)` when given;
+    returns what the pretraining measured."""
+    parts = sd15_parts(base, size)
+    control = new_controlnet(parts["unet"], size)
+    record = pretrain(parts, control) if pretrain else {}
+    save_sd15(base, parts, size)
     if size == "full":
-        controlnet.to(torch.float16).save_pretrained(folder, variant="fp16")
+        control.to(torch.float16).save_pretrained(controlnet, variant="fp16")
     else:
-        controlnet.save_pretrained(folder)
+        control.save_pretrained(controlnet)
+    return record
 
 
 class _InceptionLayers(nn.Module):
@@ -301,13 +325,13 @@ def _quiet_saving() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def build_all(base: Path, controlnet: Path, eval_models: Path, seed: int) -> dict:
-    """Build every tiny model from `seed`; returns the backbone names metrics will report."""
+def build_all(base: Path, controlnet: Path, eval_models: Path, seed: int, pretrain=None) -> tuple[dict, dict]:
+    """Build every tiny model from `seed`, first pretrained by `pretrain(parts, controlnet)` when
+    given; returns the backbone names metrics will report and what the pretraining measured."""
     _quiet_saving()
     torch.manual_seed(seed)
-    build_sd15(base)
-    build_controlnet(base / "unet", controlnet)
-    return build_eval_models(eval_models)
+    record = build_sd15_and_controlnet(base, controlnet, pretrain=pretrain)
+    return build_eval_models(eval_models), record
 
 
 def build_full_size_sources(folder: Path, seed: int = 0) -> dict[str, Path]:
@@ -318,8 +342,7 @@ def build_full_size_sources(folder: Path, seed: int = 0) -> dict[str, Path]:
                "clip": folder / "clip-vit-base-patch32", "inception": folder / "inception-2015-12-05.pt",
                "alexnet": folder / "alexnet-owt-7be5be79.pth"}
     _quiet_saving()
-    build_sd15(sources["base"], "full")
-    build_controlnet(sources["base"] / "unet", sources["controlnet"], "full")
+    build_sd15_and_controlnet(sources["base"], sources["controlnet"], "full")
     build_clip(sources["clip"], "full")
     save_torchscript(FullInception().eval(), sources["inception"])
     save_alexnet(sources["alexnet"], classifier=True)
