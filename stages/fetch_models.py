@@ -81,9 +81,7 @@ def main() -> None:
             backbones, measured = random_models.build_all(Path(base), Path(controlnet), Path(eval_models),
                                                           models.seed, teach)
             record = {"mode": "tiny", "seed": models.seed, **({"pretrain": measured} if measured else {})}
-            if measured:
-                log.info("fetch-models: pretrained the tiny models on %d drawn garment images in %.0f s",
-                         measured["images"], measured["total_s"])
+
         else:  # a full disk or a read-only folder is one line too (run_cli)
             record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)

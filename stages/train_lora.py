@@ -3,7 +3,8 @@
     python -m stages.train_lora
 
 The seed recipe (diffusers' train_text_to_image_lora.py with the notebooks' flags): LoRA on the
-UNet's to_q/to_k/to_v/to_out.0 with gaussian init, frozen VAE and text encoder, epsilon-MSE on
+UNet's to_q/to_k/to_v/to_out.0 with gaussian init, frozen VAE and text encoder, MSE to the noise
+(or to v where the base's scheduler config says so, as the demo's tiny models' does) on
 `latent_dist.sample() * scaling_factor` at t ~ U[0, 1000), AdamW + cosine schedule with warmup,
 gradient accumulation. Two deliberate differences: gradients are clipped for real (upstream's
 clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed run reloads the

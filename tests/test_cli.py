@@ -22,7 +22,8 @@ def stage(cwd, module, *args, **env):
 
 
 def broken_yaml(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("  max_steps: 40\n", "  max_steps: [40\n", 1)
+    text = re.sub(r"  max_steps: (\d+)\n", r"  max_steps: [\1\n", (REPO / "params.yaml").read_text(), count=1)
+    assert "max_steps: [" in text
     (tmp_path / "params.yaml").write_text(text)
 
 

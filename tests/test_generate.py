@@ -175,3 +175,26 @@ def test_compiled_models_draw_the_same_images(trained_project, monkeypatch):
     p.run("generate_lora", generate__compile="default")
     compiled = generated(p, "lora")
     assert all(image_diff(compiled[i], eager[i]) <= 2 for i in eager)
+
+
+def test_a_scheduler_without_zero_snr_is_refused_for_a_zero_snr_model(project):
+    """PNDM would sample the tiny (zero terminal SNR) models on the wrong schedule, silently."""
+    from stages.common import models
+
+    with pytest.raises(StageError, match=r"generate.scheduler: pndm cannot sample .*zero terminal SNR.*use unipc"):
+        models.load_controlnet_pipeline(project.path("base_model"), project.path("controlnet"), "pndm",
+                                        torch.float32, torch.device("cpu"))
+
+
+def test_sd15s_own_scheduler_config_trains_and_draws(extracted):
+    """Real SD 1.5 is epsilon-prediction under PNDM's config, unlike the tiny kit: the same stages
+    train on it and draw with it (the epsilon branch of the loss, UniPC from PNDM's config)."""
+    from stages.common import random_models
+
+    p = extracted
+    random_models.sd15_scheduler("full").save_pretrained(p.path("base_model") / "scheduler")
+    p.run("train_lora", train__max_steps=2)
+    summary = read_json(p.path("train_summary"))
+    assert np.isfinite(summary["denoising_loss_lora"]) and summary["denoising_loss_base"] > 0.5  # epsilon: ~1
+    p.run("generate_baseline")
+    assert len(list(p.path("generated_baseline").glob("*.png"))) == p.params["extract"]["eval_products"]

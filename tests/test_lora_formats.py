@@ -34,7 +34,7 @@ def test_kohya_export_round_trips_exactly(trained_project):
         meta = f.metadata()
     assert meta["ss_network_dim"] == str(rank) and float(meta["ss_network_alpha"]) == 2 * rank
     assert meta["ss_base_model_version"] == "sd_v1"
-    assert meta["ss_sd_model_name"] == meta["fashion.base_model"] == "tiny-random (models.seed=0)"
+    assert meta["ss_sd_model_name"] == meta["fashion.base_model"] == "tiny-pretrained (models.seed=0)"
 
 
 def test_the_base_model_is_named_by_where_it_came_from():

@@ -57,11 +57,11 @@ def from_kohya(state: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict
 
 def base_model_name(sources: dict | None) -> str:
     """What a LoRA was trained on, from fetch-models' models/sources.json: the hub id at the commit
-    it resolved to, the local folder, or the tiny random kit."""
+    it resolved to, the local folder, or the tiny kit (pretrained, or random with no pretraining)."""
     if not sources:
         return "unknown (no models/sources.json)"
     if sources.get("mode") == "tiny":
-        return f"tiny-random (models.seed={sources.get('seed')})"
+        return f"tiny-{'pretrained' if 'pretrain' in sources else 'random'} (models.seed={sources.get('seed')})"
     base = sources.get("base") or {}
     if sources.get("mode") == "hub":
         return f"{base.get('id')}@{base.get('commit')}"

@@ -7,6 +7,7 @@ does not load (truncated, corrupt, not JSON) is one line naming the folder and t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,13 @@ def load_controlnet_pipeline(base: str | Path, controlnet: str | Path, scheduler
             base, controlnet=controlnet_model, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, dtype=dtype,
         )
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    chosen = getattr(diffusers, SCHEDULERS[scheduler])
+    # PNDM has no rescale_betas_zero_snr and would silently sample such a model on the wrong schedule.
+    if pipe.scheduler.config.get("rescale_betas_zero_snr") and \
+            "rescale_betas_zero_snr" not in inspect.signature(chosen.__init__).parameters:
+        raise StageError(f"generate.scheduler: {scheduler} cannot sample {base}, trained with zero terminal SNR "
+                         f"(its scheduler config); use {', '.join(k for k in SCHEDULERS if k != scheduler)}")
+    pipe.scheduler = chosen.from_config(pipe.scheduler.config)
     if lora_file is not None:
         # Our LoRA is UNet-only; loading it into the UNet directly skips load_lora_weights'
         # warning about a text encoder with no LoRA keys.

@@ -101,7 +101,7 @@ class LocalModels:
 @dataclass(frozen=True)
 class Pretrain:
     """Tiny mode: what fetch-models teaches the tiny models before the demo uses them
-    (stages/common/pretrain.py). All steps 0: random models, as the tests use."""
+    (stages/common/pretrain.py). All steps 0: random models (the test suite pretrains 2 steps)."""
 
     products: int = _doc("garments drawn to pretrain on (all poses, about 3.5 images each); none is a demo product")
     text_steps: int = _doc("text-encoder steps: learn to tell colours and kinds apart")
@@ -122,9 +122,9 @@ class Pretrain:
 @dataclass(frozen=True)
 class Models:
     mode: Literal["tiny", "hub", "local"] = _doc(
-        "tiny: random tiny models built offline (the demo); hub: download the real weights; "
+        "tiny: tiny models built and pretrained offline (the demo); hub: download the real weights; "
         "local: copy or link the real weights from models.local.*")
-    seed: int = _doc("seed for the tiny models' random init (tiny mode)")
+    seed: int = _doc("seed for the tiny models' init and their pretraining's draws (tiny mode)")
     variant: Literal["fp16", "fp32"] = _doc(
         "fp16: take a repo's *.fp16.* weights where it has them (half the download); fp32: only the plain files")
     base_id: str = _doc("hub id of the SD 1.5 base model")

@@ -2,8 +2,9 @@
 on-disk layouts, so later stages load them with the same `from_pretrained(local_dir)` calls as
 the real weights. Two sizes:
 
-- `tiny` (the demo and the tests): SD 1.5's structure (block types, attention layout, so the same
-  128 LoRA layers and 256 LoRA keys) at a fraction of the width; about 25 MB in all.
+- `tiny` (the demo and the tests): SD 1.5's UNet structure (block types, attention layout, so the
+  same 128 LoRA layers and 256 LoRA keys) at a fraction of the width, a one-layer-per-block VAE,
+  and a v-prediction, zero-terminal-SNR scheduler (what pretraining needs); about 20 MB in all.
 - `full`: the published SD 1.5, canny ControlNet v1.1 and CLIP ViT-B/32 configurations with the
   real CLIP BPE vocabulary, saved as fp16 variants like the hub repos. Weights cannot be
   downloaded here; architectures are public facts. They show what only shows at full size:
@@ -125,9 +126,8 @@ def build_unet(size: str = "tiny"):
 
 def sd15_parts(folder: Path, size: str = "tiny") -> dict:
     """SD 1.5's components, random: vae, text_encoder, unet, tokenizer (written to folder/tokenizer),
-    scheduler. The tiny scheduler is v-prediction with zero terminal SNR (as SD 2.1-v's): the demo's
-    pretraining needs it (see pretrain.py); the full size keeps SD 1.5's own config."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler
+    scheduler (`sd15_scheduler`)."""
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     vae = AutoencoderKL(
@@ -135,16 +135,22 @@ def sd15_parts(folder: Path, size: str = "tiny") -> dict:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=0.18215,
     )
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 set_alpha_to_one=False, steps_offset=1)
-    if size == "full":  # training reads either config as a DDPMScheduler
-        scheduler = PNDMScheduler(**betas, skip_prk_steps=True)
-    else:
-        scheduler = DDIMScheduler(**betas, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                  timestep_spacing="trailing", clip_sample=False)
     write_clip_tokenizer(folder / "tokenizer", size)
     return {"vae": vae, "text_encoder": CLIPTextModel(_text_config(size)), "unet": build_unet(size),
-            "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"), "scheduler": scheduler}
+            "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"), "scheduler": sd15_scheduler(size)}
+
+
+def sd15_scheduler(size: str = "tiny"):
+    """SD 1.5's own scheduler config (epsilon prediction, PNDM), or the tiny one: v-prediction with
+    zero terminal SNR and trailing timesteps, as SD 2.1-v's. Training reads either as a DDPMScheduler."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 set_alpha_to_one=False, steps_offset=1)
+    if size == "full":
+        return PNDMScheduler(**betas, skip_prk_steps=True)
+    return DDIMScheduler(**betas, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                         timestep_spacing="trailing", clip_sample=False)
 
 
 def save_sd15(folder: Path, parts: dict, size: str = "tiny") -> None:
@@ -331,6 +337,7 @@ def build_all(base: Path, controlnet: Path, eval_models: Path, seed: int, pretra
     _quiet_saving()
     torch.manual_seed(seed)
     record = build_sd15_and_controlnet(base, controlnet, pretrain=pretrain)
+    torch.manual_seed(seed)  # the metric backbones do not depend on how long pretraining ran
     return build_eval_models(eval_models), record
 
 
