@@ -110,6 +110,8 @@ def _optimise(name: str, params: list, steps: int, lr: float, loss_fn, decay: bo
 
 
 def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    # training.TrainSamples tokenises the same way; importing it would make fetch-models' DVC deps the
+    # whole training stack, and every train-lora change would retrain this three-minute kit.
     return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids
 
