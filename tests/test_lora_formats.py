@@ -57,8 +57,28 @@ def test_kohya_names_are_sd15s(trained_project):
     assert len(kohya) == 3 * 128  # down, up and alpha per module
 
 
+def test_a_lora_beyond_attention_exports_too(trained_project):
+    """diffusers keeps peft's lora_A/lora_B names for layers other than attention projections;
+    the kohya export names them as kohya does (it used to fail after training)."""
+    p = trained_project
+    p.run("train_lora", train__target_modules=["to_k", "proj_in", "ff.net.2"], train__max_steps=2)
+    diffusers_state = load_file(p.path("lora") / LORA_WEIGHTS)
+    kohya = load_file(p.path("lora") / KOHYA_FILE)
+    assert len(kohya) == 3 * len({k.rsplit(".lora", 1)[0] for k in diffusers_state})
+    rank = p.params["train"]["rank"]
+    for module, kohya_name in (("down_blocks.0.attentions.0.proj_in", "down_blocks_0_attentions_0_proj_in"), (
+            "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2", "up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2")):
+        for ours, theirs in (("lora_down", ("lora_A", "lora.down")), ("lora_up", ("lora_B", "lora.up"))):
+            [saved] = [v for k, v in diffusers_state.items() if k.removeprefix("unet.") in
+                       {f"{module}.{name}.weight" for name in theirs}]
+            assert torch.equal(kohya[f"lora_unet_{kohya_name}.{ours}.weight"], saved), (module, ours)
+        assert kohya[f"lora_unet_{kohya_name}.lora_down.weight"].shape[0] == rank
+
+
 def test_unknown_keys_are_refused():
     with pytest.raises(ValueError, match="not a diffusers UNet LoRA key"):
         to_kohya({"text_encoder.x.lora.down.weight": torch.zeros(1)}, 4)
+    with pytest.raises(ValueError, match="twice"):
+        to_kohya({"unet.m.lora.down.weight": torch.zeros(1), "unet.m.lora_A.weight": torch.zeros(1)}, 4)
     with pytest.raises(ValueError, match="not a kohya key of this UNet's modules"):
         from_kohya({"lora_unet_nowhere.alpha": torch.tensor(4.0)}, ["down_blocks.0.attentions.0.proj_in"])

@@ -1,7 +1,9 @@
 """The trained LoRA in the kohya/webui format that A1111, ComfyUI and most LoRA tools load, beside
 diffusers' own file.
 
-diffusers: `unet.<module>.lora.down.weight`, alpha in the file's adapter metadata.
+diffusers: `unet.<module>.lora.down.weight` for attention projections, peft's
+           `unet.<module>.lora_A.weight` (and `lora_B`) for other layers (proj_in, ff.net.*),
+           alpha in the file's adapter metadata.
 kohya:     `lora_unet_<module with dots as underscores>.lora_down.weight`, `.lora_up.weight`,
            and a scalar `.alpha` per module (scale = alpha / rank), plus the `ss_*` metadata
            that A1111's LoRA browser shows. SD 1.x keeps diffusers' module names (down_blocks_0_...),
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 
 KOHYA_FILE = "fashion_lora_kohya.safetensors"
-_DIFFUSERS_KEY = re.compile(r"unet\.(?P<module>.+)\.lora\.(?P<part>down|up)\.weight")
+# diffusers renames peft's lora_A/lora_B to lora.down/lora.up only for attention projections; a
+# LoRA on proj_in or a feed-forward layer keeps peft's names in the same file.
+_DIFFUSERS_KEY = re.compile(r"unet\.(?P<module>.+)\.lora(?:\.(?P<part>down|up)|_(?P<peft>A|B))\.weight")
 _KOHYA_KEY = re.compile(r"lora_unet_(?P<name>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
 _PARTS = {"lora_down.weight": "down", "lora_up.weight": "up"}
 
@@ -33,7 +37,10 @@ def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Te
         if match is None:
             raise ValueError(f"{key}: not a diffusers UNet LoRA key")
         name = kohya_name(match["module"])
-        out[f"{name}.lora_{match['part']}.weight"] = value
+        part = match["part"] or {"A": "down", "B": "up"}[match["peft"]]
+        if f"{name}.lora_{part}.weight" in out:
+            raise ValueError(f"{key}: {match['module']}'s lora {part} weight given twice")
+        out[f"{name}.lora_{part}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
 
