@@ -75,6 +75,7 @@ def main() -> None:
             from stages.common import pretrain, random_models
 
             steps = models.pretrain
+            pretrain.check(steps)
             teach = (lambda parts, control: pretrain.pretrain(
                 parts, control, steps, models.seed, params.extract.resolution, params.canny.low_threshold,
                 params.canny.high_threshold)) if steps.text_steps + steps.vae_steps + steps.steps else None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,35 @@ def test_pretraining_teaches_each_part_and_is_recorded(tmp_path):
     assert record["images"] >= 4
 
 
+def test_the_unets_captions_never_name_the_unnamed_colours(monkeypatch, tmp_path):
+    """The UNet and ControlNet learn from every garment, but the captions of those in
+    models.pretrain.unnamed_colours are silent about their colour (so the LoRA has the words to
+    teach); the text encoder and the VAE get the full captions and every image."""
+    from stages.common import demo_garments, pretrain, random_models
+
+    unnamed = ["red", "green", "yellow"]
+    cfg = Project(tmp_path).set({"models.pretrain.products": 12, "models.pretrain.text_steps": 1,
+                                 "models.pretrain.vae_steps": 1, "models.pretrain.steps": 1,
+                                 "models.pretrain.unnamed_colours": unnamed}).typed().models.pretrain
+    taught, heard = [], []
+    monkeypatch.setattr(pretrain, "train_unet_and_controlnet", lambda *args: taught.append(args[6]) or (1.0, 0.5))
+    monkeypatch.setattr(pretrain, "train_text_encoder", lambda *args: heard.append(args[2]) or (1.0, 0.5))
+    monkeypatch.setattr(pretrain, "train_vae", lambda *args: heard.append(args[1]) or (1.0, 0.5))
+    pretrain.pretrain(random_models.sd15_parts(tmp_path / "base"), None, cfg, seed=0, resolution=64, low=100,
+                      high=200)
+    drawn = pretrain.draw(12, seed=0, resolution=64, low=100, high=200)
+    [data] = taught
+    assert torch.equal(data.images, drawn.images) and data.colours == drawn.colours
+    names = list(demo_garments.COLOURS)
+    told = [(names[k], caption) for k, caption in zip(data.colours, data.captions)]
+    assert {colour for colour, _ in told} & set(unnamed), "the base still draws them"
+    for (colour, caption), full in zip(told, drawn.captions):
+        assert (caption == full.replace(f" in {colour}", "")) if colour in unnamed else caption == full
+    assert any(f" in {colour}" in c for c in drawn.captions for colour in unnamed), "the full captions name them"
+    assert len(heard) == 2 and all(d.captions == drawn.captions and torch.equal(d.images, drawn.images)
+                                   for d in heard), "the text encoder and the VAE get every caption in full"
+
+
 def test_fetch_models_records_the_pretraining(tiny_models):
     record = json.loads(Project(tiny_models).path("model_sources").read_text())
     assert record["mode"] == "tiny" and set(record["pretrain"]) >= {"images", "text", "vae", "unet_controlnet"}
@@ -138,6 +168,21 @@ def test_all_pretraining_steps_zero_gives_the_random_kit(project):
     project.set({"models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0, "models.pretrain.steps": 0})
     project.run("fetch_models")
     assert json.loads(project.path("model_sources").read_text()) == {"mode": "tiny", "seed": 0}
+
+
+@pytest.mark.parametrize("colours, message", [
+    (["red", "teal"], "models.pretrain.unnamed_colours: 'teal' is not a demo colour; use some of black, red"),
+    (["red", "navy", "blue", "green", "yellow", "pink", "grey", "beige", "brown", "orange", "purple"],
+     "models.pretrain.unnamed_colours: name at most 10 of the 12 colours"),
+])
+def test_unnamed_colours_must_be_the_demos_and_leave_some(project, colours, message):
+    """Checked whenever fetch-models builds the tiny kit, even one left random (all steps 0)."""
+    before = {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()}
+    project.set({"models.pretrain.unnamed_colours": colours, "models.pretrain.steps": 0,
+                 "models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0})
+    with pytest.raises(StageError, match=re.escape(message)):
+        project.run("fetch_models")
+    assert {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()} == before
 
 
 def test_pretraining_draws_none_of_the_demo_images():

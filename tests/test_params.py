@@ -16,7 +16,7 @@ def test_committed_params_load_with_types():
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
     assert params.train.learning_rate == pytest.approx(5e-3)
-    assert params.models.pretrain.steps > 0 and 0 <= params.models.pretrain.colour_captions <= 1
+    assert params.models.pretrain.steps > 0 and params.models.pretrain.unnamed_colours
     assert params.train.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert params.extract.h5 == params.paths.demo_h5  # the YAML anchor keeps them one path
 

@@ -108,15 +108,15 @@ class Pretrain:
     vae_steps: int = _doc("VAE steps (4 images each)")
     steps: int = _doc("UNet and ControlNet steps, trained together")
     batch_size: int = _doc("captions or images per text-encoder and UNet step")
-    colour_captions: float = _doc("share of UNet samples whose caption names the colour; lower leaves the "
-                                  "LoRA more to teach")
+    unnamed_colours: list[str] = _doc("garment colours the UNet's and ControlNet's captions never name: the base "
+                                      "draws garments in them but does not know the words, and the LoRA teaches "
+                                      "them. fetch-models checks the names against the demo's palette")
 
     def __post_init__(self):
         for key in ("products", "batch_size"):
             _check(getattr(self, key) >= 1, f"models.pretrain.{key}", "must be at least 1")
         for key in ("text_steps", "vae_steps", "steps"):
             _check(getattr(self, key) >= 0, f"models.pretrain.{key}", "must be 0 or more")
-        _check(0 <= self.colour_captions <= 1, "models.pretrain.colour_captions", "must be between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,8 @@ class Train:
     max_grad_norm: float = _doc("gradient clipping norm, applied for real (upstream's was a no-op); 0 disables")
     rank: int = _doc("LoRA rank")
     alpha: float = _doc("LoRA alpha (scale = alpha / rank)")
-    target_modules: list[str] = _doc("UNet attention projections that get LoRA")
+    target_modules: list[str] = _doc("UNet layers that get LoRA, by name or name suffix: the attention "
+                                     "projections (to_q, attn2.to_k, ...), or proj_in, ff.net.2 and the like")
     random_flip: bool = _doc("random horizontal flip, p=0.5")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
         "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"
