@@ -6,7 +6,10 @@ The seed recipe (diffusers' train_text_to_image_lora.py with the notebooks' flag
 UNet's to_q/to_k/to_v/to_out.0 with gaussian init, frozen VAE and text encoder, MSE to the noise
 (or to v where the base's scheduler config says so, as the demo's tiny models' does) on
 `latent_dist.sample() * scaling_factor` at t ~ U[0, 1000), AdamW + cosine schedule with warmup,
-gradient accumulation. Two deliberate differences: gradients are clipped for real (upstream's
+gradient accumulation. With `train.controlnet` (the demo; the seed recipe had none) the frozen
+canny ControlNet that generate uses joins every forward pass, fed the edges of the image being
+trained on, so the LoRA learns what an edge map leaves open (colour, texture) and not the layout
+the ControlNet gives anyway. Two deliberate differences: gradients are clipped for real (upstream's
 clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed run reloads the
 LoRA (diffusers #12689).
 
@@ -142,8 +145,10 @@ def main() -> None:
     m, optimizer, lr_scheduler, scaler = t.m, t.optimizer, t.lr_scheduler, t.scaler
 
     checkpoints = dataset.resume_dir(paths, "train-lora")
-    settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype)}
-    expected = fingerprint(settings, paths.train_data, paths.base_model, *source_files())
+    edges = (params.canny.low_threshold, params.canny.high_threshold) if cfg.controlnet else None
+    settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype), "edges": edges}
+    expected = fingerprint(settings, paths.train_data, paths.base_model,
+                           *([paths.controlnet] if cfg.controlnet else []), *source_files())
     if writer:
         checkpoints.mkdir(parents=True, exist_ok=True)
         remove_temps(checkpoints)  # a checkpoint half-written when a run was killed
@@ -162,7 +167,7 @@ def main() -> None:
         log.info("train-lora: resuming from step %d", start_step)
 
     samples = TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed, t.latent_shape(resolution),
-                           m.noise_scheduler.config.num_train_timesteps)
+                           m.noise_scheduler.config.num_train_timesteps, edges)
     if cfg.cache_latents:  # the whole run's pairs, so that a resumed run finds the same files
         cached_latents(m.vae, samples, range(cfg.max_steps * per_step), dtype, dev, checkpoints, expected)
     batches = t.loader(samples, start_step, cfg.max_steps)

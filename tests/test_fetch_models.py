@@ -129,16 +129,16 @@ def test_pretraining_teaches_each_part_and_is_recorded(tmp_path):
     assert record["images"] >= 4
 
 
-def test_the_unets_captions_never_name_the_unnamed_colours(monkeypatch, tmp_path):
-    """The UNet and ControlNet learn from every garment, but the captions of those in
-    models.pretrain.unnamed_colours are silent about their colour (so the LoRA has the words to
-    teach); the text encoder and the VAE get the full captions and every image."""
+def test_the_unets_captions_swap_the_swapped_colours(monkeypatch, tmp_path):
+    """The UNet and ControlNet learn from every garment, but with the names of each pair in
+    models.pretrain.swapped_colours swapped in the captions (so the LoRA has those words to
+    teach); the text encoder and the VAE get the true captions and every image."""
     from stages.common import demo_garments, pretrain, random_models
 
-    unnamed = ["red", "green", "yellow"]
+    pairs = [["red", "green"], ["yellow", "purple"]]
     cfg = Project(tmp_path).set({"models.pretrain.products": 12, "models.pretrain.text_steps": 1,
                                  "models.pretrain.vae_steps": 1, "models.pretrain.steps": 1,
-                                 "models.pretrain.unnamed_colours": unnamed}).typed().models.pretrain
+                                 "models.pretrain.swapped_colours": pairs}).typed().models.pretrain
     taught, heard = [], []
     monkeypatch.setattr(pretrain, "train_unet_and_controlnet", lambda *args: taught.append(args[6]) or (1.0, 0.5))
     monkeypatch.setattr(pretrain, "train_text_encoder", lambda *args: heard.append(args[2]) or (1.0, 0.5))
@@ -149,13 +149,15 @@ def test_the_unets_captions_never_name_the_unnamed_colours(monkeypatch, tmp_path
     [data] = taught
     assert torch.equal(data.images, drawn.images) and data.colours == drawn.colours
     names = list(demo_garments.COLOURS)
+    other = {"red": "green", "green": "red", "yellow": "purple", "purple": "yellow"}
     told = [(names[k], caption) for k, caption in zip(data.colours, data.captions)]
-    assert {colour for colour, _ in told} & set(unnamed), "the base still draws them"
+    assert len({colour for colour, _ in told} & set(other)) >= 2, "the base draws garments in swapped colours"
     for (colour, caption), full in zip(told, drawn.captions):
-        assert (caption == full.replace(f" in {colour}", "")) if colour in unnamed else caption == full
-    assert any(f" in {colour}" in c for c in drawn.captions for colour in unnamed), "the full captions name them"
+        assert f" in {colour}" in full
+        assert caption == (full.replace(f" in {colour}", f" in {other[colour]}") if colour in other else full)
+    assert data.captions != drawn.captions
     assert len(heard) == 2 and all(d.captions == drawn.captions and torch.equal(d.images, drawn.images)
-                                   for d in heard), "the text encoder and the VAE get every caption in full"
+                                   for d in heard), "the text encoder and the VAE get every caption as it is"
 
 
 def test_fetch_models_records_the_pretraining(tiny_models):
@@ -170,15 +172,16 @@ def test_all_pretraining_steps_zero_gives_the_random_kit(project):
     assert json.loads(project.path("model_sources").read_text()) == {"mode": "tiny", "seed": 0}
 
 
-@pytest.mark.parametrize("colours, message", [
-    (["red", "teal"], "models.pretrain.unnamed_colours: 'teal' is not a demo colour; use some of black, red"),
-    (["red", "navy", "blue", "green", "yellow", "pink", "grey", "beige", "brown", "orange", "purple"],
-     "models.pretrain.unnamed_colours: name at most 10 of the 12 colours"),
+@pytest.mark.parametrize("pairs, message", [
+    ([["red", "teal"]], "models.pretrain.swapped_colours: 'teal' is not a demo colour; use some of black, red"),
+    ([["red", "green", "blue"]], "models.pretrain.swapped_colours: ['red', 'green', 'blue'] is not a pair of two"),
+    ([["red", "red"]], "models.pretrain.swapped_colours: ['red', 'red'] is not a pair of two colours"),
+    ([["red", "green"], ["green", "blue"]], "models.pretrain.swapped_colours: 'green' is in two pairs"),
 ])
-def test_unnamed_colours_must_be_the_demos_and_leave_some(project, colours, message):
+def test_swapped_colours_must_be_pairs_of_demo_colours(project, pairs, message):
     """Checked whenever fetch-models builds the tiny kit, even one left random (all steps 0)."""
     before = {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()}
-    project.set({"models.pretrain.unnamed_colours": colours, "models.pretrain.steps": 0,
+    project.set({"models.pretrain.swapped_colours": pairs, "models.pretrain.steps": 0,
                  "models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0})
     with pytest.raises(StageError, match=re.escape(message)):
         project.run("fetch_models")

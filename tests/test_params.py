@@ -16,7 +16,7 @@ def test_committed_params_load_with_types():
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
     assert params.train.learning_rate == pytest.approx(5e-3)
-    assert params.models.pretrain.steps > 0 and params.models.pretrain.unnamed_colours
+    assert params.models.pretrain.steps > 0 and params.models.pretrain.swapped_colours
     assert params.train.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert params.extract.h5 == params.paths.demo_h5  # the YAML anchor keeps them one path
 
@@ -41,6 +41,8 @@ def test_committed_params_load_with_types():
     ("metrics.edge_tolerance", -1, "metrics.edge_tolerance: must be >= 0 pixels"),
     ("metrics.tf32", "yes", "metrics.tf32: expected true or false"),
     ("plots.extreme_samples", -1, "plots.extreme_samples: must be >= 0"),
+    ("train.controlnet", "yes", "train.controlnet: expected true or false, got 'yes'"),
+    ("models.pretrain.swapped_colours", ["red", "green"], "models.pretrain.swapped_colours[0]: expected a list of a string"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     data = repo_params()
@@ -124,7 +126,7 @@ STAGE_SECTIONS = {"demo-data": ["demo"], "fetch-models": ["models"], "extract": 
                   "train-lora": ["train"], "generate-baseline": ["generate"], "generate-lora": ["generate"],
                   "metrics": ["metrics"], "plots": ["plots"]}
 CANNY = {"canny.low_threshold", "canny.high_threshold"}  # metrics and plots redraw generated images' edges
-EXTRA = {"train-lora": {"extract.resolution"}, "metrics": CANNY, "plots": CANNY,
+EXTRA = {"train-lora": {"extract.resolution"} | CANNY, "metrics": CANNY, "plots": CANNY,
          "fetch-models": {"extract.resolution"} | CANNY}  # tiny mode pretrains on the demo's own edges
 NOT_A_PARAM = {"extract.h5",  # a dep (interpolated path), not a param
                "generate.lora_scale@generate-baseline"}

@@ -35,7 +35,7 @@ def test_the_seed_presets_say_what_the_seed_did():
         assert (p["train.max_steps"], p["train.learning_rate"], p["extract.resolution"]) == (5000, 1e-4, 256)
         # the demo's own training knobs must not leak into a seed run
         assert (p["train.batch_size"], p["train.grad_accumulation"], p["train.warmup_steps"], p["train.rank"],
-                p["train.alpha"]) == (2, 2, 500, 4, 4)
+                p["train.alpha"], p["train.controlnet"]) == (2, 2, 500, 4, 4, False)
 
 
 def test_user_overrides_go_through_and_are_checked_first():

@@ -69,11 +69,12 @@ class TrainingModels:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    controlnet: torch.nn.Module | None = None  # train.controlnet
 
 
-def load_training_models(base: str | Path, dtype: torch.dtype) -> TrainingModels:
-    """SD 1.5's parts for LoRA training, frozen, in `dtype`, on the CPU."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def load_training_models(base: str | Path, dtype: torch.dtype, controlnet: str | Path | None = None) -> TrainingModels:
+    """SD 1.5's parts for LoRA training (and the ControlNet, if given), frozen, in `dtype`, on the CPU."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _quiet_loading()
@@ -86,7 +87,11 @@ def load_training_models(base: str | Path, dtype: torch.dtype) -> TrainingModels
             unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype),
             noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
         )
-    for module in (models.text_encoder, models.vae, models.unet):
+    if controlnet is not None:
+        controlnet = check_folder(controlnet, "controlnet")
+        with loading(controlnet):
+            models.controlnet = ControlNetModel.from_pretrained(controlnet, dtype=dtype)
+    for module in filter(None, (models.text_encoder, models.vae, models.unet, models.controlnet)):
         module.requires_grad_(False)
         module.eval()
     return models
