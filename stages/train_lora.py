@@ -29,8 +29,8 @@ deleted once the run has finished. Writes to `paths.lora` pytorch_lora_weights.s
 fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; one loss row per
 optimiser step to `paths.loss_log`; and to `paths.train_summary` (a DVC metric) whether training
 learned: the denoising loss of the run's first 64 samples (training images with the run's own
-noise and timesteps: in-sample) with the base UNet and with the LoRA. The training loss curve is
-too noisy to say so: each step draws new timesteps.
+noise and timesteps: in-sample; under the ControlNet if trained so) with the base UNet and with
+the LoRA. The training loss curve is too noisy to say so: each step draws new timesteps.
 """
 
 import csv
@@ -206,7 +206,9 @@ def main() -> None:
         # The params' digest, not the resume fingerprint: that one also hashes the code, so the
         # weights file would change with every edit to any stage.
         # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.
-        train_params = json.dumps({**what_keys(cfg), "resolution": params.extract.resolution}, sort_keys=True)
+        # Under train.controlnet the LoRA fits that ControlNet fed those edges: the thresholds too.
+        train_params = json.dumps({**what_keys(cfg), "resolution": params.extract.resolution,
+                                   **({"canny": list(edges)} if edges else {})}, sort_keys=True)
         params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
         sources = Path(paths.model_sources)
         base_model = base_model_name(read_json(sources) if sources.is_file() else None)
@@ -223,7 +225,8 @@ def main() -> None:
                                         base_model))
         write_json(out / "training_config.json", {
             "train": what_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
-            "base_model_name": base_model,
+            "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
+            "canny": list(edges) if edges else None,
             "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),
             "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:

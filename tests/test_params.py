@@ -42,7 +42,8 @@ def test_committed_params_load_with_types():
     ("metrics.tf32", "yes", "metrics.tf32: expected true or false"),
     ("plots.extreme_samples", -1, "plots.extreme_samples: must be >= 0"),
     ("train.controlnet", "yes", "train.controlnet: expected true or false, got 'yes'"),
-    ("models.pretrain.swapped_colours", ["red", "green"], "models.pretrain.swapped_colours[0]: expected a list of a string"),
+    ("models.pretrain.swapped_colours", ["red", "green"],
+     "models.pretrain.swapped_colours[0]: expected a list of a string"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     data = repo_params()

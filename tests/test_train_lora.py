@@ -356,5 +356,7 @@ def test_alpha_other_than_rank_survives_the_round_trip(trained_project):
     assert json.loads(metadata["lora_adapter_metadata"])["unet.lora_alpha"] == 2 * rank
     assert json.loads(metadata["fashion.train"])["alpha"] == 2 * rank
     assert json.loads(metadata["fashion.train"])["resolution"] == p.params["extract"]["resolution"]
+    canny = p.params["canny"]  # trained under the ControlNet: the edges it was fed
+    assert json.loads(metadata["fashion.train"])["canny"] == [canny["low_threshold"], canny["high_threshold"]]
     assert metadata["fashion.train_sha256"] == hashlib.sha256(metadata["fashion.train"].encode()).hexdigest()[:16]
     assert metadata["fashion.base_model"] == f"tiny-pretrained (models.seed={p.params['models']['seed']})"

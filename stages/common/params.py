@@ -108,10 +108,10 @@ class Pretrain:
     vae_steps: int = _doc("VAE steps (4 images each)")
     steps: int = _doc("UNet and ControlNet steps, trained together")
     batch_size: int = _doc("captions or images per text-encoder and UNet step")
-    swapped_colours: list[list[str]] = _doc("pairs of colours whose names the UNet's and ControlNet's captions swap "
-                                            "(red garments captioned green, green ones red): the base reads those words "
-                                            "wrongly, and the LoRA, trained on the catalogue's captions, teaches them. "
-                                            "fetch-models checks the names against the demo's palette")
+    swapped_colours: list[list[str]] = _doc(
+        "pairs of colours whose names the UNet's and ControlNet's captions swap (red garments captioned green, "
+        "green ones red): the base reads those words wrongly, and the LoRA, trained on the catalogue's captions, "
+        "teaches them. fetch-models checks the names against the demo's palette")
 
     def __post_init__(self):
         for key in ("products", "batch_size"):
@@ -205,9 +205,9 @@ class Train:
     max_grad_norm: float = _doc("gradient clipping norm, applied for real (upstream's was a no-op); 0 disables")
     rank: int = _doc("LoRA rank")
     alpha: float = _doc("LoRA alpha (scale = alpha / rank)")
-    controlnet: bool = _doc("train under the canny ControlNet that generate uses, fed the canny edges (canny.*) "
-                            "of each training image: the LoRA learns what an edge map leaves open (colour, "
-                            "texture), not the layout. false: the seed recipe, the UNet alone")
+    controlnet: bool = _doc("train under the canny ControlNet that generate uses (at scale 1), fed the canny "
+                            "edges (canny.*) of each training image: the LoRA learns what an edge map leaves "
+                            "open (colour, texture), not the layout. false: the seed recipe, the UNet alone")
     target_modules: list[str] = _doc("UNet layers that get LoRA, by name or name suffix: the attention "
                                      "projections (to_q, attn2.to_k, ...), or proj_in, ff.net.2 and the like")
     random_flip: bool = _doc("random horizontal flip, p=0.5")

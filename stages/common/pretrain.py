@@ -77,12 +77,15 @@ class Garments:
 
     def swapped(self, pairs: list[list[str]]) -> Garments:
         """The same garments, each pair's colour names swapped in the captions: with [red, green],
-        "Mini skirt in red with white stripes" becomes "Mini skirt in green with white stripes"."""
+        "Mini skirt in red with white stripes" becomes "Mini skirt in green with white stripes".
+        Only the garment's colour: an accent ("with navy stripes") keeps its name, and the colour
+        check scores the garment's colour alone."""
         names = list(demo_garments.COLOURS)
         other = {a: b for a, b in pairs} | {b: a for a, b in pairs}
         captions = [c.replace(f" in {names[k]}", f" in {other[names[k]]}") if names[k] in other else c
                     for c, k in zip(self.captions, self.colours, strict=True)]
         return dataclasses.replace(self, captions=captions)
+
 
 def picture(garment: demo_garments.Garment, pose: int, resolution: int) -> np.ndarray:
     """One pose as extract gives it to training: drawn at 256 px, resized to `resolution`."""
@@ -236,6 +239,7 @@ def check(cfg) -> None:
             if colour in seen:
                 raise StageError(f"{key}: {colour!r} is in two pairs; swap each colour with one other at most")
             seen.add(colour)
+
 
 def pretrain(parts: dict, controlnet, cfg, seed: int, resolution: int, low: int, high: int) -> dict:
     """Train the tiny kit in place (`parts`: vae, text_encoder, unet, tokenizer, scheduler);
