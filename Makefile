@@ -1,10 +1,13 @@
 # make demo   create .venv if missing, install the project, run the whole DVC pipeline on the demo
-# make test   install the test and s3 extras into the same .venv and run the test suite
+# make test   install the test and s3 extras into the same .venv and run the test suite on 2 workers
+#             (TEST_WORKERS=0 for one process; PYTEST_ARGS="-k remote" and the like pass through)
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
 # make bench-gpu   training and generation speed against the seed recipe, full-size random models (a GPU)
 # make studio  a local web page: baseline and LoRA side by side for an uploaded photo or sketch
 # make bundle  one zip of the finished run (paths.bundle): report, metrics, LoRA weights, params, dvc.lock
+# make demo-kit  pretrain the demo's tiny kit from params.yaml and write it as the shipped one
+#             (stages/demo/tiny_kit.*): after changing models.pretrain or stages/demo/pretrain.py
 #
 # Plain pip on purpose: uv and poetry ignore a machine's local torch wheels and download
 # several GB of CUDA torch.
@@ -15,7 +18,10 @@ BIN    := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fullsize bench-extract bench-gpu bundle studio install
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: demo demo-kit test test-fullsize bench-extract bench-gpu bundle studio install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +52,10 @@ demo: $(VENV)/.installed
 	@$(BIN)/python -c "from stages.common.params import load_params; print('report:', load_params().paths.report)"
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+
+demo-kit: $(VENV)/.installed
+	$(BIN)/python -m stages.demo.kit
 
 test-fullsize: $(VENV)/.installed-fullsize
 	$(BIN)/python -m pytest -m fullsize -s tests/test_full_size.py

@@ -27,23 +27,24 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.common import demo_garments, random_models  # noqa: E402
+from bench.full_size_models import clip_bpe_merges  # noqa: E402
+from stages.demo import garments, kit  # noqa: E402
 
 
 def write_base_file(path: Path, rows: int) -> None:
     """A FashionGen-schema file of exactly `rows` rows (the last product keeps fewer poses)."""
-    garments, total = [], 0
-    for g in demo_garments.make_garments(seed=1, products=rows):  # more than enough products
+    products, total = [], 0
+    for g in garments.make_garments(seed=1, products=rows):  # more than enough products
         take = min(g.poses, rows - total)
-        garments.append(dataclasses.replace(g, poses=take))
+        products.append(dataclasses.replace(g, poses=take))
         total += take
         if total == rows:
             break
     tmp = path.with_suffix(".tmp")
     started = time.perf_counter()
-    demo_garments.write_h5(tmp, garments)
+    garments.write_h5(tmp, products)
     tmp.rename(path)
-    print(f"wrote {path} ({rows} rows, {len(garments)} products) in {time.perf_counter() - started:.0f} s")
+    print(f"wrote {path} ({rows} rows, {len(products)} products) in {time.perf_counter() - started:.0f} s")
 
 
 def write_scaled_file(source: Path, path: Path, factor: int) -> None:
@@ -81,9 +82,9 @@ def run_extract(workdir: Path, h5: Path, train_products: int, eval_products: int
     tokenizer = project / params["paths"]["base_model"] / "tokenizer"
     if not tokenizer.exists():
         try:
-            random_models.write_clip_tokenizer(tokenizer, "full")  # the real CLIP vocabulary
+            kit.write_clip_tokenizer(tokenizer, clip_bpe_merges())  # the real CLIP vocabulary
         except RuntimeError:
-            random_models.write_clip_tokenizer(tokenizer, "tiny")
+            kit.write_clip_tokenizer(tokenizer)
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "stages.extract"], cwd=project,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)

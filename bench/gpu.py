@@ -45,12 +45,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.common import random_models  # noqa: E402
 from stages.common.generation import draw  # noqa: E402
 from stages.common.models import load_controlnet_pipeline  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
 from stages.common.runtime import device, inference_dtype, training_dtype  # noqa: E402
 from stages.common.training import Trainer, TrainSamples, encode_latents  # noqa: E402
+from bench.full_size_models import build_sd15_and_controlnet  # noqa: E402
 
 SEED_RUN = {"steps": 5000, "samples_per_step": 4, "images": 30_000}  # the notebooks' run
 PROMPT = "Long sleeve dress in red with white polka dots"
@@ -59,7 +59,7 @@ PROMPT = "Long sleeve dress in red with white polka dots"
 def build_models(folder: Path, size: str) -> tuple[Path, Path]:
     """Random SD 1.5 and canny ControlNet in the layouts the stages load (plain weight names)."""
     torch.manual_seed(0)
-    random_models.build_sd15_and_controlnet(folder / "base", folder / "controlnet", size)
+    build_sd15_and_controlnet(folder / "base", folder / "controlnet", size)
     for variant in folder.rglob("*.fp16.safetensors"):  # what fetch-models' install() does
         variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
     return folder / "base", folder / "controlnet"

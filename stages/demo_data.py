@@ -3,10 +3,10 @@
     python -m stages.demo_data
 
 Procedural garments with truthful descriptions, in the real file's exact schema; see
-stages/common/demo_garments.py. Deterministic from `demo.seed`.
+stages/demo/garments.py. Deterministic from `demo.seed`.
 """
 
-from stages.common import demo_garments
+from stages.demo import garments
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.io import atomic_file
 from stages.common.params import load_params
@@ -15,10 +15,10 @@ from stages.common.params import load_params
 def main() -> None:
     setup_logging()
     params = load_params()
-    garments = demo_garments.make_garments(params.demo.seed, params.demo.products)
+    products = garments.make_garments(params.demo.seed, params.demo.products)
     with atomic_file(params.paths.demo_h5) as tmp:
-        rows = demo_garments.write_h5(tmp, garments)
-    log.info("demo-data: wrote %d products (%d rows) to %s", len(garments), rows, params.paths.demo_h5)
+        rows = garments.write_h5(tmp, products)
+    log.info("demo-data: wrote %d products (%d rows) to %s", len(products), rows, params.paths.demo_h5)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common import dataset
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.io import atomic_dirs, resize_shorter_side, save_png, write_json
 from stages.common.params import load_params
 

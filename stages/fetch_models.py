@@ -3,9 +3,11 @@
     python -m stages.fetch_models
 
 `models.mode` says where they come from:
-- `tiny` (the demo): tiny models built offline from `models.seed`, then taught garments for
-  about three minutes of CPU (`models.pretrain`, stages/common/pretrain.py) on drawings at
-  `extract.resolution` with canny edges at `canny.*`; all steps 0 leaves them random.
+- `tiny` (the demo): tiny models built offline from `models.seed` and taught garments
+  (`models.pretrain`, on drawings at `extract.resolution` with canny edges at `canny.*`). For the
+  committed recipe the taught weights ship with the repo (stages/demo/kit.py) and install in
+  seconds; any other recipe is pretrained here (stages/demo/pretrain.py, minutes of CPU); all
+  steps 0 leaves them random.
 - `hub`: the real weights. SD 1.5, the ControlNet and CLIP come from the Hugging Face hub
   (`models.*_id` at `models.*_revision`; HF_ENDPOINT and HF_TOKEN are honoured), only the files
   the stages load, fp16 where `models.variant` asks and the repo has it. clean-fid's Inception and
@@ -72,17 +74,10 @@ def main() -> None:
     paths, models = params.paths, params.models
     with atomic_dirs(paths.base_model, paths.controlnet, paths.eval_models) as (base, controlnet, eval_models):
         if models.mode == "tiny":
-            from stages.common import pretrain, random_models
+            from stages.demo import kit
 
-            steps = models.pretrain
-            pretrain.check(steps)
-            teach = (lambda parts, control: pretrain.pretrain(
-                parts, control, steps, models.seed, params.extract.resolution, params.canny.low_threshold,
-                params.canny.high_threshold)) if steps.text_steps + steps.vae_steps + steps.steps else None
-            backbones, measured = random_models.build_all(Path(base), Path(controlnet), Path(eval_models),
-                                                          models.seed, teach)
-            record = {"mode": "tiny", "seed": models.seed, **({"pretrain": measured} if measured else {})}
-
+            backbones, record = kit.build_all(Path(base), Path(controlnet), Path(eval_models), models,
+                                              params.extract.resolution, params.canny)
         else:  # a full disk or a read-only folder is one line too (run_cli)
             record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)

@@ -18,7 +18,7 @@ edge maps, and how sure we can be, with LoRA compared to the baseline pair by pa
   `metrics.edge_tolerance` pixels; and F1 against the next sample's edge map, the chance level
   of an image that ignores its own (`edge_f1_mismatched` in metrics_detail.json).
 - Prompt colour (the demo only, where every prompt names a palette colour): the share of the
-  garment in the prompt's colour, and whether it reaches `colour.MATCH` (stages/common/colour.py).
+  garment in the prompt's colour, and whether it reaches `colour.MATCH` (stages/demo/colour.py).
 - Uncertainty: Student-t 95% intervals for means; one seeded bootstrap over eval pairs for FID,
   KID and every LoRA-minus-baseline delta. FID's interval is the bootstrap's spread centred on
   the estimate: resampling repeats images, which pushes FID up (statistics.centred_interval).
@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from stages.common import colour, dataset, statistics
+from stages.common import dataset, statistics
+from stages.demo import colour
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.edges import canny, edge_fidelity
 from stages.common.io import atomic_file, check_images, check_no_strays, load_rgb, read_json, write_json

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from stages.common import dataset
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.edges import canny
 from stages.common.figures import (HEADLINE, HEADLINE_KEYS, TILE_INCHES, VARIANT_COLORS, direction, png_bytes,
                                    read_results, read_scores)

@@ -20,7 +20,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from stages.common import dataset
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.figures import HEADLINE, HEADLINE_KEYS, direction, png_bytes, read_results, read_scores
 from stages.common.io import atomic_file
 from stages.common.params import load_params

@@ -28,7 +28,7 @@ deleted once the run has finished. Writes to `paths.lora` pytorch_lora_weights.s
 (diffusers key names, the adapter config with its alpha in the metadata), the same weights as
 fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; one loss row per
 optimiser step to `paths.loss_log`; and to `paths.train_summary` (a DVC metric) whether training
-learned: the denoising loss of the run's first 64 samples (training images with the run's own
+learned: the denoising loss of the run's first `train.fixed_samples` samples (training images with the run's own
 noise and timesteps: in-sample; under the ControlNet if trained so) with the base UNet and with
 the LoRA. The training loss curve is too noisy to say so: each step draws new timesteps.
 """
@@ -49,7 +49,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
 
 from stages.common import dataset, distributed
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps,
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
@@ -59,8 +60,6 @@ from stages.common.runtime import device, peak_memory, seed_everything, training
 from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
-# Samples whose loss is measured with and without the LoRA when training ends: 2 x 64 UNet passes.
-FIXED_SAMPLES = 64
 
 
 def latest_checkpoint(folder: Path, expected: str, delete: bool = True):
@@ -187,7 +186,7 @@ def main() -> None:
         return
     elapsed = time.perf_counter() - started
     trained = cfg.max_steps - start_step
-    summary = fixed_sample_loss(m, m.unet, samples, FIXED_SAMPLES, dtype, dev, cfg.micro_batch or cfg.batch_size)
+    summary = fixed_sample_loss(m, m.unet, samples, cfg.fixed_samples, dtype, dev, cfg.micro_batch or cfg.batch_size)
     log.info("train-lora: denoising loss on the run's first %d samples: %.4f with the base UNet, %.4f with the "
              "LoRA (%+.1f%%)", summary["fixed_samples"], summary["denoising_loss_base"],
              summary["denoising_loss_lora"], 100 * summary["denoising_loss_change"])
@@ -227,7 +226,7 @@ def main() -> None:
             "train": what_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
             "canny": list(edges) if edges else None,
-            "train_images": len(images), "fingerprint": expected, "dtype": str(dtype),
+            "train_images": len(images), "dtype": str(dtype),
             "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
     with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
         table = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from stages.common import dataset
 from stages.common.params import load_params
@@ -36,6 +40,7 @@ SMALL = {
     "extract.eval_products": 4,
     "extract.read_chunk": 5,
     "train.max_steps": 4,
+    "train.fixed_samples": 8,  # the demo's 64 cost every in-process training run 128 UNet passes
     # the seed recipe's batch (2 x 2, rank 4) and guidance, not the demo's: the suite checks accumulation and CFG
     "train.batch_size": 2,
     "train.grad_accumulation": 2,
@@ -105,10 +110,27 @@ def run_in(root: Path, *stages: str) -> Path:
     return root
 
 
+def shared(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """A folder `build(folder)` fills once per test run, shared by every pytest-xdist worker: the
+    first to ask builds it under a lock, the others wait and reuse it. Tests only read it (or copy
+    it), so one build serves them all."""
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        base = base.parent  # the run's folder, above each worker's own
+    root, done = base / name, base / f"{name}.done"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # half-built by a worker that crashed
+            root.mkdir()
+            build(root)
+            done.touch()
+    return root
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> Path:
-    """models/ (base, controlnet, eval) built once per session by the real fetch-models stage."""
-    return run_in(tmp_path_factory.mktemp("models_root"), "fetch_models")
+def tiny_models(tmp_path_factory, worker_id) -> Path:
+    """models/ (base, controlnet, eval) built once per test run by the real fetch-models stage."""
+    return shared(tmp_path_factory, worker_id, "models_root", lambda root: run_in(root, "fetch_models"))
 
 
 def copy_models(models_root: Path, project: Project) -> None:
@@ -127,21 +149,30 @@ def project(tmp_path, monkeypatch, tiny_models) -> Project:
     return project
 
 
+@pytest.fixture(scope="session")
+def extracted_root(tmp_path_factory, worker_id, tiny_models) -> Path:
+    """A project after fetch-models, demo-data, extract and canny-edges, once per test run."""
+    def build(root):
+        copy_models(tiny_models, Project(root))
+        run_in(root, "demo_data", "extract", "canny_edges")
+    return shared(tmp_path_factory, worker_id, "extracted", build)
+
+
 @pytest.fixture
-def extracted(project) -> Project:
-    """A project after demo-data, extract and canny-edges."""
-    for stage in ("demo_data", "extract", "canny_edges"):
-        project.run(stage)
-    return project
+def extracted(extracted_root, tmp_path, monkeypatch) -> Project:
+    """A private copy of the extracted project, cwd set to it."""
+    shutil.copytree(extracted_root, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return Project(tmp_path)
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_models) -> Path:
-    """A session-wide project that has run every stage up to and including train-lora."""
-    root = tmp_path_factory.mktemp("trained")
-    project = Project(root)
-    copy_models(tiny_models, project)
-    return run_in(root, "demo_data", "extract", "canny_edges", "train_lora")
+def trained(tmp_path_factory, worker_id, extracted_root) -> Path:
+    """A project that has run every stage up to and including train-lora, once per test run."""
+    def build(root):
+        shutil.copytree(extracted_root, root, dirs_exist_ok=True)
+        run_in(root, "train_lora")
+    return shared(tmp_path_factory, worker_id, "trained", build)
 
 
 @pytest.fixture
@@ -168,11 +199,12 @@ def image_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="session")
-def finished(trained, tmp_path_factory) -> Path:
-    """A session-wide project where every stage has run: the last good run of each output."""
-    root = tmp_path_factory.mktemp("finished")
-    shutil.copytree(trained, root, dirs_exist_ok=True)
-    return run_in(root, "generate_baseline", "generate_lora", "metrics", "plots", "report")
+def finished(trained, tmp_path_factory, worker_id) -> Path:
+    """A project where every stage has run (the last good run of each output), once per test run."""
+    def build(root):
+        shutil.copytree(trained, root, dirs_exist_ok=True)
+        run_in(root, "generate_baseline", "generate_lora", "metrics", "plots", "report")
+    return shared(tmp_path_factory, worker_id, "finished", build)
 
 
 @pytest.fixture
@@ -181,6 +213,75 @@ def finished_project(finished, tmp_path, monkeypatch) -> Project:
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
     return Project(tmp_path)
+
+
+def copy_repo(target: Path) -> None:
+    """The repo as a fresh clone would see it: tracked plus untracked-but-not-ignored files."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        source = REPO / rel
+        if source.is_file():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / rel)
+    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
+
+
+def copy_small_repo(target: Path) -> dict:
+    """copy_repo with the test suite's small params written in; returns them."""
+    copy_repo(target)
+    params = yaml.safe_load((target / "params.yaml").read_text())
+    for key, value in SMALL.items():
+        set_dotted(params, key, value)
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def stage_env(**extra) -> dict:
+    """Stage commands say `python`: make it this interpreter, on the CPU with one thread."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+STAGES_RUN = ".stages-run.json"  # inside the reproduced repo (git-ignored by the test's own exclude)
+
+
+def _reproduce_small_repo(root: Path) -> None:
+    from dvc.repo import Repo
+
+    copy_small_repo(root)
+    (root / ".git" / "info" / "exclude").write_text(f"/{STAGES_RUN}\n")
+    env = stage_env()
+    saved = {name: os.environ.get(name) for name in ("PATH", "OMP_NUM_THREADS")}
+    cwd = os.getcwd()
+    os.environ.update(PATH=env["PATH"], OMP_NUM_THREADS="1")
+    os.chdir(root)
+    try:
+        with Repo(str(root)) as repo:
+            ran = [stage.addressing for stage in repo.reproduce()]
+    finally:
+        os.chdir(cwd)
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    (root / STAGES_RUN).write_text(json.dumps(ran))
+    subprocess.run([*GIT, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "demo results"], cwd=root, check=True)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, worker_id) -> Path:
+    """This repo with the suite's small params after one `dvc repro` of the whole DAG, committed to
+    git, once per test run; the end-to-end, remote and notebook tests each go on from a copy
+    (`copy_reproduced`)."""
+    return shared(tmp_path_factory, worker_id, "reproduced", _reproduce_small_repo)
+
+
+def copy_reproduced(reproduced: Path, target: Path) -> list[str]:
+    """A private copy of the reproduced repo (its git history and DVC cache included) at `target`;
+    returns the stages its `dvc repro` ran."""
+    shutil.copytree(reproduced, target, symlinks=True, dirs_exist_ok=True)
+    return json.loads((target / STAGES_RUN).read_text())
 
 
 @pytest.fixture

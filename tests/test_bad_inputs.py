@@ -5,6 +5,7 @@ runs one stage under the real CLI wrapper (`run_cli`, as `python -m stages.<stag
 - the exit code is 1;
 - stderr ends with exactly one `error:` line, no traceback, naming the culprit (the regex);
 - the workspace is unchanged, byte for byte, and no temporary file is left.
+The cases of one stage share one copy of the finished project, put back byte for byte after each.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import importlib
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,9 +323,49 @@ def run_stage(stage: str, monkeypatch) -> None:
         run_cli(importlib.import_module(f"stages.{stage}").main)
 
 
+def folders(root: Path) -> set[Path]:
+    return {d for d in root.rglob("*") if d.is_dir()}
+
+
+def restore(root: Path, pristine: dict[str, bytes], pristine_folders: set[Path]) -> None:
+    """Put `root` back to `pristine` (a snapshot): what a case added goes, what it changed returns."""
+    now = snapshot(root)
+    for name in now.keys() - pristine.keys():
+        (root / name).unlink()
+    for name, data in pristine.items():
+        if now.get(name) != data:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+    for folder in sorted(folders(root) - pristine_folders, key=lambda d: -len(d.parts)):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stage_copies(finished, tmp_path_factory):
+    """One copy of the finished project per stage, with its pristine snapshot."""
+    copies = {}
+
+    def get(stage: str) -> tuple[Path, dict[str, bytes], set[Path]]:
+        if stage not in copies:
+            root = tmp_path_factory.mktemp(f"bad-{stage}")
+            shutil.copytree(finished, root, dirs_exist_ok=True)
+            copies[stage] = root, snapshot(root), folders(root)
+        return copies[stage]
+    return get
+
+
+@pytest.fixture
+def shared_project(request, stage_copies, monkeypatch) -> Project:
+    """The case's stage's copy of the finished project, cwd set to it; restored afterwards."""
+    root, pristine, pristine_folders = stage_copies(request.node.callspec.params["case"].stage)
+    monkeypatch.chdir(root)
+    yield Project(root)
+    restore(root, pristine, pristine_folders)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_costs_nothing(case, finished_project: Project, monkeypatch, capsys):
-    p = finished_project
+def test_bad_input_is_one_line_and_costs_nothing(case, shared_project: Project, monkeypatch, capsys):
+    p = shared_project
     case.setup(p, monkeypatch)
     before = snapshot(p.root)
     capsys.readouterr()

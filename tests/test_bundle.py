@@ -7,8 +7,8 @@ import zipfile
 import pytest
 import yaml
 
-from stages.common import bundle
-from stages.common.cli import StageError
+from fashion import bundle
+from stages.common.errors import StageError
 from stages.common.models import LORA_WEIGHTS
 
 

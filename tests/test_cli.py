@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.cli import StageError, run_cli
+from stages.common.cli import run_cli
+from stages.common.errors import StageError
 from stages.common.models import LORA_WEIGHTS
 from tests.conftest import REPO
 

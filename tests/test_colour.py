@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stages.common import colour, demo_garments
+from stages.demo import colour, garments
 from stages.extract import to_resolution
 
 
@@ -17,8 +17,8 @@ def test_drawn_garments_are_the_colour_their_prompt_names():
     """120 demo garments at the demo's 64 px, as extract writes them: their own images all pass,
     the same garment in another palette colour (a recoloured copy) fails."""
     shares, others = [], []
-    for g in demo_garments.make_garments(seed=3, products=120):
-        image = to_resolution(demo_garments.draw(g, 0), 64)
+    for g in garments.make_garments(seed=3, products=120):
+        image = to_resolution(garments.draw(g, 0), 64)
         mask = colour.garment_mask(image)
         assert 0.05 < mask.mean() < 0.5, g
         named = colour.named_colour(g.describe_look())

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.common import demo_garments as dg
+from stages.demo import garments as dg
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import pytest
 from transformers import CLIPTokenizer
 
 from stages import extract
-from stages.common import dataset, demo_garments
-from stages.common.cli import StageError
+from stages.common import dataset
+from stages.demo import garments
+from stages.common.errors import StageError
 from stages.common.io import load_rgb, read_json
 
 
@@ -36,10 +37,10 @@ def test_outputs_at_resolution_with_decoded_prompts(extracted):
     images, prompts = dataset.load_train_set(p.path("train_data"))
     assert images.shape[1:] == (res, res, 3) and images.dtype == np.uint8
     demo = p.params["demo"]
-    garments = {g.product_id: g for g in demo_garments.make_garments(demo["seed"], demo["products"])}
+    drawn = {g.product_id: g for g in garments.make_garments(demo["seed"], demo["products"])}
     captions = read_json(p.path("train_data") / dataset.TRAIN_CAPTIONS)
     for pid, prompt in zip(captions["product_ids"], prompts, strict=True):
-        assert prompt == garments[pid].describe_look()  # first clause, no "[b'...'" artefacts
+        assert prompt == drawn[pid].describe_look()  # first clause, no "[b'...'" artefacts
     for c in dataset.load_eval_configs(p.path("eval_data")):
         assert load_rgb(dataset.gt_path(p.path("eval_data"), c["index"])).shape == (res, res, 3)
         assert c["image"] == f"gt/{c['index']:06d}.png"

@@ -1,6 +1,7 @@
 """fetch-models (tiny mode) writes real diffusers/transformers layouts that the real loaders read."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -9,10 +10,12 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from stages.common import dataset, models
-from stages.common.cli import StageError
+from stages.common.params import load_params
+from stages.common.errors import StageError
 from tests.conftest import REPO, Project
 
 
@@ -80,7 +83,7 @@ def test_missing_models_and_offline_hub_mode_are_clear(project, tmp_path):
 
 
 SAVE_SCRIPT = ("import sys, torch; from pathlib import Path; "
-               "from stages.common.random_models import TinyInception, save_torchscript; "
+               "from stages.demo.kit import TinyInception, save_torchscript; "
                "torch.manual_seed(0); save_torchscript(TinyInception().eval(), Path(sys.argv[1]))")
 
 
@@ -105,14 +108,14 @@ def test_pretraining_teaches_each_part_and_is_recorded(tmp_path):
     """A short pretrain on a few drawn garments: each part's loss falls, the trained parts
     differ from the random ones, the scheduler is v-prediction with zero terminal SNR, and
     sources.json records what it measured."""
-    from stages.common import pretrain, random_models
+    from stages.demo import kit, pretrain
 
     cfg = Project(tmp_path).set({"models.pretrain.products": 4, "models.pretrain.text_steps": 30,
                                  "models.pretrain.vae_steps": 30, "models.pretrain.steps": 30,
                                  "models.pretrain.batch_size": 8}).typed().models.pretrain
     torch.manual_seed(0)
-    parts = random_models.sd15_parts(tmp_path / "base")
-    control = random_models.new_controlnet(parts["unet"])
+    parts = kit.sd15_parts(tmp_path / "base")
+    control = kit.new_controlnet(parts["unet"])
     before = {k: next(parts[k].parameters()).clone() for k in ("vae", "text_encoder", "unet")}
     record = pretrain.pretrain(parts, control, cfg, seed=0, resolution=64, low=100, high=200)
     for part in ("text", "vae", "unet_controlnet"):
@@ -133,7 +136,7 @@ def test_the_unets_captions_swap_the_swapped_colours(monkeypatch, tmp_path):
     """The UNet and ControlNet learn from every garment, but with the names of each pair in
     models.pretrain.swapped_colours swapped in the captions (so the LoRA has those words to
     teach); the text encoder and the VAE get the true captions and every image."""
-    from stages.common import demo_garments, pretrain, random_models
+    from stages.demo import garments, kit, pretrain
 
     pairs = [["red", "green"], ["yellow", "purple"]]
     cfg = Project(tmp_path).set({"models.pretrain.products": 12, "models.pretrain.text_steps": 1,
@@ -143,12 +146,12 @@ def test_the_unets_captions_swap_the_swapped_colours(monkeypatch, tmp_path):
     monkeypatch.setattr(pretrain, "train_unet_and_controlnet", lambda *args: taught.append(args[6]) or (1.0, 0.5))
     monkeypatch.setattr(pretrain, "train_text_encoder", lambda *args: heard.append(args[2]) or (1.0, 0.5))
     monkeypatch.setattr(pretrain, "train_vae", lambda *args: heard.append(args[1]) or (1.0, 0.5))
-    pretrain.pretrain(random_models.sd15_parts(tmp_path / "base"), None, cfg, seed=0, resolution=64, low=100,
+    pretrain.pretrain(kit.sd15_parts(tmp_path / "base"), None, cfg, seed=0, resolution=64, low=100,
                       high=200)
     drawn = pretrain.draw(12, seed=0, resolution=64, low=100, high=200)
     [data] = taught
     assert torch.equal(data.images, drawn.images) and data.colours == drawn.colours
-    names = list(demo_garments.COLOURS)
+    names = list(garments.COLOURS)
     other = {"red": "green", "green": "red", "yellow": "purple", "purple": "yellow"}
     told = [(names[k], caption) for k, caption in zip(data.colours, data.captions)]
     assert len({colour for colour, _ in told} & set(other)) >= 2, "the base draws garments in swapped colours"
@@ -191,10 +194,86 @@ def test_swapped_colours_must_be_pairs_of_demo_colours(project, pairs, message):
 def test_pretraining_draws_none_of_the_demo_images():
     """Its garments come from [models.seed, 7], the demo's from demo.seed: no pretraining image
     equals a demo image, so nothing of the eval split leaks into the base model."""
-    from stages.common import demo_garments, pretrain
+    from stages.demo import garments, pretrain
 
     drawn = pretrain.draw(60, seed=0, resolution=64, low=100, high=200)
     ours = {x.numpy().tobytes() for x in ((drawn.images + 1) * 127.5).round().byte().permute(0, 2, 3, 1)}
     theirs = {pretrain.picture(g, pose, 64).tobytes()
-              for g in demo_garments.make_garments(0, 120) for pose in range(g.poses)}
+              for g in garments.make_garments(0, 120) for pose in range(g.poses)}
     assert len(ours) > 150 and len(theirs) > 300 and not ours & theirs
+
+
+# ------------------------------------------------------------------ the shipped, pretrained kit
+
+
+def test_the_shipped_kit_is_the_committed_recipes_and_whole():
+    """make demo installs it rather than pretraining: its manifest names params.yaml's recipe, and
+    the weights file is the one the manifest's sha256 names."""
+    from stages.demo import kit
+
+    committed = load_params(REPO / "params.yaml")  # as committed, not the suite's small params
+    manifest = json.loads(kit.MANIFEST.read_text())
+    assert manifest["recipe"] == kit.recipe(committed.models, committed.extract.resolution, committed.canny), \
+        "params.yaml's models.*, extract.resolution or canny.* changed: rebuild the kit (make demo-kit)"
+    assert manifest["version"] == kit.KIT_VERSION
+    assert kit.shipped_record(manifest["recipe"]) == manifest
+    assert kit.SHIPPED.stat().st_size < 10e6, "a few MB at fp16"
+
+
+def test_the_committed_recipe_installs_the_shipped_kit(project, caplog):
+    """No pretraining: the shipped fp16 weights, as fp32, in the real layouts."""
+    from stages.demo import kit
+
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    project.set({f"models.{k}": v for k, v in committed["models"].items()})  # the suite's small params change only these
+    with caplog.at_level(logging.INFO, logger="stages"):
+        project.run("fetch_models")
+    assert "installed the shipped tiny kit" in caplog.text and "pretrain:" not in caplog.text
+    record = json.loads(project.path("model_sources").read_text())
+    assert record["kit_sha256"] == json.loads(kit.MANIFEST.read_text())["sha256"] and "unet_controlnet" in record["pretrain"]
+    shipped = load_file(kit.SHIPPED)
+    unet = load_file(project.path("base_model") / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unet.keys() == {k.removeprefix("unet.") for k in shipped if k.startswith("unet.")}
+    for key, value in unet.items():
+        assert value.dtype == torch.float32 and torch.equal(value, shipped[f"unet.{key}"].float()), key
+
+
+def test_a_damaged_shipped_kit_is_one_line_and_writes_nothing(project, monkeypatch, tmp_path):
+    from stages.demo import kit
+
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    project.set({f"models.{k}": v for k, v in committed["models"].items()})
+    damaged = tmp_path / "kit" / kit.SHIPPED.name
+    damaged.parent.mkdir()
+    data = bytearray(kit.SHIPPED.read_bytes())
+    data[-100] ^= 0xFF  # one weight's bits, not the header
+    damaged.write_bytes(bytes(data))
+    shutil.copy(kit.MANIFEST, damaged.with_suffix(".json"))
+    monkeypatch.setattr(kit, "SHIPPED", damaged)
+    monkeypatch.setattr(kit, "MANIFEST", damaged.with_suffix(".json"))
+    before = {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()}
+    with pytest.raises(StageError, match=r"stages/demo/tiny_kit.safetensors: missing, or not the sha256 .*; restore "
+                                         r"it with `git checkout -- stages/demo`.*rebuild it with `python -m stages.demo.kit`"):
+        project.run("fetch_models")
+    assert {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()} == before
+
+
+def test_a_rebuilt_kit_installs_as_the_kit_pretrained_here(project, monkeypatch, tmp_path):
+    """`python -m stages.demo.kit` on a recipe, then fetch-models on it, gives the same files, byte
+    for byte, as fetch-models pretraining that recipe itself (rounded to fp16 the same way)."""
+    from stages.demo import kit
+
+    pretrained_here = {p.relative_to(project.root): p.read_bytes()
+                       for p in (project.root / "models").rglob("*") if p.is_file()}  # the suite's small recipe
+    monkeypatch.setattr(kit, "SHIPPED", tmp_path / "kit" / kit.SHIPPED.name)
+    monkeypatch.setattr(kit, "MANIFEST", tmp_path / "kit" / kit.MANIFEST.name)
+    kit.rebuild(load_params(project.root / "params.yaml"))
+    assert json.loads(kit.MANIFEST.read_text())["sha256"] == kit._sha256(kit.SHIPPED)
+    shutil.rmtree(project.root / "models")
+    project.run("fetch_models")
+    record = json.loads(project.path("model_sources").read_text())
+    assert record["kit_sha256"] == json.loads(kit.MANIFEST.read_text())["sha256"]
+    installed = {p.relative_to(project.root): p.read_bytes()
+                 for p in (project.root / "models").rglob("*") if p.is_file()}
+    differ = [str(name) for name in installed if installed[name] != pretrained_here.get(name)]
+    assert differ == [str(project.path("model_sources").relative_to(project.root))], differ

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from stages.common import dataset
 from stages.common.io import load_rgb
 from stages.common.models import LORA_WEIGHTS
-from stages.common.random_models import build_full_size_sources
+from bench.full_size_models import build_full_size_sources
 from tests.conftest import REPO, Project
 
 pytestmark = pytest.mark.fullsize

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.common import dataset, generation
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.generation import CONFIG_FILE
 from stages.common.io import load_rgb, read_json
 from tests.conftest import image_diff
@@ -85,14 +85,6 @@ def test_a_killed_run_resumes_and_new_params_start_afresh(trained_project, monke
         p.run("generate_baseline", generate__steps=2)
     assert "holds images from other inputs; starting afresh" in caplog.text and "(4 made now, 0 by" in caplog.text
     assert image_diff(generated(p, "baseline")[0], unbroken[0]) > 0
-
-
-def test_a_finished_folder_is_not_drawn_again(trained_project, caplog):
-    p = trained_project
-    p.run("generate_baseline")
-    with caplog.at_level(logging.INFO, logger="stages"):
-        p.run("generate_baseline", generate__batch_size=1)  # a how-knob: same images
-    assert "all 4 images already in" in caplog.text
 
 
 def test_a_half_written_image_of_a_killed_run_is_removed(trained_project, monkeypatch):
@@ -189,10 +181,10 @@ def test_a_scheduler_without_zero_snr_is_refused_for_a_zero_snr_model(project):
 def test_sd15s_own_scheduler_config_trains_and_draws(extracted):
     """Real SD 1.5 is epsilon-prediction under PNDM's config, unlike the tiny kit: the same stages
     train on it and draw with it (the epsilon branch of the loss, UniPC from PNDM's config)."""
-    from stages.common import random_models
+    from bench.full_size_models import sd15_scheduler
 
     p = extracted
-    random_models.sd15_scheduler("full").save_pretrained(p.path("base_model") / "scheduler")
+    sd15_scheduler().save_pretrained(p.path("base_model") / "scheduler")
     p.run("train_lora", train__max_steps=2)
     summary = read_json(p.path("train_summary"))
     assert np.isfinite(summary["denoising_loss_lora"]) and summary["denoising_loss_base"] > 0.5  # epsilon: ~1

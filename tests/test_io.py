@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from dvc.fs import LocalFileSystem
 
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.io import (OLD_SUFFIX, atomic_dir, atomic_dirs, atomic_file, check_images, fingerprint, load_rgb,
                               read_json, remove_temps, save_png, source_files)
 from tests.conftest import REPO

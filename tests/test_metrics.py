@@ -9,7 +9,7 @@ import torch
 
 from stages import metrics
 from stages.common import dataset
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.io import read_json
 from stages.common.models import load_clip
 from tests.conftest import fill_generated

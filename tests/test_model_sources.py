@@ -21,7 +21,7 @@ from safetensors.torch import load, load_file, save
 
 from stages.common import dataset, model_sources
 from stages.common.model_layouts import LAYOUTS, select
-from stages.common.random_models import SD15_MODEL_INDEX
+from bench.full_size_models import SD15_MODEL_INDEX
 from tests.conftest import REPO, Project
 from tests.hub_standin import Repo, StandIn
 

@@ -1,17 +1,23 @@
-"""notebooks/kaggle.ipynb runs headless, top to bottom, on the demo, so it cannot rot."""
+"""notebooks/kaggle.ipynb runs headless, top to bottom, on the demo, so it cannot rot.
+
+It runs in a copy of the suite's reproduced repo with one plots param changed, so its `dvc repro`
+reruns plots and report under the notebook's hardlink cache (test_pipeline_e2e runs the whole DAG)."""
 
 import pytest
+import yaml
 
-from tests.conftest import REPO
-from tests.test_pipeline_e2e import copy_small_repo, stage_env
+from tests.conftest import REPO, copy_reproduced, stage_env
 
 pytestmark = pytest.mark.slow
 
 
-def test_the_kaggle_notebook_runs_on_the_demo(tmp_path, monkeypatch):
+def test_the_kaggle_notebook_runs_on_the_demo(reproduced, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    copy_small_repo(tmp_path)
+    copy_reproduced(reproduced, tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["plots"]["seed"] += 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for name in ("PATH", "OMP_NUM_THREADS"):
         monkeypatch.setenv(name, stage_env()[name])
 
@@ -21,6 +27,7 @@ def test_the_kaggle_notebook_runs_on_the_demo(tmp_path, monkeypatch):
 
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "$ dvc config --local cache.type hardlink,symlink" in outputs and "$ dvc repro" in outputs
+    assert "Running stage 'plots'" in outputs and "Running stage 'report'" in outputs, "the repro ran"
     assert "lora" in outputs and "fid" in outputs, "dvc metrics show printed the results"
     assert any(o.get("data", {}).get("image/png") for cell in notebook.cells for o in cell.get("outputs", [])), \
         "the sample grid is shown"

@@ -1,8 +1,7 @@
 """End to end: `dvc repro` on a copy of this repo runs the whole DAG, caches it, and reruns
 exactly what a param change touches."""
 
-import os
-import shutil
+import hashlib
 import subprocess
 import sys
 import time
@@ -12,38 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, SMALL, set_dotted
+from tests.conftest import SMALL, copy_reproduced, stage_env
 
 ALL_STAGES = ["demo-data", "fetch-models", "extract", "canny-edges", "train-lora", "generate-baseline",
               "generate-lora", "metrics", "plots", "report"]
-
-
-def copy_repo(target: Path) -> None:
-    """The repo as a fresh clone would see it: tracked plus untracked-but-not-ignored files."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        source = REPO / rel
-        if source.is_file():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / rel)
-    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
-
-
-def copy_small_repo(target: Path) -> dict:
-    """copy_repo with the test suite's small params written in; returns them."""
-    copy_repo(target)
-    params = yaml.safe_load((target / "params.yaml").read_text())
-    for key, value in SMALL.items():
-        set_dotted(params, key, value)
-    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return params
-
-
-def stage_env(**extra) -> dict:
-    """Stage commands say `python`: make it this interpreter, on the CPU with one thread."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "OMP_NUM_THREADS": "1", **extra}
 
 
 def reproduce(root: Path) -> list[str]:
@@ -53,14 +24,20 @@ def reproduce(root: Path) -> list[str]:
         return [stage.addressing for stage in repo.reproduce()]
 
 
-@pytest.mark.slow
-def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatch):
-    params = copy_small_repo(tmp_path)
+@pytest.fixture
+def repo(reproduced, tmp_path, monkeypatch) -> dict:
+    """A private copy of the reproduced repo, cwd set to it, stage commands on this interpreter;
+    returns its params."""
+    assert sorted(copy_reproduced(reproduced, tmp_path)) == sorted(ALL_STAGES), "the first repro runs every stage"
     monkeypatch.chdir(tmp_path)
     for name in ("PATH", "OMP_NUM_THREADS"):
         monkeypatch.setenv(name, stage_env()[name])
+    return yaml.safe_load((tmp_path / "params.yaml").read_text())
 
-    assert sorted(reproduce(tmp_path)) == sorted(ALL_STAGES)
+
+@pytest.mark.slow
+def test_dvc_repro_runs_caches_and_reruns_only_what_changed(repo, tmp_path):
+    params = repo
     p = params["paths"]
     for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
                 "split_summary", "edges", "lora",
@@ -85,7 +62,11 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     shows = subprocess.run(["dvc", "metrics", "show", "--json"], capture_output=True, text=True, check=True).stdout
     assert '"fid"' in shows and '"lora"' in shows
 
-    # A -> B -> A: back to a configuration trained before, nothing expensive runs again
+
+@pytest.mark.slow
+def test_back_to_a_configuration_trained_before_runs_nothing_expensive(repo, tmp_path):
+    """A -> B -> A: the run-cache restores train-lora and generate-lora."""
+    params = repo
     a = (tmp_path / "params.yaml").read_text()
     params["train"]["rank"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -98,11 +79,11 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path, monkeypatc
     assert "train-lora: 4 steps" not in back and "drew" not in back, "no training step, no image drawn"
     assert not (tmp_path / params["paths"]["resume"]).exists() or not any((tmp_path / params["paths"]["resume"]).iterdir())
 
-    # two experiments that differ only in generate.steps: compared, and neither retrains
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], check=True)
-    # the committed baseline has 4 steps; one experiment through a preset, one by hand
+
+@pytest.mark.slow
+def test_experiments_compare_and_a_queued_sweep_reuses_its_lora(repo, tmp_path):
+    """Two experiments that differ only in generate.steps: compared, and neither retrains."""
+    # the committed baseline has 3 steps; one experiment through a preset, one by hand
     for done in (run_ok([str(Path(sys.executable).parent / "fashion-exp"), "demo", "-S", "generate.steps=5"]),
                  dvc("exp", "run", "-n", "steps-6", "-S", "generate.steps=6")):
         assert "Running stage 'train-lora'" not in done and "Running stage 'generate-lora'" in done, done
@@ -144,3 +125,44 @@ def repro_log(root: Path) -> str:
     done = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+# train-lora's and generate-lora's outputs, and files that neither stage lists as a dep
+OUTPUT_KEYS = ("lora", "loss_log", "train_summary", "generated_lora")
+NOT_THEIR_DEPS = ("fashion/studio.py", "stages/report.py", "stages/demo/kit.py", "stages/common/figures.py")
+
+
+def digests(root: Path, params: dict) -> dict[str, str]:
+    files = {}
+    for key in OUTPUT_KEYS:
+        path = root / params["paths"][key]
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                files[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return files
+
+
+@pytest.mark.slow
+def test_outputs_depend_only_on_declared_inputs(reproduced, tmp_path):
+    """Edit code that train-lora and generate-lora do not list as deps (their resume
+    fingerprints hash it), rerun both directly: their outputs come out byte for byte as the
+    repro made them."""
+    copy_reproduced(reproduced, tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    dvc_yaml = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    before = digests(tmp_path, params)
+    assert any(name.endswith("training_config.json") for name in before) and len(before) > 8
+    for rel in NOT_THEIR_DEPS:
+        assert rel not in dvc_yaml["train-lora"]["deps"] + dvc_yaml["generate-lora"]["deps"], rel
+        with (tmp_path / rel).open("a") as f:
+            f.write("\n# an edit that changes no output\n")
+    logs = ""
+    for stage in ("train_lora", "generate_lora"):
+        done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=stage_env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs += done.stderr
+    assert f"train-lora: {SMALL['train.max_steps']} steps (0 resumed)" in logs and f"({SMALL['extract.eval_products']} made now, 0 by" in logs, \
+        "both ran afresh"
+    after = digests(tmp_path, params)
+    assert after == before, [name for name in after if after.get(name) != before.get(name)]

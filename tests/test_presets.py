@@ -5,8 +5,9 @@ import subprocess
 
 import pytest
 
-from stages.common import presets
-from stages.common.cli import StageError, run_cli
+from fashion import presets
+from stages.common.cli import run_cli
+from stages.common.errors import StageError
 from stages.common.params import ParamsError
 from tests.conftest import REPO
 

@@ -1,11 +1,10 @@
 """Sharing results through a DVC remote: a local folder, and S3 against a local moto server.
 
-One published repo (every stage run, committed, pushed) per module; each test clones it as a
-teammate would and checks that nothing expensive runs again.
+Each test publishes a copy of the suite's one reproduced repo (every stage run, committed), pushes
+it, clones it as a teammate would and checks that nothing expensive runs again.
 """
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,10 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline_e2e import copy_small_repo, stage_env
+from tests.conftest import GIT, copy_reproduced, stage_env
 
 pytestmark = pytest.mark.slow
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 CHEAP = ["generate-baseline", "generate-lora", "metrics", "plots", "report"]  # what a generate param touches
 
 
@@ -26,17 +24,6 @@ def run(*args, cwd, env=None) -> str:
     done = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env or os.environ)
     assert done.returncode == 0, f"{' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def published(tmp_path_factory) -> Path:
-    """A repo where `dvc repro` has run on the small demo, committed to git."""
-    origin = tmp_path_factory.mktemp("origin")
-    copy_small_repo(origin)
-    run("dvc", "repro", cwd=origin, env=stage_env())
-    run(*GIT, "add", "-A", cwd=origin)
-    run(*GIT, "commit", "-qm", "demo results", cwd=origin)
-    return origin
 
 
 def round_trip(origin: Path, remote_args: list[list[str]], workdir: Path, env: dict) -> None:
@@ -66,9 +53,9 @@ def round_trip(origin: Path, remote_args: list[list[str]], workdir: Path, env: d
     assert "train-lora:" not in log, "never trains"
 
 
-def test_local_folder_remote(published, tmp_path):
+def test_local_folder_remote(reproduced, tmp_path):
     origin = tmp_path / "origin"
-    shutil.copytree(published, origin, symlinks=True)
+    copy_reproduced(reproduced, origin)
     round_trip(origin, [["add", "-d", "store", str(tmp_path / "remote")]], tmp_path, stage_env())
 
 
@@ -105,9 +92,9 @@ def moto_s3():
         server.wait(timeout=10)
 
 
-def test_s3_remote(published, tmp_path, moto_s3):
+def test_s3_remote(reproduced, tmp_path, moto_s3):
     url, creds = moto_s3
     origin = tmp_path / "origin"
-    shutil.copytree(published, origin, symlinks=True)
+    copy_reproduced(reproduced, origin)
     round_trip(origin, [["add", "-d", "s3store", "s3://fashion/dvc"], ["modify", "s3store", "endpointurl", url]],
                tmp_path, stage_env(**creds))

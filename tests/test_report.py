@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from stages import report
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.io import read_json
 
 

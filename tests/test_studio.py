@@ -17,7 +17,7 @@ from PIL import Image
 
 from stages.common import dataset
 from stages.common.io import load_rgb
-from stages.common.studio import Studio, app
+from fashion.studio import Studio, app
 from tests.conftest import image_diff
 
 pytest.importorskip("fastapi", reason="the studio extra: pip install -e '.[studio]'")
@@ -143,7 +143,7 @@ def test_the_knobs_reach_the_pipeline(client, finished_project):
 
 
 def test_models_reload_when_the_lora_changes(client, finished_project, monkeypatch):
-    from stages.common import studio
+    from fashion import studio
 
     loads = []
     real = studio.load_pipeline

@@ -16,12 +16,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from stages.common.errors import StageError
+from stages.common.io import public_path
+
 log = logging.getLogger("stages")
-
-
-class StageError(Exception):
-    """A problem the user fixes (a param, a path, a missing upstream stage). The message names
-    the file, key or param and says what to do."""
 
 
 def setup_logging(network: bool = False) -> None:
@@ -38,17 +36,8 @@ def setup_logging(network: bool = False) -> None:
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def restore_hint(stage: str | None = None) -> str:
-    """What to do about a damaged output of `stage` (an input of the stage that found it)."""
-    if stage is None:
-        return "restore it with `dvc checkout` or rebuild it with `dvc repro`"
-    return f"restore it with `dvc checkout {stage}` or rebuild it with `dvc repro -f {stage}`"
-
-
 def disk_error(err: OSError, stage: str) -> str:
     """One line for a file-system failure (disk full, read-only, permissions)."""
-    from stages.common.io import public_path  # io imports this module
-
     where = public_path(err.filename) if err.filename else "the disk"
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"{where}: no space left on the device; free some (`dvc gc` trims DVC's cache), or move the big "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common.cli import StageError, restore_hint
+from stages.common.errors import StageError, restore_hint
 from stages.common.io import index_name, read_json
 
 TRAIN_IMAGES = "images.npy"

@@ -19,7 +19,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from stages.common.cli import StageError, log
+from stages.common.cli import log
+from stages.common.errors import StageError
 
 
 def rank() -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.io import read_json
 
 VARIANT_COLORS = {"baseline": "#7f7f7f", "lora": "#1f77b4"}

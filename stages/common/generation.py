@@ -3,8 +3,9 @@
 Image i is drawn with its own generator seeded `generate.seed + i`, so it does not depend on
 the batch size or on which images were already done. Images are drawn into a resume folder under
 `paths.resume` and moved into the output folder whole at the end. A rerun after a crash skips the
-images already drawn; a rerun after any input changed (fingerprint in generation_config.json)
-starts afresh, but only once the models and the LoRA have loaded. The output is an ordinary
+images already drawn; a rerun after any input changed (its fingerprint, which hashes the code too,
+is resume state: it never enters the output) starts afresh, but only once the models and the LoRA
+have loaded. The output's generation_config.json holds only declared inputs. The output is an ordinary
 DVC output, so DVC's run-cache restores it for any configuration seen before. With
 `generate.processes` above 1 (or under `accelerate launch`) each process draws its share of the
 batches, one per GPU, into the same resume folder.
@@ -21,7 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common import dataset, distributed
-from stages.common.cli import StageError, log, setup_logging
+from stages.common.cli import log, setup_logging
+from stages.common.errors import StageError
 from stages.common.io import (atomic_dir, check_images, fingerprint, index_name, load_rgb, read_json, remove_temps,
                               save_png, source_files, write_json)
 from stages.common.model_layouts import check_folder
@@ -30,12 +32,13 @@ from stages.common.params import load_params, what_keys
 from stages.common.runtime import compile_module, device, inference_dtype, peak_memory
 
 CONFIG_FILE = "generation_config.json"
+FINGERPRINT_FILE = "fingerprint.json"  # in resume state: what the images there were made from
 
 
-def previous_fingerprint(config_path) -> str | None:
-    """The fingerprint a folder's images were made with; None if unknown (or the file is damaged)."""
+def previous_fingerprint(path) -> str | None:
+    """The fingerprint in `path`; None if unknown (or the file is damaged)."""
     try:
-        return read_json(config_path).get("fingerprint") if config_path.is_file() else None
+        return read_json(path).get("fingerprint") if path.is_file() else None
     except StageError:
         return None
 
@@ -66,14 +69,9 @@ def run(variant: str) -> None:
     else:
         settings.pop("lora_scale")
     expected = fingerprint({**settings, "variant": variant, "dtype": str(dtype)}, *inputs)
-    if previous_fingerprint(out_dir / CONFIG_FILE) == expected and all(
-            dataset.generated_path(paths, variant, c["index"]).is_file() for c in configs):
-        log.info("generate-%s: all %d images already in %s", variant, len(configs), out_dir)
-        distributed.finish()
-        return
     # Images are made in a resume folder outside the DVC output and moved in whole at the end.
     work = dataset.resume_dir(paths, f"generate-{variant}")
-    resumable = previous_fingerprint(work / CONFIG_FILE) == expected
+    resumable = previous_fingerprint(work / FINGERPRINT_FILE) == expected
     todo = [c for c in configs if not (resumable and (work / index_name(c["index"])).is_file())]
     if todo:  # models and LoRA load (and fail, if they must) before any earlier work is dropped
         pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, cfg.scheduler, dtype, dev,
@@ -81,7 +79,7 @@ def run(variant: str) -> None:
         if variant == "lora":
             # One scale for the whole stage: fold the LoRA into the UNet's weights once, so every
             # step runs the plain UNet, without two extra matmuls per attention projection.
-            # Within 1 level of the unfused LoRA (tests/test_sketch_cli.py draws it unfused).
+            # Within 1 level of the unfused LoRA (tests/test_fashion_generate.py draws it unfused).
             pipe.fuse_lora(components=["unet"], lora_scale=cfg.lora_scale)
         compile_module(pipe.unet, cfg.compile, paths)
         compile_module(pipe.controlnet, cfg.compile, paths)
@@ -91,8 +89,9 @@ def run(variant: str) -> None:
             log.info("generate-%s: %s holds images from other inputs; starting afresh", variant, work)
             shutil.rmtree(work)
         remove_temps(work)  # half-written images of a killed run
-        write_json(work / CONFIG_FILE, {"fingerprint": expected, "variant": variant, "generate": settings,
-                                        "dtype": str(dtype), "images": len(configs)})
+        write_json(work / FINGERPRINT_FILE, {"fingerprint": expected})
+        write_json(work / CONFIG_FILE, {"variant": variant, "generate": settings, "dtype": str(dtype),
+                                        "images": len(configs)})
     distributed.barrier()
     # Process r draws every processes-th batch: the same batches as one process draws, so the same
     # images to the bit, and the one writer moves them all into the output.
@@ -104,6 +103,8 @@ def run(variant: str) -> None:
     if writer:
         with atomic_dir(out_dir) as tmp:
             for done in work.iterdir():  # linked, not moved: if the swap fails, the resume folder is whole
+                if done.name == FINGERPRINT_FILE:
+                    continue
                 try:
                     os.link(done, tmp / done.name)
                 except OSError:  # paths.resume on another file system

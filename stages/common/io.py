@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.common.cli import StageError, restore_hint
+from stages.common.errors import StageError, restore_hint
 
 TEMP_MARK = ".tmp"  # every temporary name has it after its token; .dvcignore matches `.*.tmp` and `.*.tmp.*`
 OLD_SUFFIX = ".old"  # a folder moved aside while its replacement moves in

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common.cli import StageError, restore_hint
+from stages.common.errors import StageError, restore_hint
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers, transformers, transformers .bin
 WEIGHT_ORDER = {"fp16": (".fp16.safetensors", ".safetensors", ".fp16.bin", ".bin"), "fp32": (".safetensors", ".bin")}

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.common.cli import DISK_ERRNOS, StageError, disk_error, log
+from stages.common.cli import DISK_ERRNOS, disk_error, log
+from stages.common.errors import StageError
 from stages.common.model_layouts import Layout, list_folder, select
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from stages.common import dataset
-from stages.common.cli import StageError, restore_hint
+from stages.common.errors import StageError, restore_hint
 from stages.common.model_layouts import check_folder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -22,7 +22,7 @@ from typing import Literal
 
 import yaml
 
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 
 PARAMS_FILE = Path("params.yaml")
 HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"  # what the hub accepts as owner/name
@@ -101,7 +101,7 @@ class LocalModels:
 @dataclass(frozen=True)
 class Pretrain:
     """Tiny mode: what fetch-models teaches the tiny models before the demo uses them
-    (stages/common/pretrain.py). All steps 0: random models (the test suite pretrains 2 steps)."""
+    (stages/demo/pretrain.py). All steps 0: random models (the test suite pretrains 2 steps)."""
 
     products: int = _doc("garments drawn to pretrain on (all poses, about 3.5 images each); none is a demo product")
     text_steps: int = _doc("text-encoder steps: learn to tell colours and kinds apart")
@@ -228,10 +228,13 @@ class Train:
     num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)", how=True)
     processes: int = _doc("data-parallel processes, one per GPU (accelerate launch); each optimiser step's "
                           "batch_size x grad_accumulation samples are shared out between them", how=True)
+    fixed_samples: int = _doc("the run's first samples (images, noise, timesteps) whose denoising loss is "
+                              "measured with the base UNet and with the LoRA when training ends "
+                              "(metrics/train_summary.json); 2 UNet passes each")
     seed: int = _doc("seed for data order, augmentation, noise and timesteps")
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accumulation", "rank", "checkpoint_every"):
+        for name in ("max_steps", "batch_size", "grad_accumulation", "rank", "checkpoint_every", "fixed_samples"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
         _check(self.learning_rate > 0, "train.learning_rate", "must be positive")
         _check(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps",

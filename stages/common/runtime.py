@@ -8,7 +8,8 @@ import random
 import numpy as np
 import torch
 
-from stages.common.cli import StageError, log
+from stages.common.cli import log
+from stages.common.errors import StageError
 
 
 def device() -> torch.device:

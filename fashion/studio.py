@@ -33,11 +33,12 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from stages.common import dataset
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.io import load_rgb
 from stages.common.params import PARAMS_FILE, load_params
 from stages.common.runtime import device
-from stages.common.sketch import (ModelsMissing, check_models, draw_pair, edge_map, load_pipeline, read_image,
+from fashion.sketch import (ModelsMissing, check_models, draw_pair, edge_map, load_pipeline, read_image,
                                   side_by_side)
 
 PAGE = Path(__file__).with_name("studio.html")

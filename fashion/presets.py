@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common.cli import StageError, run_cli
+from stages.common.cli import run_cli
+from stages.common.errors import StageError
 from stages.common.params import PARAMS_FILE, ParamsError, parse_params, read_yaml
 
 PRESETS_FILE = Path("presets.yaml")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.edges import canny
 from stages.common.generation import draw
 from stages.common.models import load_controlnet_pipeline

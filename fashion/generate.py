@@ -20,12 +20,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.io import save_png
 from stages.common.models import SCHEDULERS
 from stages.common.params import load_params
 from stages.common.runtime import device
-from stages.common.sketch import check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
+from fashion.sketch import check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
 
 
 class Parser(argparse.ArgumentParser):

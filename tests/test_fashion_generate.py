@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from stages.common import dataset
-from stages.common.cli import StageError
+from stages.common.errors import StageError
 from stages.common.io import load_rgb
-from stages.common.sketch_cli import main
+from fashion.generate import main
 from tests.conftest import image_diff
 
 

@@ -1,7 +1,7 @@
 """Tiny mode's pretraining: teach the random tiny models garments, so the demo shows the product
 working (garments that follow their edge maps) rather than coloured noise.
 
-fetch-models runs it on garments it draws itself (demo_garments from `[models.seed, 7]`, in views
+fetch-models runs it on garments it draws itself (garments from `[models.seed, 7]`, in views
 no demo image has: no pretraining image is a demo image, though a quarter of the demo's garments
 have a twin of the same kind, colour and pattern among them, as a real pretraining set would), at
 the working resolution, with canny edges at the demo's thresholds. Three parts, each a progress
@@ -21,22 +21,7 @@ bar:
    what a catalogue means by them. The LoRA, trained on the demo's true captions, has those
    words to teach.
 
-Why this, measured on the demo (the share of each eval garment in its prompt's colour, paired
-LoRA minus base, over the demo's splits):
-- A base that never heard a colour word leaves the LoRA the whole colour pathway to build: it
-  learned each training caption's colour (its loss rose 25% with the colour swapped), not the
-  words.
-- A base that never saw six colours cannot draw them, and its LoRA drew all six words as one
-  warm orange-brown. One that draws them but never heard their names (no colour word in those
-  captions) has no way from a word to them: its LoRA moved colour by noise (-0.015, -0.003,
-  +0.010 on three splits). Nor did a base pretrained on faded colours (+0.005, +0.029).
-- A swapped base already maps each word to some colour; the LoRA only re-routes words. With
-  three pairs swapped it gained +0.014 and +0.051 training the UNet alone, +0.049 and +0.084
-  under the ControlNet (train.controlnet: the edges give the layout, and the loss left is mostly
-  colour). With five pairs (the committed ten words) under the ControlNet: +0.125, +0.142 and
-  +0.086, each interval above zero; prompt-colour matches 7.5% -> 31% on the committed split.
-
-Measured on a 2-core CPU with the committed `models.pretrain`: 150 s.
+Why this recipe, and what each alternative measured: docs/demo-kit.md.
 """
 
 from __future__ import annotations
@@ -51,14 +36,15 @@ from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from stages.common import demo_garments
-from stages.common.cli import StageError, log
+from stages.demo import garments
+from stages.common.cli import log
+from stages.common.errors import StageError
 from stages.common.edges import canny
 from stages.common.io import resize_shorter_side
 
 DATA_SEED = 7  # garments from [models.seed, 7]: never the demo dataset's own products
 OTHER_IDS = 10**7  # added to product ids (the demo's are 300000 + 37 i), which seed each view's jitter
-# Learning rates and loss weights, tuned by measurement on the demo (see the module docstring).
+# Learning rates and loss weights, tuned by measurement on the demo (docs/demo-kit.md).
 TEXT_LR, VAE_LR, UNET_LR = 2e-3, 1e-3, 1e-3
 VAE_BATCH = 4  # the VAE gains more from steps than from samples per step
 COLOUR_PULL = 4.0  # weight of the latent-to-patch-colour loss
@@ -72,7 +58,7 @@ class Garments:
     images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
     edges: torch.Tensor  # (N, 3, H, W) in [0, 1]
     captions: list[str]  # "Mini skirt in red with white stripes"
-    colours: list[int]  # index in demo_garments.COLOURS
+    colours: list[int]  # index in garments.COLOURS
     kinds: list[int]
 
     def swapped(self, pairs: list[list[str]]) -> Garments:
@@ -80,16 +66,16 @@ class Garments:
         "Mini skirt in red with white stripes" becomes "Mini skirt in green with white stripes".
         Only the garment's colour: an accent ("with navy stripes") keeps its name, and the colour
         check scores the garment's colour alone."""
-        names = list(demo_garments.COLOURS)
+        names = list(garments.COLOURS)
         other = {a: b for a, b in pairs} | {b: a for a, b in pairs}
         captions = [c.replace(f" in {names[k]}", f" in {other[names[k]]}") if names[k] in other else c
                     for c, k in zip(self.captions, self.colours, strict=True)]
         return dataclasses.replace(self, captions=captions)
 
 
-def picture(garment: demo_garments.Garment, pose: int, resolution: int) -> np.ndarray:
+def picture(garment: garments.Garment, pose: int, resolution: int) -> np.ndarray:
     """One pose as extract gives it to training: drawn at 256 px, resized to `resolution`."""
-    return np.asarray(resize_shorter_side(Image.fromarray(demo_garments.draw(garment, pose)), resolution))
+    return np.asarray(resize_shorter_side(Image.fromarray(garments.draw(garment, pose)), resolution))
 
 
 def draw(products: int, seed: int, resolution: int, low: int, high: int) -> Garments:
@@ -98,7 +84,7 @@ def draw(products: int, seed: int, resolution: int, low: int, high: int) -> Garm
     front view the eval split uses (pose 0), and each gets a product id no demo garment has, so
     its other views differ too: no pretraining image is a demo image."""
     images, captions, colours = [], [], []
-    for garment in demo_garments.make_garments([seed, DATA_SEED], products):
+    for garment in garments.make_garments([seed, DATA_SEED], products):
         garment = dataclasses.replace(garment, product_id=OTHER_IDS + garment.product_id)
         for pose in range(1, garment.poses + 1):
             images.append(picture(garment, pose, resolution))
@@ -110,7 +96,7 @@ def draw(products: int, seed: int, resolution: int, low: int, high: int) -> Garm
     return Garments(
         images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1,
         edges=torch.from_numpy(edges).permute(0, 3, 1, 2).float() / 255,
-        captions=captions, colours=[list(demo_garments.COLOURS).index(c) for c in colours],
+        captions=captions, colours=[list(garments.COLOURS).index(c) for c in colours],
         kinds=[kinds.index(k) for k in kind])
 
 
@@ -147,7 +133,7 @@ def train_text_encoder(text_encoder, tokenizer, data: Garments, cfg, g: torch.Ge
     ids = _token_ids(tokenizer, captions)
     colours = torch.tensor([data.colours[first[c]] for c in captions])
     kinds = torch.tensor([data.kinds[first[c]] for c in captions])
-    n_colours = len(demo_garments.COLOURS)
+    n_colours = len(garments.COLOURS)
     head = torch.nn.Linear(text_encoder.config.hidden_size, n_colours + int(kinds.max()) + 1)
     with torch.no_grad():  # from `g`: the global RNG goes on to build the metric backbones
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) / head.in_features ** 0.5)
@@ -229,7 +215,7 @@ def train_unet_and_controlnet(unet, controlnet, vae, text_encoder, tokenizer, sc
 def check(cfg) -> None:
     """models.pretrain's colour names against the demo's palette. Here, not in params.py: every
     stage would then import the palette's module (and DVC would list it as each one's dep)."""
-    key, palette, seen = "params.yaml: models.pretrain.swapped_colours", list(demo_garments.COLOURS), set()
+    key, palette, seen = "params.yaml: models.pretrain.swapped_colours", list(garments.COLOURS), set()
     for pair in cfg.swapped_colours:
         if len(pair) != 2 or pair[0] == pair[1]:
             raise StageError(f"{key}: {pair} is not a pair of two colours; write pairs like [red, green]")

@@ -1,6 +1,6 @@
 """Prompt adherence the demo can check: is the garment the colour its prompt names?
 
-The demo's garments are drawn in one of demo_garments.COLOURS (with an accent for stripes,
+The demo's garments are drawn in one of garments.COLOURS (with an accent for stripes,
 checks and dots), and each prompt names it ("Mini skirt in navy with white stripes"). Inside the
 garment (its region in the ground truth, which the eval edge map outlines: the same region for
 baseline and LoRA), each pixel takes the nearest palette colour; the score is the share of
@@ -16,7 +16,7 @@ import re
 import cv2
 import numpy as np
 
-from stages.common.demo_garments import COLOURS
+from stages.demo.garments import COLOURS
 
 # Accents can be white; the page is white too, but it lies outside the outline.
 PALETTE = {**COLOURS, "white": (245, 245, 245)}

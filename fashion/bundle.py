@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common.cli import StageError, log, run_cli, setup_logging
+from stages.common.cli import log, run_cli, setup_logging
+from stages.common.errors import StageError
 from stages.common.io import atomic_file, public_path
 from stages.common.models import LORA_WEIGHTS
 from stages.common.params import load_params
@@ -68,6 +69,9 @@ def write_zip(target: Path, files: list[Path], resolved: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
     unknown = [a for a in args if a != "--allow-stale"]
     if unknown:
         raise StageError(f"fashion-bundle: unknown argument {unknown[0]!r}; the only option is --allow-stale")
