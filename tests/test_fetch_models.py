@@ -225,12 +225,13 @@ def test_the_committed_recipe_installs_the_shipped_kit(project, caplog):
     from stages.demo import kit
 
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    project.set({f"models.{k}": v for k, v in committed["models"].items()})  # the suite's small params change only these
+    project.set({f"models.{k}": v for k, v in committed["models"].items()})  # the only section SMALL changes
     with caplog.at_level(logging.INFO, logger="stages"):
         project.run("fetch_models")
     assert "installed the shipped tiny kit" in caplog.text and "pretrain:" not in caplog.text
     record = json.loads(project.path("model_sources").read_text())
-    assert record["kit_sha256"] == json.loads(kit.MANIFEST.read_text())["sha256"] and "unet_controlnet" in record["pretrain"]
+    assert record["kit_sha256"] == json.loads(kit.MANIFEST.read_text())["sha256"]
+    assert "unet_controlnet" in record["pretrain"]
     shipped = load_file(kit.SHIPPED)
     unet = load_file(project.path("base_model") / "unet" / "diffusion_pytorch_model.safetensors")
     assert unet.keys() == {k.removeprefix("unet.") for k in shipped if k.startswith("unet.")}
@@ -252,8 +253,9 @@ def test_a_damaged_shipped_kit_is_one_line_and_writes_nothing(project, monkeypat
     monkeypatch.setattr(kit, "SHIPPED", damaged)
     monkeypatch.setattr(kit, "MANIFEST", damaged.with_suffix(".json"))
     before = {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()}
-    with pytest.raises(StageError, match=r"stages/demo/tiny_kit.safetensors: missing, or not the sha256 .*; restore "
-                                         r"it with `git checkout -- stages/demo`.*rebuild it with `python -m stages.demo.kit`"):
+    with pytest.raises(StageError, match=r"stages/demo/tiny_kit.safetensors: missing, or not the sha256 .*; "
+                                         r"restore it with `git checkout -- stages/demo`.*"
+                                         r"rebuild it with `python -m stages.demo.kit`"):
         project.run("fetch_models")
     assert {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()} == before
 

@@ -291,8 +291,9 @@ def shipped_record(wanted: dict) -> dict | None:
     if manifest.get("version") != KIT_VERSION or manifest.get("recipe") != wanted:
         return None
     if not SHIPPED.is_file() or _sha256(SHIPPED) != manifest["sha256"]:
-        raise StageError(f"{SHIPPED_NAME}: missing, or not the sha256 {manifest['sha256'][:12]}... that {MANIFEST.name} names; "
-                         "restore it with `git checkout -- stages/demo` (a git-lfs pointer? `git lfs pull`), "
+        raise StageError(f"{SHIPPED_NAME}: missing, or not the sha256 {manifest['sha256'][:12]}... that "
+                         f"{MANIFEST.name} names; restore it with `git checkout -- stages/demo` "
+                         "(a git-lfs pointer? `git lfs pull`), "
                          "or rebuild it with `python -m stages.demo.kit`")
     return manifest
 
@@ -321,19 +322,27 @@ def load_shipped(modules: dict) -> float:
     return scaling_factor
 
 
+def fresh_kit(folder: Path, models) -> tuple[dict, object, dict]:
+    """The random kit from `models.seed` (its tokenizer written to folder/tokenizer): SD 1.5's
+    parts, the ControlNet, and the modules pretraining teaches, by name."""
+    from stages.demo import pretrain
+
+    quiet_saving()
+    pretrain.check(models.pretrain)
+    torch.manual_seed(models.seed)
+    parts = sd15_parts(folder)
+    control = new_controlnet(parts["unet"])
+    return parts, control, {"text_encoder": parts["text_encoder"], "vae": parts["vae"], "unet": parts["unet"],
+                            "controlnet": control}
+
+
 def build_all(base: Path, controlnet: Path, eval_models: Path, models, resolution: int, canny) -> tuple[dict, dict]:
     """Every tiny model from `models.seed`, pretrained (the shipped kit when the recipe is its own,
     else pretrained here); returns the backbone names metrics reports and the record for
     models/sources.json."""
     from stages.demo import pretrain
 
-    quiet_saving()
-    pretrain.check(models.pretrain)
-    torch.manual_seed(models.seed)
-    parts = sd15_parts(base)
-    control = new_controlnet(parts["unet"])
-    modules = {"text_encoder": parts["text_encoder"], "vae": parts["vae"], "unet": parts["unet"],
-               "controlnet": control}
+    parts, control, modules = fresh_kit(base, models)
     wanted = recipe(models, resolution, canny)
     steps = models.pretrain
     record = {"mode": "tiny", "seed": models.seed}
@@ -366,14 +375,8 @@ def rebuild(params) -> None:
     from stages.demo import pretrain
 
     models = params.models
-    pretrain.check(models.pretrain)
-    quiet_saving()
-    torch.manual_seed(models.seed)
     with tempfile.TemporaryDirectory() as folder:
-        parts = sd15_parts(Path(folder))
-    control = new_controlnet(parts["unet"])
-    modules = {"text_encoder": parts["text_encoder"], "vae": parts["vae"], "unet": parts["unet"],
-               "controlnet": control}
+        parts, control, modules = fresh_kit(Path(folder), models)
     record = pretrain.pretrain(parts, control, models.pretrain, models.seed, params.extract.resolution,
                                params.canny.low_threshold, params.canny.high_threshold)
     tensors = {f"{name}.{key}": (value.half() if value.is_floating_point() else value).detach().contiguous()
