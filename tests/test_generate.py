@@ -156,11 +156,10 @@ def test_a_batch_too_large_for_the_gpu_is_halved(trained_project, monkeypatch, c
     assert all(image_diff(halved[i], whole[i]) <= 2 for i in whole)
 
 
-def test_compiled_models_draw_the_same_images(trained_project, monkeypatch):
+def test_compiled_models_draw_the_same_images(finished_project, monkeypatch):
     """generate.compile goes through torch.compile (dynamo and AOTAutograd here; inductor's code
-    generation takes minutes on a CPU): the same images."""
-    p = trained_project
-    p.run("generate_lora")
+    generation takes minutes on a CPU): the same images as the finished project's eager ones."""
+    p = finished_project
     eager = generated(p, "lora")
     shutil.rmtree(p.path("generated_lora"))
     monkeypatch.setenv("FASHION_COMPILE_BACKEND", "aot_eager")
