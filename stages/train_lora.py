@@ -55,7 +55,7 @@ from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS
-from stages.common.params import load_params, what_keys
+from stages.common.params import load_params, model_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss
 
@@ -145,7 +145,7 @@ def main() -> None:
 
     checkpoints = dataset.resume_dir(paths, "train-lora")
     edges = (params.canny.low_threshold, params.canny.high_threshold) if cfg.controlnet else None
-    settings = {**what_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype), "edges": edges}
+    settings = {**model_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype), "edges": edges}
     expected = fingerprint(settings, paths.train_data, paths.base_model,
                            *([paths.controlnet] if cfg.controlnet else []), *source_files())
     if writer:
@@ -206,7 +206,7 @@ def main() -> None:
         # weights file would change with every edit to any stage.
         # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.
         # Under train.controlnet the LoRA fits that ControlNet fed those edges: the thresholds too.
-        train_params = json.dumps({**what_keys(cfg), "resolution": params.extract.resolution,
+        train_params = json.dumps({**model_keys(cfg), "resolution": params.extract.resolution,
                                    **({"canny": list(edges)} if edges else {})}, sort_keys=True)
         params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
         sources = Path(paths.model_sources)
@@ -223,7 +223,7 @@ def main() -> None:
                          kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
                                         base_model))
         write_json(out / "training_config.json", {
-            "train": what_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
+            "train": model_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
             "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
             "canny": list(edges) if edges else None,
             "train_images": len(images), "dtype": str(dtype),

@@ -216,6 +216,8 @@ def test_the_shipped_kit_is_the_committed_recipes_and_whole():
     assert manifest["recipe"] == kit.recipe(committed.models, committed.extract.resolution, committed.canny), \
         "params.yaml's models.*, extract.resolution or canny.* changed: rebuild the kit (make demo-kit)"
     assert manifest["version"] == kit.KIT_VERSION
+    assert manifest["code"] == kit.code_digest(), \
+        f"{', '.join(kit.KIT_CODE)} changed since the kit was pretrained: rebuild it (make demo-kit)"
     assert kit.shipped_record(manifest["recipe"]) == manifest
     assert kit.SHIPPED.stat().st_size < 10e6, "a few MB at fp16"
 
@@ -279,3 +281,19 @@ def test_a_rebuilt_kit_installs_as_the_kit_pretrained_here(project, monkeypatch,
                  for p in (project.root / "models").rglob("*") if p.is_file()}
     differ = [str(name) for name in installed if installed[name] != pretrained_here.get(name)]
     assert differ == [str(project.path("model_sources").relative_to(project.root))], differ
+
+
+def test_the_kits_code_digest_ignores_docs_and_sees_code(tmp_path):
+    from stages.demo import kit
+
+    for rel in kit.KIT_CODE:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, tmp_path / rel)
+    assert kit.code_digest(tmp_path) == kit.code_digest()
+    pretrain = tmp_path / "stages/demo/pretrain.py"
+    text = pretrain.read_text()
+    pretrain.write_text(text.replace('"""Tiny mode\'s pretraining:', '"""Tiny mode\'s pretraining (reworded):', 1)
+                        + "\n# a comment\n")
+    assert kit.code_digest(tmp_path) == kit.code_digest(), "docstrings and comments change no weight"
+    pretrain.write_text(text.replace("CAPTION_DROP, CONTROL_DROP = 0.1, 0.25", "CAPTION_DROP, CONTROL_DROP = 0.1, 0.3"))
+    assert kit.code_digest(tmp_path) != kit.code_digest()

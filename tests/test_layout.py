@@ -4,10 +4,15 @@ the package declares starts (a stale entry point, say one naming a moved module,
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 from tests.conftest import REPO
 
@@ -41,6 +46,14 @@ def test_the_layering_contract_catches_a_break(tmp_path, module, line, broken):
         f.write(f"\n{line}  # noqa\n")
     done = lint_imports(tmp_path)
     assert done.returncode == 1 and f"{broken} BROKEN" in done.stdout, done.stdout[-3000:]
+
+
+def test_the_stage_layer_names_every_dvc_stage():
+    """A stage missing from the contract's stage layer would escape "no stage imports another"."""
+    contract = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    layer = {name.strip() for name in contract["layers"][1].split("|")}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert layer == {f"stages.{name.replace('-', '_')}" for name in stages}
 
 
 def test_every_console_script_answers_help():

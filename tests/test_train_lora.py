@@ -360,3 +360,15 @@ def test_alpha_other_than_rank_survives_the_round_trip(trained_project):
     assert json.loads(metadata["fashion.train"])["canny"] == [canny["low_threshold"], canny["high_threshold"]]
     assert metadata["fashion.train_sha256"] == hashlib.sha256(metadata["fashion.train"].encode()).hexdigest()[:16]
     assert metadata["fashion.base_model"] == f"tiny-pretrained (models.seed={p.params['models']['seed']})"
+
+
+def test_the_fixed_sample_count_changes_the_measurement_not_the_lora(trained_project):
+    """train.fixed_samples is a DVC param of train-lora (train_summary.json reports with it), but
+    the weights, their metadata and training_config.json do not carry it: a new count does not
+    make generate-lora and everything after it rerun."""
+    p = trained_project
+    folder = p.path("lora")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    p.run("train_lora", train__fixed_samples=3)
+    assert read_json(p.path("train_summary"))["fixed_samples"] == 3
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before

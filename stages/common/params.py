@@ -32,11 +32,13 @@ class ParamsError(StageError):
     """A params.yaml problem; the message names the file and the key."""
 
 
-def _doc(text: str, how: bool = False):
+def _doc(text: str, how: bool = False, measure: bool = False):
     """A documented field. `how=True` marks a knob that changes how a stage runs, never what it
     produces (batch sizes for inference, workers, read chunks): such keys are left out of
-    dvc.yaml's params and of resume fingerprints, so changing them reruns nothing."""
-    return field(metadata={"doc": text, "how": how})
+    dvc.yaml's params and of resume fingerprints, so changing them reruns nothing.
+    `measure=True` marks one that changes only a measurement the stage reports, not the model
+    it trains: dvc.yaml lists it, but the weights' metadata and resume fingerprints leave it out."""
+    return field(metadata={"doc": text, "how": how, "measure": measure})
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ class Train:
                           "batch_size x grad_accumulation samples are shared out between them", how=True)
     fixed_samples: int = _doc("the run's first samples (images, noise, timesteps) whose denoising loss is "
                               "measured with the base UNet and with the LoRA when training ends "
-                              "(metrics/train_summary.json); 2 UNet passes each")
+                              "(metrics/train_summary.json); 2 UNet passes each", measure=True)
     seed: int = _doc("seed for data order, augmentation, noise and timesteps")
 
     def __post_init__(self):
@@ -450,4 +452,10 @@ def as_dict(section) -> dict:
 def what_keys(section) -> dict:
     """The section's fields that shape outputs (all but the `how=True` ones)."""
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if not f.metadata["how"]}
+
+
+def model_keys(section) -> dict:
+    """The fields that shape the model a stage makes: `what_keys` but the `measure=True` ones."""
+    return {k: v for k, v in what_keys(section).items()
+            if not next(f for f in dataclasses.fields(section) if f.name == k).metadata["measure"]}
 

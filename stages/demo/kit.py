@@ -22,6 +22,7 @@ builders here. The metric backbones are random: their numbers only show the code
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import io
@@ -44,6 +45,8 @@ MANIFEST = SHIPPED.with_suffix(".json")  # its sha256, version, recipe and pretr
 SHIPPED_NAME = "stages/demo/tiny_kit.safetensors"  # as error messages name it
 KIT_VERSION = 1  # bump when the kit's layout (its parts or their key names) changes
 PARTS = ("text_encoder", "vae", "unet", "controlnet")  # what pretraining changes; the rest is built from the seed
+# The code that shapes the pretrained weights, beside the kit's sizes (code_digest)
+KIT_CODE = ("stages/demo/pretrain.py", "stages/demo/garments.py", "stages/common/edges.py")
 
 
 def _byte_unicode() -> list[str]:
@@ -280,6 +283,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def code_digest(root: Path = Path(__file__).resolve().parents[2]) -> str:
+    """A digest of the code behind the pretrained weights: KIT_CODE as parsed, without docstrings
+    or comments (a doc edit changes no weight), and the kit's sizes. The manifest records it; a
+    test says when the shipped kit is older than its code."""
+    digest = hashlib.sha256(repr(TINY).encode())
+    for rel in KIT_CODE:
+        tree = ast.parse((root / rel).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:16]
+
+
 def shipped_record(wanted: dict) -> dict | None:
     """The shipped kit's manifest if it was made from `wanted`, after checking the weights file
     against its sha256; None if it was made from another recipe."""
@@ -290,6 +310,9 @@ def shipped_record(wanted: dict) -> dict | None:
     manifest = read_json(MANIFEST)
     if manifest.get("version") != KIT_VERSION or manifest.get("recipe") != wanted:
         return None
+    if manifest.get("code") != code_digest():
+        log.warning("fetch-models: %s was pretrained by other code than %s now hold; installing it all the same "
+                    "(rebuild it: make demo-kit)", SHIPPED_NAME, ", ".join(KIT_CODE))
     if not SHIPPED.is_file() or _sha256(SHIPPED) != manifest["sha256"]:
         raise StageError(f"{SHIPPED_NAME}: missing, or not the sha256 {manifest['sha256'][:12]}... that "
                          f"{MANIFEST.name} names; restore it with `git checkout -- stages/demo` "
@@ -317,8 +340,13 @@ def load_shipped(modules: dict) -> float:
         for name, module in modules.items():
             prefix = f"{name}."
             state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-            module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                                   strict=True)
+            try:
+                module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                       strict=True)
+            except RuntimeError as err:  # a library release that renamed weights, or a kit of another layout
+                first = str(err).strip().splitlines()[0]
+                raise StageError(f"{SHIPPED_NAME}: its {name} does not fit the model built here ({first}); "
+                                 "rebuild the kit with `make demo-kit`") from None
     return scaling_factor
 
 
@@ -354,7 +382,7 @@ def build_all(base: Path, controlnet: Path, eval_models: Path, models, resolutio
         log.info("fetch-models: installed the shipped tiny kit (%s, sha256 %s...): made from this recipe",
                  SHIPPED.name, manifest["sha256"][:12])
     else:
-        log.info("fetch-models: models.*, extract.resolution or canny.* differ from the shipped kit's recipe: "
+        log.info("fetch-models: no shipped kit for this recipe (models.*, extract.resolution, canny.*): "
                  "pretraining here (minutes)")
         record["pretrain"] = pretrain.pretrain(parts, control, steps, models.seed, resolution, canny.low_threshold,
                                                canny.high_threshold)
@@ -384,7 +412,8 @@ def rebuild(params) -> None:
     save_safetensors(SHIPPED, tensors, {"format": "pt", "version": str(KIT_VERSION),
                                         "vae_scaling_factor": repr(parts["vae"].config.scaling_factor)})
     write_json(MANIFEST, {"version": KIT_VERSION, "sha256": _sha256(SHIPPED), "bytes": SHIPPED.stat().st_size,
-                          "recipe": recipe(models, params.extract.resolution, params.canny), "pretrain": record})
+                          "code": code_digest(), "recipe": recipe(models, params.extract.resolution, params.canny),
+                          "pretrain": record})
     log.info("kit: wrote %s (%.1f MB) and its manifest %s", SHIPPED_NAME, SHIPPED.stat().st_size / 1e6, MANIFEST.name)
 
 
