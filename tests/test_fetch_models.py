@@ -175,6 +175,12 @@ def test_all_pretraining_steps_zero_gives_the_random_kit(project):
     assert json.loads(project.path("model_sources").read_text()) == {"mode": "tiny", "seed": 0}
 
 
+def models_bytes(project) -> dict[str, bytes]:
+    """Every file under the project's models/, by path: to say nothing there changed."""
+    return {p.relative_to(project.root).as_posix(): p.read_bytes()
+            for p in (project.root / "models").rglob("*") if p.is_file()}
+
+
 @pytest.mark.parametrize("pairs, message", [
     ([["red", "teal"]], "models.pretrain.swapped_colours: 'teal' is not a demo colour; use some of black, red"),
     ([["red", "green", "blue"]], "models.pretrain.swapped_colours: ['red', 'green', 'blue'] is not a pair of two"),
@@ -183,12 +189,12 @@ def test_all_pretraining_steps_zero_gives_the_random_kit(project):
 ])
 def test_swapped_colours_must_be_pairs_of_demo_colours(project, pairs, message):
     """Checked whenever fetch-models builds the tiny kit, even one left random (all steps 0)."""
-    before = {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()}
+    before = models_bytes(project)
     project.set({"models.pretrain.swapped_colours": pairs, "models.pretrain.steps": 0,
                  "models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0})
     with pytest.raises(StageError, match=re.escape(message)):
         project.run("fetch_models")
-    assert {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()} == before
+    assert models_bytes(project) == before
 
 
 def test_pretraining_draws_none_of_the_demo_images():
@@ -254,12 +260,12 @@ def test_a_damaged_shipped_kit_is_one_line_and_writes_nothing(project, monkeypat
     shutil.copy(kit.MANIFEST, damaged.with_suffix(".json"))
     monkeypatch.setattr(kit, "SHIPPED", damaged)
     monkeypatch.setattr(kit, "MANIFEST", damaged.with_suffix(".json"))
-    before = {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()}
+    before = models_bytes(project)
     with pytest.raises(StageError, match=r"stages/demo/tiny_kit.safetensors: missing, or not the sha256 .*; "
                                          r"restore it with `git checkout -- stages/demo`.*"
                                          r"rebuild it with `python -m stages.demo.kit`"):
         project.run("fetch_models")
-    assert {p: p.read_bytes() for p in (project.root / "models").rglob("*") if p.is_file()} == before
+    assert models_bytes(project) == before
 
 
 def test_a_rebuilt_kit_installs_as_the_kit_pretrained_here(project, monkeypatch, tmp_path):
@@ -267,8 +273,7 @@ def test_a_rebuilt_kit_installs_as_the_kit_pretrained_here(project, monkeypatch,
     for byte, as fetch-models pretraining that recipe itself (rounded to fp16 the same way)."""
     from stages.demo import kit
 
-    pretrained_here = {p.relative_to(project.root): p.read_bytes()
-                       for p in (project.root / "models").rglob("*") if p.is_file()}  # the suite's small recipe
+    pretrained_here = models_bytes(project)  # the suite's small recipe
     monkeypatch.setattr(kit, "SHIPPED", tmp_path / "kit" / kit.SHIPPED.name)
     monkeypatch.setattr(kit, "MANIFEST", tmp_path / "kit" / kit.MANIFEST.name)
     kit.rebuild(load_params(project.root / "params.yaml"))
@@ -277,10 +282,9 @@ def test_a_rebuilt_kit_installs_as_the_kit_pretrained_here(project, monkeypatch,
     project.run("fetch_models")
     record = json.loads(project.path("model_sources").read_text())
     assert record["kit_sha256"] == json.loads(kit.MANIFEST.read_text())["sha256"]
-    installed = {p.relative_to(project.root): p.read_bytes()
-                 for p in (project.root / "models").rglob("*") if p.is_file()}
-    differ = [str(name) for name in installed if installed[name] != pretrained_here.get(name)]
-    assert differ == [str(project.path("model_sources").relative_to(project.root))], differ
+    installed = models_bytes(project)
+    differ = [name for name in installed if installed[name] != pretrained_here.get(name)]
+    assert differ == [project.params["paths"]["model_sources"]], differ
 
 
 def test_the_kits_code_digest_ignores_docs_and_sees_code(tmp_path):

@@ -44,7 +44,6 @@ SHIPPED = Path(__file__).with_name("tiny_kit.safetensors")  # the pretrained wei
 MANIFEST = SHIPPED.with_suffix(".json")  # its sha256, version, recipe and pretraining record
 SHIPPED_NAME = "stages/demo/tiny_kit.safetensors"  # as error messages name it
 KIT_VERSION = 1  # bump when the kit's layout (its parts or their key names) changes
-PARTS = ("text_encoder", "vae", "unet", "controlnet")  # what pretraining changes; the rest is built from the seed
 # The code that shapes the pretrained weights, beside the kit's sizes (code_digest)
 KIT_CODE = ("stages/demo/pretrain.py", "stages/demo/garments.py", "stages/common/edges.py")
 
