@@ -301,3 +301,30 @@ def test_the_kits_code_digest_ignores_docs_and_sees_code(tmp_path):
     assert kit.code_digest(tmp_path) == kit.code_digest(), "docstrings and comments change no weight"
     pretrain.write_text(text.replace("CAPTION_DROP, CONTROL_DROP = 0.1, 0.25", "CAPTION_DROP, CONTROL_DROP = 0.1, 0.3"))
     assert kit.code_digest(tmp_path) != kit.code_digest()
+
+
+def test_a_kit_that_does_not_fit_the_models_is_one_line(project, monkeypatch, tmp_path):
+    """A kit of another layout (a library release that renamed weights), its checksum intact."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from stages.demo import kit
+
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    project.set({f"models.{k}": v for k, v in committed["models"].items()})
+    other = tmp_path / "kit" / kit.SHIPPED.name
+    other.parent.mkdir()
+    with safe_open(kit.SHIPPED, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(kit.SHIPPED)
+    tensors["unet.renamed.conv_in.bias"] = tensors.pop("unet.conv_in.bias")
+    save_file(tensors, other, metadata=metadata)
+    manifest = json.loads(kit.MANIFEST.read_text()) | {"sha256": kit._sha256(other)}
+    other.with_suffix(".json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(kit, "SHIPPED", other)
+    monkeypatch.setattr(kit, "MANIFEST", other.with_suffix(".json"))
+    before = models_bytes(project)
+    with pytest.raises(StageError, match=r'stages/demo/tiny_kit.safetensors: its unet does not fit the model built '
+                                         r'here \(Missing key\(s\) in state_dict: "conv_in.bias".*\); rebuild the kit'):
+        project.run("fetch_models")
+    assert models_bytes(project) == before

@@ -343,8 +343,10 @@ def load_shipped(modules: dict) -> float:
                 module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                                        strict=True)
             except RuntimeError as err:  # a library release that renamed weights, or a kit of another layout
-                first = str(err).strip().splitlines()[0]
-                raise StageError(f"{SHIPPED_NAME}: its {name} does not fit the model built here ({first}); "
+                lines = [line.strip() for line in str(err).strip().splitlines()]
+                detail = next((line for line in lines if "key" in line), lines[0])  # torch's first line names no key
+                detail = detail if len(detail) <= 160 else detail[:157] + "..."
+                raise StageError(f"{SHIPPED_NAME}: its {name} does not fit the model built here ({detail}); "
                                  "rebuild the kit with `make demo-kit`") from None
     return scaling_factor
 
