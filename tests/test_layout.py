@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+import tomllib
 
 from tests.conftest import REPO
 
