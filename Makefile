@@ -4,10 +4,14 @@
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
 # make bench-gpu   training and generation speed against the seed recipe, full-size random models (a GPU)
+# make gpu-check   before a long GPU run: tests/test_cuda.py, bench-gpu's short mode and every stage at full
+#             size, one JSON and a table, a few minutes on an H100 (ARGS=--tiny: the CPU path, tiny models)
 # make studio  a local web page: baseline and LoRA side by side for an uploaded photo or sketch
 # make bundle  one zip of the finished run (paths.bundle): report, metrics, LoRA weights, params, dvc.lock
 # make demo-kit  pretrain the demo's tiny kit from params.yaml and write it as the shipped one
 #             (stages/demo/tiny_kit.*): after changing models.pretrain or stages/demo/pretrain.py
+# make wheelhouse  dist/wheelhouse/: the project's wheel and every wheel it needs but torch, for CPython
+#             PYTHONS="3.11 3.12" on manylinux x86_64, and install.py: for GPU boxes without internet
 #
 # Plain pip on purpose: uv and poetry ignore a machine's local torch wheels and download
 # several GB of CUDA torch.
@@ -20,8 +24,10 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
+# 3.10 is left out: diffusers 0.42 (the project's floor) needs Python 3.11 or newer.
+PYTHONS ?= 3.11 3.12
 
-.PHONY: demo demo-kit test test-fullsize bench-extract bench-gpu bundle studio install
+.PHONY: demo demo-kit test test-fullsize bench-extract bench-gpu gpu-check wheelhouse bundle studio install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,3 +78,10 @@ bench-extract: $(VENV)/.installed
 
 bench-gpu: $(VENV)/.installed-fullsize
 	$(BIN)/python -m bench.gpu
+
+wheelhouse: $(VENV)/.installed
+	$(BIN)/python -m tools.wheelhouse --out dist/wheelhouse --python $(PYTHONS)
+
+# From the wheelhouse on a box without internet: python -m bench.gpu_check (no make, no venv).
+gpu-check: $(VENV)/.installed-fullsize
+	$(BIN)/python -m bench.gpu_check $(ARGS)

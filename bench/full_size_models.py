@@ -126,3 +126,19 @@ def build_full_size_sources(folder: Path, seed: int = 0) -> dict[str, Path]:
     kit.save_torchscript(FullInception().eval(), sources["inception"])
     kit.save_alexnet(sources["alexnet"], classifier=True)
     return sources
+
+
+def full_size_settings(sources: dict[str, Path], cuda: bool) -> dict:
+    """params.yaml overrides (dotted keys) that run every stage on `sources` at 256 px: a handful
+    of images on a CPU, a few hundred where a GPU is at hand. The full-size smoke test and
+    `make gpu-check` both run this."""
+    import hashlib
+
+    digest = {k: hashlib.sha256(sources[k].read_bytes()).hexdigest() for k in ("inception", "alexnet")}
+    return {
+        "demo.products": 160 if cuda else 8, "extract.train_products": 100 if cuda else 4,
+        "extract.eval_products": 50 if cuda else 3, "train.max_steps": 20 if cuda else 2, "generate.steps": 2,
+        "generate.batch_size": 16 if cuda else 2, "plots.grid_samples": 2,
+        "models.mode": "local", **{f"models.local.{k}": str(v) for k, v in sources.items()},
+        "models.inception_sha256": digest["inception"], "models.alexnet_sha256": digest["alexnet"],
+        "extract.resolution": 256, "extract.prompt": "description", "train.checkpoint_every": 1000}

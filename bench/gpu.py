@@ -71,10 +71,26 @@ def sync(dev: torch.device) -> None:
 
 
 def reset_peak(dev: torch.device) -> None:
+    """A clean slate for the next row: the last measurement's models, a failed batch's activations,
+    and compiled state. A CUDA-graph pool (and dynamo's caches) can outlive the Trainer that made
+    them, so without the resets a later row would run with less free memory than it could have,
+    and the best-batch search would under-report."""
+    torch._dynamo.reset()
     if dev.type == "cuda":
-        gc.collect()  # the last measurement's models, a failed batch's activations
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+    gc.collect()
+    if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+
+
+def tf32_state() -> str:
+    """Which fp32 kernels may use TF32, as a row records it. torch's defaults, which the seed's
+    notebooks ran with: convolutions yes (cuDNN), matmuls no."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    return {(True, True): "conv+matmul", (True, False): "conv", (False, True): "matmul"}.get((conv, matmul), "none")
 
 
 def peak_gb(dev: torch.device) -> float | None:
@@ -135,6 +151,9 @@ def measure_training(name: str, paths, train_cfg, dtype, dev, resolution: int, s
               "dtype": str(dtype).removeprefix("torch."), "rate": round(rate, 2), "unit": "samples/s",
               "step_ms": round(1000 * elapsed / steps, 1), "tflops": significant(flops * steps / elapsed / 1e12),
               "peak_gb": peak_gb(dev), "warmup_s": round(warmup_s, 1), **encode}
+    if dtype == torch.float32 and dev.type == "cuda":
+        result["tf32"] = tf32_state()
+    del trainer, samples, batches
     return result
 
 
@@ -184,11 +203,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, help="images per generation measurement")
     parser.add_argument("--generate-steps", type=int, nargs="+", default=[20, 40],
                         help="denoising steps to time generation at; the first is the baseline of the ratios")
+    parser.add_argument("--short", action="store_true",
+                        help="fewer steps and batches, generation at 20 steps only: make gpu-check's few minutes")
     parser.add_argument("--out", type=Path, default=Path("bench-gpu.json"))
     args = parser.parse_args(argv)
+    if args.short:
+        args.train_steps = args.train_steps or (1 if args.tiny else 10)
+        args.train_batches = args.train_batches or ([8] if args.tiny else [32, 64])
+        args.images = args.images or (2 if args.tiny else 64)
+        args.generate_steps = [args.generate_steps[0]] if args.generate_steps != [20, 40] else [20]
 
     dev = device()
     tiny = args.tiny
+    if dev.type == "cuda":  # stated, not inherited: the fp32 rows record it (torch's defaults)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
     resolution = args.resolution or (64 if tiny else 256)
     steps = args.train_steps or (3 if tiny else 30)
     warmup = 1 if tiny else 5
@@ -198,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params(REPO / "params.yaml")
     # the seed recipe's LoRA, not the demo's (rank 16, lr 5e-3)
     train_cfg = dataclasses.replace(params.train, mixed_precision="auto", cache_latents=True, grad_accumulation=1,
-                                    batch_size=4, warmup_steps=0, num_workers=0, rank=4, alpha=4,
+                                    batch_size=4, warmup_steps=0, num_workers=-1, rank=4, alpha=4,
                                     learning_rate=1e-4, controlnet=False)
     started = time.perf_counter()
     workdir = None

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.edges import canny
-from stages.common.io import atomic_dir, check_images, load_rgb, save_png
+from stages.common.io import ImageWriter, atomic_dir, check_images, load_rgb
 from stages.common.params import load_params
 
 
@@ -20,11 +20,12 @@ def main() -> None:
     params = load_params()
     configs = dataset.load_eval_configs(params.paths.eval_data)
     check_images([dataset.gt_path(params.paths.eval_data, c["index"]) for c in configs], "extract")
-    with atomic_dir(params.paths.edges) as edges_dir:
+    # each edge map is encoded on the writer's threads while the next one is found
+    with atomic_dir(params.paths.edges) as edges_dir, ImageWriter() as writer:
         for config in tqdm(configs, desc="canny-edges"):
             gt = load_rgb(dataset.gt_path(params.paths.eval_data, config["index"]))
-            save_png(dataset.edge_path(edges_dir, config["index"]),
-                     canny(gt, params.canny.low_threshold, params.canny.high_threshold))
+            writer.submit(dataset.edge_path(edges_dir, config["index"]),
+                          canny(gt, params.canny.low_threshold, params.canny.high_threshold))
     log.info("canny-edges: wrote %d edge maps to %s", len(configs), params.paths.edges)
 
 

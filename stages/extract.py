@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
-from stages.common.io import atomic_dirs, resize_shorter_side, save_png, write_json
+from stages.common.io import ImageWriter, atomic_dirs, resize_shorter_side, write_json
 from stages.common.params import load_params
 
 TEXT_KEYS = ("input_description", "input_name", "input_category")
@@ -198,7 +198,8 @@ def main() -> None:
         prompts, categories, empty = [], {"train": set(), "eval": set()}, Counter()
         configs = []
         # Plain buffered writes: a memmap's dirty pages would count against memory, 5 GB for 30k images.
-        with (train_dir / dataset.TRAIN_IMAGES).open("wb") as images:
+        # Eval PNGs are encoded on the writer's threads while the next rows are read.
+        with ImageWriter() as writer, (train_dir / dataset.TRAIN_IMAGES).open("wb") as images:
             np.lib.format.write_array_header_1_0(images, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for wanted_eval, (row, image, description, name, category) in zip(
                     is_eval, read_rows(f, rows, cfg.read_chunk, cfg.resolution, h5_path), strict=True):
@@ -209,7 +210,7 @@ def main() -> None:
                 if wanted_eval:
                     index = len(configs)
                     gt = dataset.gt_path(eval_dir, index)
-                    save_png(gt, image)
+                    writer.submit(gt, image.copy())  # a view would hold its whole slice while it waits
                     configs.append({"index": index, "image": gt.relative_to(eval_dir).as_posix(), "prompt": prompt,
                                     "product_id": int(product_ids[row]), "row": row, "name": name,
                                     "category": category})

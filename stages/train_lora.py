@@ -57,9 +57,12 @@ from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metada
 from stages.common.models import LORA_WEIGHTS
 from stages.common.params import load_params, model_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
-from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss
+from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss, read_rows
 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
+# Reading a loss waits for the GPU to finish its step, and the next step cannot be queued meanwhile:
+# read every few steps, a few milliseconds apart on an H100.
+READ_EVERY = 10
 
 
 def latest_checkpoint(folder: Path, expected: str, delete: bool = True):
@@ -124,7 +127,7 @@ def main() -> None:
     setup_logging()
     params = load_params()
     cfg, paths = params.train, params.paths
-    if distributed.relaunch(cfg.processes, "stages.train_lora", "train.processes"):
+    if distributed.relaunch(cfg.processes, params.launch, "stages.train_lora", "train.processes"):
         return  # its processes did the work
     dev = device()
     dtype = training_dtype(cfg.mixed_precision, dev)
@@ -158,10 +161,7 @@ def main() -> None:
     start_step, loss_log = 0, []
     if state is not None:
         set_peft_model_state_dict(m.unet, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if state["scaler"]:  # empty unless the run used fp16, which the fingerprint pins
-            scaler.load_state_dict(state["scaler"])
+        t.load_state(state)
         start_step, loss_log = state["step"], state["loss_log"]
         log.info("train-lora: resuming from step %d", start_step)
 
@@ -172,11 +172,15 @@ def main() -> None:
     batches = t.loader(samples, start_step, cfg.max_steps)
     started, progress = time.perf_counter(), tqdm(range(start_step, cfg.max_steps), initial=start_step,
                                                   total=cfg.max_steps, desc="train-lora", disable=not writer)
+    pending = []  # rows whose loss is still on the device: read every READ_EVERY steps, not every step
     for step in progress:
-        row = t.step(step, batches, samples)
-        loss_log.append(row)
-        progress.set_postfix(loss=f"{row['loss']:.4f}")
-        if writer and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
+        pending.append(t.step(step, batches, samples))
+        checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps
+        if len(pending) == READ_EVERY or checkpoint:
+            loss_log += read_rows(pending)
+            pending = []
+            progress.set_postfix(loss=f"{loss_log[-1]['loss']:.4f}")
+        if writer and checkpoint:
             save_checkpoint(checkpoints, {
                 "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "scaler": scaler.state_dict(),
                 "lora": get_peft_model_state_dict(m.unet), "optimizer": optimizer.state_dict(),

@@ -140,16 +140,17 @@ def not_lora(p, mp):
 
 
 def no_space_on_the_second_edge(p, mp):
-    import stages.canny_edges as canny_edges
+    """The disk fills while the writer's threads encode edge maps: the error reaches the stage."""
+    from stages.common import io
 
-    real, calls = canny_edges.save_png, []
+    real, calls = io.save_png, []
 
     def save_png(path, image):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, image)
-    mp.setattr(canny_edges, "save_png", save_png)
+    mp.setattr(io, "save_png", save_png)
 
 
 UNET = "models/base/unet"
@@ -229,12 +230,21 @@ CASES = [
     Case("target-module-not-a-layer", "train_lora", params(train__target_modules=["to_q", "to_out"]),
          r"train.target_modules: 'to_out' names a ModuleList, not a layer LoRA can wrap \(Linear, Conv or "
          r"Embedding\); the UNet's attention projections are to_k, to_out.0, to_q, to_v"),
-    Case("fp16-training-on-cpu", "train_lora", params(train__mixed_precision="fp16"),
-         r"train.mixed_precision: fp16 needs a CUDA device; set it to 'auto' or 'no'"),
-    Case("fp16-generation-on-cpu", "generate_baseline", params(generate__precision="fp16"),
-         r"generate.precision: fp16 needs a CUDA device"),
     Case("device-unknown", "train_lora", env("FASHION_DEVICE", "gpu"),
          r"FASHION_DEVICE='gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    # --- several machines (launch.*)
+    Case("machine-rank-beyond-machines", "train_lora", params(launch__machines=2, launch__machine_rank=2),
+         r"params.yaml: launch.machine_rank: must be >= 0 and < launch.machines \(2\): machines are numbered from 0"),
+    Case("machine-rank-env-beyond-machines", "train_lora",
+         both(params(launch__machines=2, launch__main_address="127.0.0.1"), env("FASHION_MACHINE_RANK", "2")),
+         r"FASHION_MACHINE_RANK=2, but launch.machines is 2: machines are numbered 0 to 1"),
+    Case("main-address-missing", "generate_lora", params(launch__machines=2, launch__machine_rank=1),
+         r"launch.main_address: empty, but launch.machines is 2; give machine 0's address"),
+    Case("main-address-unreachable", "train_lora",
+         params(launch__machines=2, launch__machine_rank=1, launch__main_address="127.0.0.1", launch__main_port=9,
+                launch__connect_timeout=1),
+         r"launch.main_address: 127.0.0.1:9 did not answer in 1 s \(.*\); start machine 0 first, check the "
+         r"address and that the port is open between the machines, or raise launch.connect_timeout"),
     # --- models/ and the LoRA
     Case("unet-config-missing-train", "train_lora", delete(f"{UNET}/config.json"),
          rf"{UNET}/config.json: not found, so models/base is not an SD 1.5 diffusers folder; restore it with "

@@ -1,24 +1,39 @@
-"""bench/gpu.py --tiny: every measurement runs through the project's own training and generation
-code and lands in the table and the JSON. No timing is asserted: CI has no GPU."""
+"""`make gpu-check`'s CPU path (--tiny): its three parts run through the project's own code
+(tests/test_cuda.py, bench/gpu.py --short, every stage) and land in the JSON and the table. No
+timing is asserted: CI has no GPU."""
 
 import json
 
-from bench import gpu
+import pytest
+import torch
+
+from bench import gpu_check
 
 
-def test_tiny_benchmark_measures_every_path(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    result = gpu.main(["--tiny", "--train-steps", "1", "--train-batches", "8", "--images", "2",
-                       "--generate-batch", "2", "--generate-steps", "2", "3", "--out", str(out)])
-    assert json.loads(out.read_text()) == result
-    names = [r["name"] for r in result["rows"]]
+def test_the_cpu_path_of_gpu_check_runs_every_part(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["tiny"]
+    tests = result["tests"]
+    assert tests["passed"] == 0 and tests["skipped"] == len(tests["tests"]) >= 9, "skipped on a CPU, and said so"
+    assert all(t["message"].endswith("needs a CUDA device") for t in tests["tests"])
+    names = [r["name"] for r in result["bench"]["rows"]]
     assert names == ["train: seed recipe", "train: train-lora, 4 per step", "train: train-lora, batch 8",
-                     "generate: notebook recipe, 2 steps", "generate: generate stages, 2 steps",
-                     "generate: notebook recipe, 3 steps", "generate: generate stages, 3 steps"]
-    for row in result["rows"]:
-        assert row["rate"] > 0 and row["tflops"] > 0, row
-    assert [r["batch"] for r in result["rows"][:3]] == ["2x2", "4x1", "8x1"]
-    assert result["rows"][1]["encode_images_per_s"] > 0 and "encode_images_per_s" not in result["rows"][0]
-    assert result["seed_run_estimate_s"]["train_lora"] > 0
-    table = capsys.readouterr().out.strip().splitlines()
-    assert table[-8].startswith("measurement") and table[-1].startswith("generate: generate stages, 3 steps")
+                     "generate: notebook recipe, 2 steps", "generate: generate stages, 2 steps"]
+    assert all(r["rate"] > 0 and r["tflops"] > 0 for r in result["bench"]["rows"])
+    assert result["bench"]["rows"][1]["encode_images_per_s"] > 0 and result["bench"]["seed_run_estimate_s"]
+    stages = [r["stage"] for r in result["smoke"]["stages"]]
+    assert stages == ["build models"] + [s.replace("_", "-") for s in gpu_check.STAGES]
+    assert "error" not in result["smoke"]["stages"][-1] and "fid" in result["smoke"]["metrics"]["baseline"]
+    table = out.with_suffix(".txt").read_text()
+    assert table == capsys.readouterr().out.split("\ngpu-check: JSON in")[0]
+    assert "tests/test_cuda.py: ok (0 passed, 0 failed, 0 errors," in table and "  report " in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_so_and_points_at_tiny(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "check.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sees no CUDA (or ROCm) device" in err[0] and "--tiny" in err[0]
+    assert not (tmp_path / "check.json").exists()

@@ -115,6 +115,16 @@ def test_one_pass_reads_the_same_rows_as_fancy_indexing(extracted):
             assert np.array_equal(images[i], extract.to_resolution(f["input_image"][row], res))
 
 
+def test_eval_images_hold_the_rows_pixels(extracted):
+    """The writer's threads and its zlib level change the PNG bytes, never the pixels."""
+    p = extracted
+    res = p.params["extract"]["resolution"]
+    with h5py.File(p.path("demo_h5")) as f:
+        for c in dataset.load_eval_configs(p.path("eval_data")):
+            expected = extract.to_resolution(f["input_image"][c["row"]], res)
+            np.testing.assert_array_equal(load_rgb(dataset.gt_path(p.path("eval_data"), c["index"])), expected)
+
+
 def test_blocks_cover_the_rows_in_slices():
     rows = np.array([0, 1, 2, 10, 11, 30, 31, 32, 33, 34, 35])
     got = list(extract.blocks(rows, chunk=4))

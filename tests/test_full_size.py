@@ -9,7 +9,6 @@ under /usr/bin/time for its peak RSS. On a CUDA machine the same test trains and
 hundred images, and also in a T4's precision (fp16 training with a GradScaler, fp16 sampling).
 """
 
-import hashlib
 import json
 import os
 import re
@@ -27,17 +26,13 @@ from safetensors.torch import load_file
 from stages.common import dataset
 from stages.common.io import load_rgb
 from stages.common.models import LORA_WEIGHTS
-from bench.full_size_models import build_full_size_sources
+from bench.full_size_models import build_full_size_sources, full_size_settings
 from tests.conftest import REPO, Project
 
 pytestmark = pytest.mark.fullsize
 CUDA = torch.cuda.is_available()
 STAGES = ["demo_data", "fetch_models", "extract", "canny_edges", "train_lora", "generate_baseline", "generate_lora",
           "metrics", "plots", "report"]
-# A handful of images on the CPU; a few hundred where a GPU is at hand.
-SIZES = {"demo.products": 160 if CUDA else 8, "extract.train_products": 100 if CUDA else 4,
-         "extract.eval_products": 50 if CUDA else 3, "train.max_steps": 20 if CUDA else 2, "generate.steps": 2,
-         "generate.batch_size": 16 if CUDA else 2, "plots.grid_samples": 2}
 LONG = " ".join(["red"] * 95)  # 97 CLIP tokens with BOS and EOS, cut at 77 everywhere; fits |S400
 
 
@@ -71,11 +66,7 @@ def sources(tmp_path_factory):
 
 
 def full_size_project(root, sources, **overrides) -> Project:
-    digest = {k: hashlib.sha256(sources[k].read_bytes()).hexdigest() for k in ("inception", "alexnet")}
-    return Project(root).set({
-        **SIZES, "models.mode": "local", **{f"models.local.{k}": str(v) for k, v in sources.items()},
-        "models.inception_sha256": digest["inception"], "models.alexnet_sha256": digest["alexnet"],
-        "extract.resolution": 256, "extract.prompt": "description", "train.checkpoint_every": 1000, **overrides})
+    return Project(root).set({**full_size_settings(sources, CUDA), **overrides})
 
 
 def run_all(p: Project, title: str) -> None:
@@ -101,7 +92,7 @@ def check_outputs(p: Project) -> None:
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"
     assert weights[key].shape == (4, 320)
     loss = pd.read_csv(p.path("loss_log"))
-    assert np.isfinite(loss["loss"]).all() and len(loss) == SIZES["train.max_steps"]
+    assert np.isfinite(loss["loss"]).all() and len(loss) == p.params["train"]["max_steps"]
     summary = json.loads(p.path("split_summary").read_text())
     configs = dataset.load_eval_configs(p.path("eval_data"))
     # cut once, at extract, to the 75 words that fit between BOS and EOS
@@ -121,7 +112,7 @@ def check_outputs(p: Project) -> None:
 
 def test_every_stage_at_full_size(sources, tmp_path):
     p = full_size_project(tmp_path, sources)
-    run_all(p, f"full size on {'CUDA' if CUDA else 'CPU'}: {SIZES}")
+    run_all(p, f"full size on {'CUDA' if CUDA else 'CPU'}")
     check_outputs(p)
     # fetch-models only linked the user's files: fp16 on disk, exactly as the "hub" folders had them
     unet = p.path("base_model") / "unet" / "diffusion_pytorch_model.safetensors"

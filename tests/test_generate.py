@@ -2,12 +2,15 @@
 
 import logging
 import shutil
+import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
+import torch._inductor  # the pipeline calls cudagraph_mark_step_begin through it
 
-from stages.common import dataset, generation
+from stages.common import dataset, generation, io
 from stages.common.errors import StageError
 from stages.common.generation import CONFIG_FILE
 from stages.common.io import load_rgb, read_json
@@ -45,19 +48,23 @@ def test_seeded_and_independent_of_batch_size(trained_project):
 
 
 def kill_after_images(project, monkeypatch, count: int) -> list:
-    """Run generate-baseline and kill it right after its `count`-th image."""
-    real, saved = generation.save_png, []
+    """Run generate-baseline and kill it right after its `count`-th image: the images are written
+    on the writer's threads, so every write after it fails too, as if the process were gone."""
+    real, saved, lock = io.save_png, [], threading.Lock()
 
     def save_then_die(path, image):
-        real(path, image)
-        saved.append(path)
-        if len(saved) == count:
-            raise KeyboardInterrupt
+        with lock:
+            if len(saved) >= count:
+                raise KeyboardInterrupt
+            real(path, image)
+            saved.append(path)
+            if len(saved) == count:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(generation, "save_png", save_then_die)
+    monkeypatch.setattr(io, "save_png", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         project.run("generate_baseline")
-    monkeypatch.setattr(generation, "save_png", real)
+    monkeypatch.setattr(io, "save_png", real)
     return saved
 
 
@@ -134,38 +141,60 @@ def test_two_processes_draw_what_one_draws(trained_project, monkeypatch, caplog)
 
 
 def test_a_batch_too_large_for_the_gpu_is_halved(trained_project, monkeypatch, caplog):
-    """generate.batch_size is a ceiling: out of memory at 4, the stage draws 2 at a time, and the
-    images are the ones a batch of 4 gives (+-2 levels)."""
+    """generate.batch_size is a ceiling: out of memory at 4 (torch's error), then at 2 (cuBLAS's
+    failed workspace, a plain RuntimeError), the stage draws 1 at a time, and the images are the
+    ones a batch of 4 gives (+-2 levels). The cache is emptied after the `except` block, once the
+    failed batch's traceback no longer holds its activations."""
     p = trained_project
     p.run("generate_baseline", generate__batch_size=4)
     whole = generated(p, "baseline")
     shutil.rmtree(p.path("generated_baseline"))
-    real, sizes = generation.draw, []
+    real, sizes, freed = generation.draw, [], []
 
     def small_gpu(pipe, edges, *args, **kwargs):
         sizes.append(len(edges))
-        if len(edges) > 2:
+        if len(edges) == 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(edges) == 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         return real(pipe, edges, *args, **kwargs)
 
     monkeypatch.setattr(generation, "draw", small_gpu)
+    monkeypatch.setattr(generation, "free_cached_memory", lambda dev: freed.append(sys.exc_info()[0]))
     with caplog.at_level(logging.INFO, logger="stages"):
         p.run("generate_baseline")
-    assert sizes == [4, 2, 2] and "a batch of 4 does not fit in the GPU's memory; drawing 2 at a time" in caplog.text
+    assert sizes == [4, 2, 1, 1, 1, 1] and "a batch of 4 does not fit in the GPU's memory; drawing 2 at a time" in \
+        caplog.text and "a batch of 2 does not fit in the GPU's memory; drawing 1 at a time" in caplog.text
+    assert freed == [None, None], "emptied outside the except block, with no exception being handled"
     halved = generated(p, "baseline")
     assert all(image_diff(halved[i], whole[i]) <= 2 for i in whole)
+
+    def broken(pipe, edges, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(generation, "draw", broken)  # not a lack of memory: it stops the stage
+    shutil.rmtree(p.path("generated_baseline"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        p.run("generate_baseline")
 
 
 def test_compiled_models_draw_the_same_images(finished_project, monkeypatch):
     """generate.compile goes through torch.compile (dynamo and AOTAutograd here; inductor's code
-    generation takes minutes on a CPU): the same images as the finished project's eager ones."""
+    generation takes minutes on a CPU): the same images as the finished project's eager ones.
+    Compiled by assignment, so the pipeline sees both models as compiled and marks each denoising
+    step's start, which reduce-overhead's CUDA graphs need (an in-place compile never marks)."""
     p = finished_project
     eager = generated(p, "lora")
     shutil.rmtree(p.path("generated_lora"))
     monkeypatch.setenv("FASHION_COMPILE_BACKEND", "aot_eager")
-    p.run("generate_lora", generate__compile="default")
+    marks = []
+    monkeypatch.setattr(torch._inductor, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    p.run("generate_lora", generate__compile="reduce-overhead")
     compiled = generated(p, "lora")
     assert all(image_diff(compiled[i], eager[i]) <= 2 for i in eager)
+    cfg = p.typed().generate
+    calls = -(-len(eager) // cfg.batch_size)
+    assert len(marks) == calls * cfg.steps, "one mark per denoising step of every pipeline call"
 
 
 def test_a_scheduler_without_zero_snr_is_refused_for_a_zero_snr_model(project):

@@ -1,19 +1,22 @@
-"""Atomic writes, leftovers, permissions, damaged files and resume fingerprints."""
+"""Atomic writes, leftovers, permissions, damaged files, resume fingerprints and the image writer."""
 
 import errno
 import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dvc.fs import LocalFileSystem
+from PIL import Image
 
 from stages.common.errors import StageError
-from stages.common.io import (OLD_SUFFIX, atomic_dir, atomic_dirs, atomic_file, check_images, fingerprint, load_rgb,
-                              read_json, remove_temps, save_png, source_files)
+from stages.common.io import (OLD_SUFFIX, ImageWriter, atomic_dir, atomic_dirs, atomic_file, check_images, fingerprint,
+                              load_rgb, read_json, remove_temps, save_png, source_files)
 from tests.conftest import REPO
 
 
@@ -207,3 +210,87 @@ def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
     with safe_open(files[0], "pt") as f:
         assert f.metadata() == {f"key{i}": str(i) for i in range(12)}
         assert f.get_tensor("a.alpha").item() == 4.0 and f.get_tensor("b").tolist() == [1.0, 1.0, 1.0]
+
+
+def photos(count: int, size: int = 64) -> list[np.ndarray]:
+    """Noisy images: a PNG encoder has real work on them, unlike flat colours."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def slow_saves(monkeypatch, gate: threading.Event | None = None, seconds: float = 0.0):
+    """Make every PNG encode wait (for `gate`, or `seconds`) once its temp file exists."""
+    real_save = Image.Image.save
+
+    def save(self, *args, **kwargs):
+        if gate is not None:
+            gate.wait(10)
+        time.sleep(seconds)
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_image_writer_writes_what_save_png_writes_pixel_for_pixel(tmp_path):
+    images = photos(6)
+    with ImageWriter() as writer:
+        for i, image in enumerate(images):
+            writer.submit(tmp_path / "pool" / f"{i}.png", image if i % 2 else Image.fromarray(image))
+    for i, image in enumerate(images):
+        save_png(tmp_path / "one" / f"{i}.png", image)
+        np.testing.assert_array_equal(load_rgb(tmp_path / "pool" / f"{i}.png"), image)  # PNG is lossless
+        assert (tmp_path / "pool" / f"{i}.png").read_bytes() == (tmp_path / "one" / f"{i}.png").read_bytes()
+
+
+def test_a_failed_write_surfaces_in_the_caller_naming_its_file(tmp_path, monkeypatch):
+    real_save = Image.Image.save
+    full = tmp_path / "000003.png"
+
+    def disk_fills_up_at_the_fourth(self, fp, *args, **kwargs):
+        if Path(fp).name.startswith(f".{full.name}."):  # the temp file beside it
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write() says it: no file name
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_fills_up_at_the_fourth)
+    with pytest.raises(OSError) as caught, ImageWriter() as writer:
+        for i, image in enumerate(photos(8)):
+            writer.submit(tmp_path / f"{i:06d}.png", image)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(full)  # run_cli's line names it
+    assert not full.exists() and not list(tmp_path.glob(".*")), "no temp file left"
+
+
+def test_an_exception_in_the_block_leaves_whole_files_or_none(tmp_path, monkeypatch):
+    slow_saves(monkeypatch, seconds=0.05)
+    images = photos(20)
+    with pytest.raises(RuntimeError, match="the caller failed"), ImageWriter(threads=2, in_flight=8) as writer:
+        for i, image in enumerate(images):
+            writer.submit(tmp_path / f"{i}.png", image)
+        raise RuntimeError("the caller failed")
+    written = sorted(tmp_path.iterdir())
+    assert len(written) < len(images), "writes not yet started were dropped"
+    assert all(p.suffix == ".png" and not p.name.startswith(".") for p in written), "no temp file left"
+    for path in written:
+        np.testing.assert_array_equal(load_rgb(path), images[int(path.stem)])
+
+
+def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
+    gate = threading.Event()
+    slow_saves(monkeypatch, gate)
+    submitted = []
+
+    def produce():
+        with ImageWriter(threads=2, in_flight=3) as writer:
+            for i, image in enumerate(photos(6)):
+                writer.submit(tmp_path / f"{i}.png", image)
+                submitted.append(i)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    deadline = time.monotonic() + 10
+    while len(submitted) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(submitted) == 3, "the fourth submit waits while three images are held"
+    gate.set()
+    producer.join(10)
+    assert len(submitted) == 6 and len(list(tmp_path.glob("*.png"))) == 6

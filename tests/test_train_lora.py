@@ -4,6 +4,9 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -18,6 +21,7 @@ from stages.common.errors import StageError
 from stages.common.io import read_json
 from stages.common.lora_formats import KOHYA_FILE
 from stages.common.models import LORA_WEIGHTS
+from tests.conftest import stage_env
 
 
 def lora_weights(project):
@@ -147,13 +151,18 @@ def test_the_control_is_the_edge_map_of_the_image_as_trained_on():
             return type("Tokens", (), {"input_ids": torch.zeros(len(prompts), 1)})
 
     samples = training.TrainSamples(image[None], ["x"], Tokenizer(), True, 0, (4, 4, 4), 10, (100, 200))
-    control = samples.control(torch.tensor([0, 0]), torch.tensor([0, 1]))
+    # Sample numbers 0.. of one image: the run's flips for it, one of each among the first few.
+    items = {int(samples[k][1]): samples[k] for k in range(8)}
+    assert set(items) == {0, 1}
+    maps = torch.stack([items[0][4], items[1][4]])  # what the loader collates, uint8 until the device
+    assert maps.dtype == torch.uint8
+    control = training.control_input(maps, torch.device("cpu"))
     assert control.shape == (2, 3, 32, 32) and control.dtype == torch.float32
     assert torch.equal(control[0], torch.from_numpy(canny(image, 100, 200)).permute(2, 0, 1) / 255)
     assert torch.equal(control[1], torch.from_numpy(canny(image[:, ::-1].copy(), 100, 200)).permute(2, 0, 1) / 255)
     assert control[0].sum() > 20 and not torch.equal(control[0], control[1])
     samples.edges = None
-    assert samples.control(torch.tensor([0]), torch.tensor([0])) is None
+    assert training.control_input(torch.stack([samples[0][4]]), torch.device("cpu")) is None
 
 
 def test_training_with_and_without_the_controlnet(trained_project):
@@ -265,19 +274,28 @@ def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
             torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=3e-5, msg=key)
 
 
-def test_two_processes_train_as_one_and_resume_its_checkpoint(trained_project, monkeypatch, capfd, caplog):
-    """train.processes: 2 runs train-lora under accelerate launch (gloo on the CPU, as NCCL on
-    GPUs): it picks up a one-process checkpoint, one process writes, and the LoRA and loss curve
-    are the one-process run's."""
+def test_two_machines_train_as_one_process_and_resume_its_checkpoint(trained_project, monkeypatch, capfd, caplog):
+    """launch.machines: 2 on 127.0.0.1, one process each (gloo on the CPU, as NCCL on GPUs): machine
+    1 starts first and waits for machine 0; together they pick up a one-process checkpoint, one
+    process writes, and the LoRA and loss curve are the one-process run's. (One machine's
+    train.processes: 2 is the same launch with other flags: test_generate runs it.)"""
     p = trained_project
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
     kill_after_step(p, monkeypatch)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    p.set({"launch.machines": 2, "launch.main_address": "127.0.0.1", "launch.main_port": port})
+    other = subprocess.Popen([sys.executable, "-m", "stages.train_lora"], cwd=p.root, text=True,
+                             stderr=subprocess.PIPE, env=stage_env(FASHION_MACHINE_RANK="1"))
     capfd.readouterr()
     with caplog.at_level(logging.INFO, logger="stages"):
-        p.run("train_lora", train__processes=2)
-    err = capfd.readouterr().err  # the processes' own logs
-    assert "launch --multi_gpu --num_processes 2" in caplog.text
+        p.run("train_lora")  # machine 0, here (launch.machine_rank: 0)
+    err = capfd.readouterr().err + other.communicate(timeout=120)[1]  # the processes' own logs
+    assert other.returncode == 0, err
+    assert "--num_processes 2 --num_machines 2 --machine_rank 0 --main_process_ip 127.0.0.1" in caplog.text
+    assert "machine 1 of 2: waiting for machine 0 at 127.0.0.1" in err and "--machine_rank 1" in err
     assert err.count("resuming from step 2") == 2, "both processes resume"
     assert err.count("wrote models/lora") == 1, "one writer"
     pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log, rtol=1e-5, check_exact=False)
@@ -304,10 +322,11 @@ def test_gradients_are_really_clipped(trained_project):
                                                   ((9, 0), torch.bfloat16)])
 def test_auto_precision_picks_fp16_on_a_t4(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
     assert runtime.training_dtype("auto", torch.device("cuda")) == expected
     assert runtime.training_dtype("auto", torch.device("cpu")) == torch.float32
-    with pytest.raises(StageError, match="train.mixed_precision: fp16 needs a CUDA device"):
-        runtime.training_dtype("fp16", torch.device("cpu"))
+    # Asked for by name, the CPU takes a GPU's precision (the CPU precision tests run it).
+    assert runtime.training_dtype("fp16", torch.device("cpu")) == torch.float16
 
 
 def test_alpha_other_than_rank_survives_the_round_trip(trained_project):

@@ -24,12 +24,12 @@ from tqdm import tqdm
 from stages.common import dataset, distributed
 from stages.common.cli import log, setup_logging
 from stages.common.errors import StageError
-from stages.common.io import (atomic_dir, check_images, fingerprint, index_name, load_rgb, read_json, remove_temps,
-                              save_png, source_files, write_json)
+from stages.common.io import (ImageWriter, atomic_dir, check_images, fingerprint, index_name, load_rgb, read_json,
+                              remove_temps, source_files, write_json)
 from stages.common.model_layouts import check_folder
 from stages.common.models import check_lora, load_controlnet_pipeline
 from stages.common.params import load_params, what_keys
-from stages.common.runtime import compile_module, device, inference_dtype, peak_memory
+from stages.common.runtime import compiled, device, free_cached_memory, inference_dtype, is_oom, peak_memory
 
 CONFIG_FILE = "generation_config.json"
 FINGERPRINT_FILE = "fingerprint.json"  # in resume state: what the images there were made from
@@ -47,7 +47,7 @@ def run(variant: str) -> None:
     setup_logging()
     params = load_params()
     cfg, paths = params.generate, params.paths
-    if distributed.relaunch(cfg.processes, f"stages.generate_{variant}", "generate.processes"):
+    if distributed.relaunch(cfg.processes, params.launch, f"stages.generate_{variant}", "generate.processes"):
         return  # its processes did the work
     writer, rank, processes = distributed.is_writer(), distributed.rank(), distributed.world_size()
     dev = device()
@@ -68,7 +68,9 @@ def run(variant: str) -> None:
         inputs.append(paths.lora)
     else:
         settings.pop("lora_scale")
-    expected = fingerprint({**settings, "variant": variant, "dtype": str(dtype)}, *inputs)
+    # The device type too: CPU and CUDA generators draw different noise from the same seed, so a
+    # folder begun on one must not be finished on the other.
+    expected = fingerprint({**settings, "variant": variant, "dtype": str(dtype), "device": dev.type}, *inputs)
     # Images are made in a resume folder outside the DVC output and moved in whole at the end.
     work = dataset.resume_dir(paths, f"generate-{variant}")
     resumable = previous_fingerprint(work / FINGERPRINT_FILE) == expected
@@ -81,8 +83,8 @@ def run(variant: str) -> None:
             # step runs the plain UNet, without two extra matmuls per attention projection.
             # Within 1 level of the unfused LoRA (tests/test_fashion_generate.py draws it unfused).
             pipe.fuse_lora(components=["unet"], lora_scale=cfg.lora_scale)
-        compile_module(pipe.unet, cfg.compile, paths)
-        compile_module(pipe.controlnet, cfg.compile, paths)
+        pipe.unet = compiled(pipe.unet, cfg.compile, paths)
+        pipe.controlnet = compiled(pipe.controlnet, cfg.compile, paths)
     distributed.barrier()  # every process has read the resume folder before the writer changes it
     if writer:
         if work.exists() and not resumable:
@@ -136,27 +138,31 @@ def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> Non
     (an image does not depend on its batch), so a T4 gets through a preset sized for an H100."""
     started, size, done = time.perf_counter(), cfg.batch_size, 0
     progress = tqdm(total=len(todo), desc=f"generate-{variant}", unit="img", disable=not distributed.is_writer())
-    while done < len(todo):
-        batch = todo[done:done + size]
-        edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]
-        try:
-            images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch], cfg,
-                          dev)
-        except torch.OutOfMemoryError:
-            if size == 1:
-                raise StageError(f"generate-{variant}: one image does not fit in the GPU's memory; use "
-                                 "generate.precision: fp16 or a smaller extract.resolution") from None
-            size //= 2
-            images = None  # the failed batch's activations go before the smaller batch runs
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            log.warning("generate-%s: a batch of %d does not fit in the GPU's memory; drawing %d at a time",
-                        variant, len(batch), size)
-            continue
-        for config, image in zip(batch, images, strict=True):
-            save_png(work / index_name(config["index"]), image)
-        done += len(batch)
-        progress.update(len(batch))
+    # PNGs are encoded on the writer's threads while the GPU draws the next batch.
+    with ImageWriter() as writer:
+        while done < len(todo):
+            batch = todo[done:done + size]
+            edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]
+            images = None
+            try:
+                images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch],
+                              cfg, dev)
+            except RuntimeError as err:  # torch's OutOfMemoryError, or cuBLAS's and cuDNN's allocation failures
+                if not is_oom(err):
+                    raise
+                if size == 1:
+                    raise StageError(f"generate-{variant}: one image does not fit in the GPU's memory; use "
+                                     "generate.precision: fp16 or a smaller extract.resolution") from None
+            if images is None:  # out of memory. Here, not in `except`: its traceback held the batch's activations
+                free_cached_memory(dev)
+                size //= 2
+                log.warning("generate-%s: a batch of %d does not fit in the GPU's memory; drawing %d at a time",
+                            variant, len(batch), size)
+                continue
+            for config, image in zip(batch, images, strict=True):
+                writer.submit(work / index_name(config["index"]), image)
+            done += len(batch)
+            progress.update(len(batch))
     progress.close()
     rate = len(todo) / (time.perf_counter() - started)
     log.info("generate-%s: drew %d images (%.2f images/s, %s %s, %d steps%s)",

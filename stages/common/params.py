@@ -227,7 +227,9 @@ class Train:
         "small batches, where a step is bound by kernel launches); minutes of compiling, kept in an on-disk cache "
         "for the next run", how=True)
     checkpoint_every: int = _doc("steps between resumable checkpoints", how=True)
-    num_workers: int = _doc("DataLoader worker processes (0 = load in the main process)", how=True)
+    num_workers: int = _doc("DataLoader worker processes that draw samples and run canny while the GPU trains; "
+                            "0 loads in the main process; -1: 4 on a GPU (at most the cores but one), 0 on a CPU",
+                            how=True)
     processes: int = _doc("data-parallel processes, one per GPU (accelerate launch); each optimiser step's "
                           "batch_size x grad_accumulation samples are shared out between them", how=True)
     fixed_samples: int = _doc("the run's first samples (images, noise, timesteps) whose denoising loss is "
@@ -247,7 +249,7 @@ class Train:
         _check(self.adam_epsilon > 0, "train.adam_epsilon", "must be positive")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.alpha > 0, "train.alpha", "must be positive (the LoRA's output is scaled by alpha / rank)")
-        _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        _check(self.num_workers >= -1, "train.num_workers", "must be >= 0, or -1 (auto)")
         _check(self.processes >= 1, "train.processes", "must be at least 1")
         _check(self.micro_batch >= 0, "train.micro_batch", "must be >= 0 (0: batch_size)")
         _check(self.batch_size * self.grad_accumulation % self.processes == 0, "train.processes",
@@ -318,6 +320,33 @@ class Plots:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """Several machines for train-lora and generate-*, each running train.processes
+    (generate.processes) processes under accelerate's launcher. How-knobs only: the results are
+    those of one process. One params.yaml serves every machine: each machine's rank (and, under
+    Slurm, the main address) can come from its environment instead."""
+
+    machines: int = _doc("machines that train (and draw) together; 1: this machine alone", how=True)
+    machine_rank: int = _doc("this machine's rank, 0 .. machines - 1; machine 0 writes the outputs. "
+                             "$FASHION_MACHINE_RANK overrides it, so each machine can share the file", how=True)
+    main_address: str = _doc("machine 0's address, reachable from every machine; $FASHION_MAIN_ADDRESS "
+                             "overrides it", how=True)
+    main_port: int = _doc("a free TCP port on machine 0, open to the others, for the processes' rendezvous "
+                          "(one machine picks a free port itself)", how=True)
+    connect_timeout: int = _doc("seconds a machine other than 0 waits for main_address:main_port to answer "
+                                "before it gives up", how=True)
+    config_file: str = _doc("an accelerate config file (`accelerate config`) to launch with instead of the keys "
+                            "above and train.processes; empty: none", how=True)
+
+    def __post_init__(self):
+        _check(self.machines >= 1, "launch.machines", "must be at least 1")
+        _check(0 <= self.machine_rank < self.machines, "launch.machine_rank",
+               f"must be >= 0 and < launch.machines ({self.machines}): machines are numbered from 0")
+        _check(0 < self.main_port < 65536, "launch.main_port", "must be a TCP port, 1 to 65535")
+        _check(self.connect_timeout >= 1, "launch.connect_timeout", "must be at least 1 second")
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths
     demo: Demo
@@ -326,6 +355,7 @@ class Params:
     canny: Canny
     train: Train
     generate: Generate
+    launch: Launch
     metrics: Metrics
     plots: Plots
 

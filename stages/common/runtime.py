@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 
@@ -13,43 +14,89 @@ from stages.common.errors import StageError
 
 
 def device() -> torch.device:
-    """CUDA when there is one; FASHION_DEVICE=cpu forces the CPU."""
+    """CUDA when there is one (ROCm's torch answers to "cuda" too); FASHION_DEVICE=cpu forces the
+    CPU. Under several processes (accelerate launch) process k of a machine takes GPU LOCAL_RANK,
+    whatever index FASHION_DEVICE names: an indexless "cuda" would fail init_process_group, and
+    "cuda:N" would bind every process to the same GPU."""
     wanted = os.environ.get("FASHION_DEVICE", "auto")
-    if wanted == "auto":  # under accelerate launch, process k of a machine takes its GPU k
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-            torch.device("cpu")
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if wanted == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(wanted)
     except RuntimeError:
         raise StageError(f"FASHION_DEVICE={wanted!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise StageError(f"FASHION_DEVICE={wanted}, but torch sees {torch.cuda.device_count()} CUDA devices; "
-                         "unset it (auto) or install a CUDA build of torch")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if several else dev.index or 0)
+        if not torch.cuda.is_available() or dev.index >= torch.cuda.device_count():
+            raise StageError(f"FASHION_DEVICE={wanted}{f' (process {local} of this machine)' if several else ''}, "
+                             f"but torch sees {torch.cuda.device_count()} CUDA devices; unset it (auto), start fewer "
+                             "processes or install a CUDA (or ROCm) build of torch")
     return dev
 
 
+def has_bf16(dev: torch.device) -> bool:
+    """Whether the GPU computes in bf16 natively. NVIDIA: from Ampere (sm_80) on; not
+    is_bf16_supported(), which also says yes for a T4's slow emulation. ROCm: every AMD arch torch
+    builds for has it (torch.cuda.is_bf16_supported() answers yes there without asking the
+    device), and a ROCm device's "capability" is its gfx arch number, not NVIDIA's scale."""
+    if dev.type != "cuda":
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(dev)[0] >= 8
+
+
 def training_dtype(mixed_precision: str, dev: torch.device) -> torch.dtype:
-    """Dtype of the frozen weights and of autocast. The LoRA weights themselves stay fp32."""
+    """Dtype of the frozen weights and of autocast. The LoRA weights themselves stay fp32.
+    fp16 and bf16 run on a CPU too, slower than fp32 there: they exercise a GPU's precision path
+    (autocast, the GradScaler's skipped steps) where there is no GPU, as the tests do."""
     if mixed_precision == "auto":
         if dev.type != "cuda":
             return torch.float32
-        # T4s (Kaggle, sm_75) have no bf16 units: fp16 with a GradScaler there. Not
-        # is_bf16_supported(), which also says yes for (slow) emulated bf16.
-        return torch.bfloat16 if torch.cuda.get_device_capability(dev)[0] >= 8 else torch.float16
+        return torch.bfloat16 if has_bf16(dev) else torch.float16  # T4s (Kaggle, sm_75): fp16 + GradScaler
     if mixed_precision != "no" and dev.type != "cuda":
-        raise StageError(f"train.mixed_precision: {mixed_precision} needs a CUDA device; set it to 'auto' or 'no'")
-    if mixed_precision == "bf16" and torch.cuda.get_device_capability(dev)[0] < 8:
+        log.warning("train.mixed_precision: %s on the CPU runs a GPU's precision path, more slowly than fp32; "
+                    "'auto' picks fp32 here", mixed_precision)
+    elif mixed_precision == "bf16" and not has_bf16(dev):
         log.warning("train.mixed_precision: bf16 is emulated (slowly) on this GPU; 'auto' picks fp16 here")
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
 def inference_dtype(precision: str, dev: torch.device) -> torch.dtype:
-    """fp16 on CUDA by default (the seed recipe); CPU kernels want fp32."""
+    """fp16 on CUDA by default (the seed recipe); fp32 on the CPU, whose kernels are fastest in it
+    (fp16 and bf16 run there too, as a GPU's path, more slowly)."""
     if precision == "auto":
         return torch.float16 if dev.type == "cuda" else torch.float32
     if precision != "fp32" and dev.type != "cuda":
-        raise StageError(f"generate.precision: {precision} needs a CUDA device; set it to 'auto' or 'fp32'")
+        log.warning("generate.precision: %s on the CPU runs a GPU's precision path, more slowly than fp32",
+                    precision)
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def fused_adamw(dev: torch.device) -> bool:
+    """AdamW's one-kernel update for all LoRA tensors: the same math (to float rounding), and under
+    fp16 the GradScaler hands it the inf check, so skipping a step needs no sync with the GPU.
+    torch has the kernel for CUDA (ROCm included) and the CPU."""
+    return dev.type in ("cuda", "cpu")
+
+
+def is_oom(err: BaseException) -> bool:
+    """Out of GPU memory, in any of the forms torch raises: its own OutOfMemoryError, and cuBLAS's
+    or cuDNN's failed workspace allocations, which arrive as plain RuntimeErrors."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in (
+        "out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "HIPBLAS_STATUS_ALLOC_FAILED",
+        "MIOPEN_STATUS_ALLOC_FAILED"))
+
+
+def free_cached_memory(dev: torch.device) -> None:
+    """Give the caching allocator's free blocks back, once the failed batch's tensors are gone:
+    called after the `except` block that caught an OOM ends, since the traceback held them."""
+    gc.collect()  # reference cycles through frames of the traceback
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def set_tf32(enabled: bool) -> None:
@@ -75,12 +122,28 @@ def peak_memory(dev: torch.device) -> str:
 
 
 def compile_module(module: torch.nn.Module, mode: str, paths) -> None:
-    """torch.compile in place (state-dict keys unchanged) with `mode` (train.compile, generate.compile).
-    Compiled kernels persist beside the resume state, so a rerun does not compile again.
-    FASHION_COMPILE_BACKEND=aot_eager traces without inductor's minutes of code generation: the
-    CPU tests use it."""
-    if mode == "none":
-        return
+    """torch.compile in place (state-dict keys unchanged) with `mode` (train.compile). For a
+    module a diffusers pipeline calls, use `compiled` instead. Compiled kernels persist beside the
+    resume state, so a rerun does not compile again. FASHION_COMPILE_BACKEND=aot_eager traces
+    without inductor's minutes of code generation: the CPU tests use it."""
+    if mode != "none":
+        module.compile(**_compile_options(mode, paths))
+
+
+def compiled(module: torch.nn.Module, mode: str, paths) -> torch.nn.Module:
+    """`module` wrapped by torch.compile (generate.compile), or itself for "none". A wrapper, not
+    in place: diffusers' pipelines recognise only a wrapped module as compiled, and only then mark
+    each denoising step's start for CUDA graphs; without the mark, reduce-overhead's UNet replay
+    overwrites the ControlNet residuals it is reading (pytorch#160281)."""
+    return module if mode == "none" else torch.compile(module, **_compile_options(mode, paths))
+
+
+def _compile_options(mode: str, paths) -> dict:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(paths.resume, "inductor"))
     backend = os.environ.get("FASHION_COMPILE_BACKEND", "inductor")
-    module.compile(backend=backend, **({"mode": mode} if backend == "inductor" else {}))
+    return {"backend": backend, **({"mode": mode} if backend == "inductor" else {})}
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether `mode` replays CUDA graphs, whose outputs live in a pool the next replay reuses."""
+    return mode == "reduce-overhead" and os.environ.get("FASHION_COMPILE_BACKEND", "inductor") == "inductor"

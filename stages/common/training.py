@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from stages.common import distributed
 from stages.common.edges import canny
 from stages.common.models import check_target_modules, load_training_models
-from stages.common.runtime import compile_module
+from stages.common.runtime import compile_module, fused_adamw, uses_cuda_graphs
 
 
 class TrainSamples(torch.utils.data.Dataset):
@@ -28,8 +29,9 @@ class TrainSamples(torch.utils.data.Dataset):
     flip, and its own draws of the latent sample, the noise and the timestep. Everything random is
     a function of (train.seed, k), so a resumed run continues exactly, and how the samples of a
     step are split into micro-batches or between processes changes nothing but float rounding.
-    An item names the image and its orientation; `pixels()` makes the seed recipe's tensor, and
-    `control()` its canny edges when `edges` gives the thresholds (train.controlnet)."""
+    An item names the image and its orientation, and carries its canny edges when `edges` gives
+    the thresholds (train.controlnet): made where the item is, in the DataLoader's workers on a
+    GPU, not in the loop that feeds the GPU. `pixels()` makes the seed recipe's tensor."""
 
     def __init__(self, images: np.ndarray, prompts: list[str], tokenizer, flip: bool, seed: int,
                  latent_shape: tuple[int, int, int], timesteps: int, edges: tuple[int, int] | None = None):
@@ -72,7 +74,7 @@ class TrainSamples(torch.utils.data.Dataset):
         timestep = torch.randint(0, self.timesteps, (), generator=generator)
         # The cached latent distribution travels with the item, so the loader collates and pins it.
         moments = self.moments[self.rows[i, flipped]] if self.moments is not None else torch.empty(0)
-        return i, flipped, self.input_ids[i], moments, latent_noise, noise, timestep
+        return i, flipped, self.input_ids[i], moments, self.edge_map(i, flipped), latent_noise, noise, timestep
 
     def pixels(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images, mirrored where `flipped`. extract writes them at the training resolution,
@@ -81,16 +83,23 @@ class TrainSamples(torch.utils.data.Dataset):
         pixels = pixels.float() / 127.5 - 1
         return torch.where(flipped.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
 
-    def control(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor | None:
-        """The ControlNet's input for these samples, or None without train.controlnet: canny edges
-        of each image as it is trained on (mirrored before edge detection, as canny-edges sees an
-        image), in [0, 1] as the pipeline feeds an edge map. Computed per step, not cached: about a
-        millisecond an image at 512 px, against 7.8 GB to hold FashionGen's edges."""
+    def edge_map(self, i: int, flipped: int) -> torch.Tensor:
+        """The canny edges of image i as it is trained on (mirrored before edge detection, as
+        canny-edges sees an image), uint8 [h, w, 3]; empty without train.controlnet. Computed per
+        sample, not cached: about a millisecond an image at 512 px, against 7.8 GB to hold
+        FashionGen's edges. uint8 until the GPU: a quarter of the bytes to collate, pin and copy."""
         if self.edges is None:
-            return None
-        maps = [canny(np.ascontiguousarray(self.images[i][:, ::-1] if f else self.images[i]), *self.edges)
-                for i, f in zip(index.tolist(), flipped.tolist())]
-        return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float() / 255
+            return torch.empty(0, dtype=torch.uint8)
+        image = self.images[i]
+        return torch.from_numpy(canny(np.ascontiguousarray(image[:, ::-1] if flipped else image), *self.edges))
+
+
+def control_input(maps: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
+    """A batch of `edge_map`s as the ControlNet takes an edge map: [b, 3, h, w] in [0, 1] on `dev`;
+    None without train.controlnet."""
+    if maps.numel() == 0:
+        return None
+    return maps.to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 255
 
 
 def encode_latents(vae, samples: TrainSamples, pairs: list[tuple[int, int]], dtype: torch.dtype, dev,
@@ -153,12 +162,12 @@ def fixed_sample_loss(m, unet, samples: TrainSamples, count: int, dtype, dev, ba
     try:
         with torch.compiler.set_stance("force_eager"):
             for start in range(0, count, batch):
-                index, flipped, input_ids, _, latent_noise, noise, timesteps = torch.utils.data.default_collate(
+                index, flipped, input_ids, _, maps, latent_noise, noise, timesteps = torch.utils.data.default_collate(
                     [samples[k] for k in range(start, min(start + batch, count))])
                 with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):  # encoded once for both
                     latents = m.vae.encode(samples.pixels(index, flipped).to(dev, dtype)).latent_dist
                 args = (input_ids.to(dev), latent_noise.to(dev), noise.to(dev), timesteps.to(dev), dtype, unet,
-                        samples.control(index, flipped))
+                        control_input(maps, dev))
                 for enabled in losses:
                     unet.enable_adapters() if enabled else unet.disable_adapters()
                     losses[enabled] += float(denoising_loss(m, latents, *args).sum()) / count
@@ -183,7 +192,11 @@ class Trainer:
     """The models, optimiser and one optimiser step of the recipe: train-lora's loop and
     bench/gpu.py both run this. Under several processes the UNet is wrapped in DDP, which
     averages the LoRA's gradients; each process weights its share so that the average is the
-    one-process gradient of the whole step."""
+    one-process gradient of the whole step.
+
+    A step waits for the GPU only where it must: its loss and gradient norm come back as device
+    tensors (the caller reads them every few steps), and under fp16 it reads the loss scale once,
+    after the update, to know whether the step was skipped."""
 
     def __init__(self, paths, cfg, dtype: torch.dtype, dev: torch.device):
         self.cfg, self.dtype, self.dev = cfg, dtype, dev
@@ -198,7 +211,18 @@ class Trainer:
         cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
         m.unet.train()
         self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
-        compile_module(m.unet, cfg.compile, paths)  # in place: the LoRA's state-dict keys stay as peft saves them
+        # Gradients accumulate into buffers allocated here, zeroed (not freed) after each step. Under
+        # CUDA graphs (train.compile: reduce-overhead) a .grad that backward created would live in
+        # the graph pool, and the next micro-batch's forward would free it before its backward
+        # accumulates into it (pytorch#169545): the seed's 2 x 2 would crash.
+        for param in self.lora_params:
+            param.grad = torch.zeros_like(param)
+        # In place: the LoRA's state-dict keys stay as peft saves them. The frozen text encoder and
+        # ControlNet run every step too, so they compile with it.
+        for module in (m.unet, m.text_encoder, m.controlnet):
+            if module is not None:
+                compile_module(module, cfg.compile, paths)
+        self.graphed = uses_cuda_graphs(cfg.compile)
         self.unet = m.unet
         if self.processes > 1:
             self.unet = torch.nn.parallel.DistributedDataParallel(
@@ -206,11 +230,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-            fused=dev.type == "cuda")  # one kernel for all LoRA tensors, the same math
+            fused=fused_adamw(dev))
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                           num_training_steps=cfg.max_steps)
         # fp16 (T4) needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+        self.scale = self.scaler.get_scale()  # the loss scale as of the last update, read once per step
+
+    def load_state(self, state: dict) -> None:
+        """A checkpoint's optimiser, schedule and loss scale (the LoRA itself is the caller's)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state["scaler"]:  # empty unless the run used fp16, which the fingerprint pins
+            self.scaler.load_state_dict(state["scaler"])
+        self.scale = self.scaler.get_scale()
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         vae = self.m.vae.config
@@ -220,33 +253,35 @@ class Trainer:
         """This process's micro-batches of steps [first_step, last_step), in order."""
         plan = [batch for step in range(first_step, last_step)
                 for batch in micro_batches(step, self.cfg, self.rank, self.processes)]
-        return iter(torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=self.cfg.num_workers,
-                                                pin_memory=self.dev.type == "cuda"))
+        return iter(torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=loader_workers(
+            self.cfg.num_workers, self.dev), pin_memory=self.dev.type == "cuda"))
 
     def step(self, step: int, batches, samples: TrainSamples) -> dict:
-        """Optimiser step `step` (0-based) on this process's next micro-batches; the loss-log row."""
+        """Optimiser step `step` (0-based) on this process's next micro-batches; the loss-log row,
+        its loss and grad_norm still on the device (`read_rows` makes numbers of them)."""
         cfg, dev, scaler, optimizer = self.cfg, self.dev, self.scaler, self.optimizer
         per_step = cfg.batch_size * cfg.grad_accumulation
         count = len(micro_batches(step, cfg, self.rank, self.processes))
-        step_loss = torch.zeros((), device=dev)  # summed on the device: one sync per step, not per micro-batch
+        step_loss = torch.zeros((), device=dev)  # summed on the device
         for n in range(count):
-            index, flipped, input_ids, moments, *draws = next(batches)
+            index, flipped, input_ids, moments, maps, *draws = next(batches)
             if samples.moments is not None:
                 latents = DiagonalGaussianDistribution(moments.to(dev, non_blocking=True).float())
             else:  # the seed recipe: the VAE at every step
                 latents = samples.pixels(index, flipped).to(dev, non_blocking=True)
+            if self.graphed:  # a new forward pass: the graphs' last outputs may be overwritten now
+                torch.compiler.cudagraph_mark_step_begin()
             # DDP averages gradients over processes only on the last micro-batch's backward.
             sync = self.processes == 1 or n == count - 1
             with contextlib.nullcontext() if sync else self.unet.no_sync():
                 losses = denoising_loss(self.m, latents, input_ids.to(dev, non_blocking=True),
                                         *(d.to(dev, non_blocking=True) for d in draws), self.dtype, self.unet,
-                                        samples.control(index, flipped))
+                                        control_input(maps, dev))
                 # Each sample weighs 1 / per_step in the step's mean; x processes undoes DDP's average.
                 loss = losses.sum() * self.processes / per_step
                 scaler.scale(loss).backward()
             step_loss += losses.detach().sum() / per_step
         step_loss = distributed.all_sum(step_loss)
-        scale = scaler.get_scale()
         scaler.unscale_(optimizer)
         # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -254,7 +289,30 @@ class Trainer:
         scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
         scaler.update()
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step used
-        if scaler.get_scale() >= scale:  # as accelerate does: no schedule step for a skipped update
+        if scaler.is_enabled():  # fp16: a lowered scale means the step was skipped (one read of the GPU)
+            scale, self.scale = self.scale, scaler.get_scale()
+            skipped = self.scale < scale
+        else:
+            skipped = False
+        if not skipped:  # as accelerate does: no schedule step for a skipped update
             self.lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"step": step + 1, "loss": float(step_loss), "lr": lr, "grad_norm": float(grad_norm)}
+        optimizer.zero_grad(set_to_none=False)  # the buffers stay: see __init__
+        return {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.detach()}
+
+
+def read_rows(rows: list[dict]) -> list[dict]:
+    """Loss-log rows with numbers for the device tensors Trainer.step returns: one wait for the
+    GPU for all of them."""
+    if not rows:
+        return rows
+    values = torch.stack([torch.stack([r["loss"].float(), r["grad_norm"].float()]) for r in rows]).tolist()
+    return [{**r, "loss": loss, "grad_norm": norm} for r, (loss, norm) in zip(rows, values, strict=True)]
+
+
+def loader_workers(wanted: int, dev: torch.device) -> int:
+    """train.num_workers, with -1 (auto): on a GPU, worker processes draw, collate and run canny
+    for the next micro-batches while the GPU trains (up to 4, leaving a core to the loop); on a
+    CPU none, as workers would compete with the step for the same cores."""
+    if wanted >= 0:
+        return wanted
+    return min(4, max((os.cpu_count() or 1) - 1, 0)) if dev.type == "cuda" else 0
