@@ -113,13 +113,18 @@ def build_clip(folder: Path) -> None:
         torch.save(model.state_dict(), f)
 
 
+def source_paths(folder: Path) -> dict[str, Path]:
+    """Where build_full_size_sources puts each model in `folder`, keyed like `models.local`."""
+    return {"base": folder / "stable-diffusion-v1-5", "controlnet": folder / "control_v11p_sd15_canny",
+            "clip": folder / "clip-vit-base-patch32", "inception": folder / "inception-2015-12-05.pt",
+            "alexnet": folder / "alexnet-owt-7be5be79.pth"}
+
+
 def build_full_size_sources(folder: Path, seed: int = 0) -> dict[str, Path]:
     """Full-size random models laid out as their sources are (hub repo folders and downloaded
     files), for `models.mode: local`. Returns the path of each, keyed like `models.local`."""
     torch.manual_seed(seed)
-    sources = {"base": folder / "stable-diffusion-v1-5", "controlnet": folder / "control_v11p_sd15_canny",
-               "clip": folder / "clip-vit-base-patch32", "inception": folder / "inception-2015-12-05.pt",
-               "alexnet": folder / "alexnet-owt-7be5be79.pth"}
+    sources = source_paths(folder)
     kit.quiet_saving()
     build_sd15_and_controlnet(sources["base"], sources["controlnet"], "full")
     build_clip(sources["clip"])

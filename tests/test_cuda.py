@@ -123,3 +123,15 @@ def test_a_folder_begun_on_the_cpu_is_not_finished_on_the_gpu(on_cuda, monkeypat
         p.run("generate_baseline")
     assert "holds images from other inputs; starting afresh" in caplog.text
     assert read_json(p.typed().paths.generated_baseline + "/generation_config.json")["dtype"] == "torch.float32"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_train_as_one_over_nccl(on_cuda, monkeypatch):
+    """train.processes: 2 under accelerate launch: NCCL, each process on its own GPU (LOCAL_RANK,
+    with FASHION_DEVICE=cuda too), one writer; the loss curve follows the one-GPU run's."""
+    p = on_cuda
+    p.run("train_lora", train__max_steps=6)
+    one = pd.read_csv(p.path("loss_log"))
+    p.run("train_lora", train__processes=2)
+    two = pd.read_csv(p.path("loss_log"))
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=0.05)

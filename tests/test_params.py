@@ -53,6 +53,16 @@ def test_bad_values_name_the_key(key, value, message):
         parse_params(data)
 
 
+def test_cuda_graphs_refuse_a_sampler_that_keeps_their_outputs():
+    data = repo_params()
+    data["generate"].update(compile="reduce-overhead", scheduler="pndm", guidance_scale=1.0)
+    with pytest.raises(ParamsError, match=r"generate.compile: reduce-overhead cannot sample with pndm at "
+                                          r"guidance_scale <= 1"):
+        parse_params(data)
+    data["generate"]["guidance_scale"] = 7.5  # guidance makes new tensors of the UNet's outputs
+    parse_params(data)
+
+
 def test_typo_suggests_the_right_key():
     data = repo_params()
     data["train"]["learnin_rate"] = data["train"].pop("learning_rate")

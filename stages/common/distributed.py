@@ -45,11 +45,23 @@ def is_writer() -> bool:
 def init(dev: torch.device) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPUs) when launched as several processes."""
     if world_size() > 1 and not dist.is_initialized():
+        die_with_launcher()
         if dev.type == "cuda":
             torch.cuda.set_device(dev)  # else pinned memory and stray contexts land on GPU 0
         # An hour, not the default 10 minutes: a process may wait while the writer saves.
         dist.init_process_group(backend(dev), timeout=datetime.timedelta(hours=1),
                                 device_id=dev if dev.type == "cuda" else None)
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to stop this process when its launcher dies. torchrun starts each worker in a
+    session of its own, so a signal to the launcher's group never reaches them: a launcher killed
+    outright (the OOM killer, a second Ctrl-C) would otherwise leave them on the GPUs."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def backend(dev: torch.device) -> str:
@@ -158,10 +170,12 @@ def relaunch(processes: int, launch, module: str, key: str) -> bool:
 
 
 def run_forwarding_signals(command: list[str], grace: float = 30.0) -> tuple[int, int | None]:
-    """Run `command` in a process group of its own, and pass SIGTERM, SIGINT and SIGHUP on to the
-    whole group: a killed `dvc repro` or a stopped Kaggle cell then stops the launcher and every
-    worker, instead of leaving them on the GPUs writing into the resume folder. Those that outlive
-    `grace` seconds are killed. Returns the exit status and the signal that stopped it, if any."""
+    """Run `command` (accelerate's launcher) in a process group of its own, and pass SIGTERM,
+    SIGINT and SIGHUP on to it: a killed `dvc repro` or a stopped Kaggle cell then stops the
+    launcher, which stops its workers (and a worker whose launcher dies outright stops itself:
+    `die_with_launcher`), instead of leaving them on the GPU writing into the resume folder. What is
+    left of the group after `grace` seconds is killed. Returns the exit status and the signal that
+    stopped it, if any."""
     child = subprocess.Popen(command, start_new_session=True)
     received = []
 

@@ -139,7 +139,7 @@ def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> Non
     started, size, done = time.perf_counter(), cfg.batch_size, 0
     progress = tqdm(total=len(todo), desc=f"generate-{variant}", unit="img", disable=not distributed.is_writer())
     # PNGs are encoded on the writer's threads while the GPU draws the next batch.
-    with ImageWriter() as writer:
+    with ImageWriter(in_flight=max(16, 2 * cfg.batch_size)) as writer:  # a whole batch queues without waiting
         while done < len(todo):
             batch = todo[done:done + size]
             edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]

@@ -223,7 +223,8 @@ class Train:
         "encode each image (and its flip) with the VAE once and sample its latent distribution every step: the "
         "seed's objective without a VAE pass per step; false runs the seed recipe's loop", how=True)
     compile: Literal["none", "default", "reduce-overhead"] = _doc(
-        "torch.compile the UNet: default (inductor kernels) or reduce-overhead (plus CUDA graphs: the lever at "
+        "torch.compile the UNet, text encoder and ControlNet: default (inductor kernels) or reduce-overhead (plus "
+        "CUDA graphs: the lever at "
         "small batches, where a step is bound by kernel launches); minutes of compiling, kept in an on-disk cache "
         "for the next run", how=True)
     checkpoint_every: int = _doc("steps between resumable checkpoints", how=True)
@@ -281,6 +282,11 @@ class Generate:
         _check(self.batch_size >= 1, "generate.batch_size", "must be at least 1")
         _check(self.processes >= 1, "generate.processes", "must be at least 1")
         _check(self.guidance_scale >= 0, "generate.guidance_scale", "must be >= 0")
+        # Without guidance PNDM keeps the UNet's raw outputs across steps, and CUDA graphs reuse
+        # that memory at the next step's replay: torch would stop with its overwritten-output error.
+        _check(not (self.compile == "reduce-overhead" and self.scheduler == "pndm" and self.guidance_scale <= 1),
+               "generate.compile", "reduce-overhead cannot sample with pndm at guidance_scale <= 1 (PNDM keeps "
+               "the UNet's outputs, which CUDA graphs overwrite); use unipc, or compile: default")
 
 
 @dataclass(frozen=True)

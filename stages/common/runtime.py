@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -36,14 +37,21 @@ def device() -> torch.device:
     return dev
 
 
+# AMD archs with bf16 matrix units: MI100 (gfx908), MI200 (gfx90a), MI300 (gfx94x), MI350 (gfx95x),
+# RDNA3 and RDNA4 (gfx11xx, gfx12xx). MI50 (gfx906) and RDNA2 (gfx103x) emulate it.
+ROCM_BF16 = re.compile(r"gfx(908|90a|94[0-9]|95[0-9]|11[0-9]{2}|12[0-9]{2})")
+
+
 def has_bf16(dev: torch.device) -> bool:
     """Whether the GPU computes in bf16 natively. NVIDIA: from Ampere (sm_80) on; not
-    is_bf16_supported(), which also says yes for a T4's slow emulation. ROCm: every AMD arch torch
-    builds for has it (torch.cuda.is_bf16_supported() answers yes there without asking the
-    device), and a ROCm device's "capability" is its gfx arch number, not NVIDIA's scale."""
+    is_bf16_supported(), which also says yes for a T4's slow emulation. ROCm: by the gfx arch
+    name, since torch.cuda.is_bf16_supported() says yes for every AMD GPU without asking it, and a
+    ROCm device's "capability" is its gfx number, not NVIDIA's scale."""
     if dev.type != "cuda":
         return False
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(dev)[0] >= 8
+    if torch.version.hip:
+        return bool(ROCM_BF16.match(getattr(torch.cuda.get_device_properties(dev), "gcnArchName", "")))
+    return torch.cuda.get_device_capability(dev)[0] >= 8
 
 
 def training_dtype(mixed_precision: str, dev: torch.device) -> torch.dtype:

@@ -253,8 +253,13 @@ class Trainer:
         """This process's micro-batches of steps [first_step, last_step), in order."""
         plan = [batch for step in range(first_step, last_step)
                 for batch in micro_batches(step, self.cfg, self.rank, self.processes)]
-        return iter(torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=loader_workers(
-            self.cfg.num_workers, self.dev), pin_memory=self.dev.type == "cuda"))
+        workers = loader_workers(self.cfg.num_workers, self.dev)
+        # fork: the workers share the memory-mapped images (forkserver, Python 3.14's default,
+        # would pickle them into each). Each worker runs torch on one thread (the DataLoader's own
+        # rule); nothing else is set there: changing a thread pool in a forked child can deadlock.
+        extra = {"multiprocessing_context": "fork"} if workers else {}
+        return iter(torch.utils.data.DataLoader(samples, batch_sampler=plan, num_workers=workers,
+                                                pin_memory=self.dev.type == "cuda", **extra))
 
     def step(self, step: int, batches, samples: TrainSamples) -> dict:
         """Optimiser step `step` (0-based) on this process's next micro-batches; the loss-log row,
@@ -311,8 +316,11 @@ def read_rows(rows: list[dict]) -> list[dict]:
 
 def loader_workers(wanted: int, dev: torch.device) -> int:
     """train.num_workers, with -1 (auto): on a GPU, worker processes draw, collate and run canny
-    for the next micro-batches while the GPU trains (up to 4, leaving a core to the loop); on a
-    CPU none, as workers would compete with the step for the same cores."""
+    for the next micro-batches while the GPU trains: up to 4 per process, sharing the machine's
+    cores but one between its processes; on a CPU none, as workers would compete with the step."""
     if wanted >= 0:
         return wanted
-    return min(4, max((os.cpu_count() or 1) - 1, 0)) if dev.type == "cuda" else 0
+    if dev.type != "cuda":
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(4, max(((os.cpu_count() or 1) - 1) // processes, 0))
