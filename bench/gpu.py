@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from stages.common.generation import draw  # noqa: E402
 from stages.common.models import load_controlnet_pipeline  # noqa: E402
 from stages.common.params import load_params  # noqa: E402
-from stages.common.runtime import device, inference_dtype, training_dtype  # noqa: E402
+from stages.common.runtime import device, inference_dtype, is_oom, training_dtype  # noqa: E402
 from stages.common.training import Trainer, TrainSamples, encode_latents  # noqa: E402
 from bench.full_size_models import build_sd15_and_controlnet  # noqa: E402
 
@@ -107,11 +107,6 @@ def counted_flops(fn) -> float:
 
 def significant(x: float) -> float:
     return float(f"{x:.4g}")
-
-
-def is_oom(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 def measure_training(name: str, paths, train_cfg, dtype, dev, resolution: int, steps: int,
