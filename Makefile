@@ -66,9 +66,10 @@ demo-kit: $(VENV)/.installed
 test-fullsize: $(VENV)/.installed-fullsize
 	$(BIN)/python -m pytest -m fullsize -s tests/test_full_size.py
 
-# PORT=8000 make studio; HOST=0.0.0.0 to reach it from another machine (a Kaggle or cloud box)
+# PORT=8000 make studio. On a remote box keep it on loopback and tunnel: ssh -L 7860:127.0.0.1:7860 box.
+# Any other HOST needs a token (printed) and the names it is opened by: STUDIO_ARGS='--allow-host box.lan'
 studio: $(VENV)/.installed-studio
-	$(BIN)/fashion-studio --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),7860)
+	$(BIN)/fashion-studio --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),7860) $(STUDIO_ARGS)
 
 bundle: $(VENV)/.installed
 	$(BIN)/fashion-bundle

@@ -7,11 +7,16 @@ the LoRA folder (weights and training config), the resolved params (every sectio
 read them) and dvc.lock, which pins every input and output by hash. It refuses while `dvc status`
 says a stage is out of date, since the files would then come from different runs;
 `--allow-stale` packs them anyway. The same files give the same zip, byte for byte.
+
+Entries are named by their paths in the repository. A `paths.*` file outside it (`../x`, an
+absolute path on another disk) goes in as `external/<key>/<file name>`, so no entry is absolute
+or climbs out with `..`: unpacking writes under the unpacking folder only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import zipfile
@@ -27,18 +32,41 @@ from stages.common.params import load_params
 
 LOCK_FILE = Path("dvc.lock")
 RESOLVED_PARAMS = "params.resolved.yaml"
+EXTERNAL = "external"  # where files from outside the repository go in the zip, by their paths.* key
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: entries carry no build time
 
 
-def members(paths) -> list[Path]:
-    """The files to pack, each checked to exist (with the stage that makes it)."""
-    wanted = [(paths.report, "report"), (paths.metrics, "metrics"), (paths.metrics_detail, "metrics"),
-              (paths.per_sample, "metrics"), (Path(paths.lora) / LORA_WEIGHTS, "train-lora"), (LOCK_FILE, None)]
-    for path, stage in wanted:
-        if not Path(path).is_file():
+def entry_name(path: Path, key: str, name: str) -> str:
+    """`path`'s name in the zip: its path relative to the repository (the working folder), or for a
+    file outside it `external/<key>/<name>`. Never absolute, never `..`: whoever unpacks the
+    bundle gets files under the folder they unpack it in, and nowhere else."""
+    root = Path.cwd()
+    for inside, base in ((Path(os.path.normpath(root / path)), root), (path.resolve(), root.resolve())):
+        if inside.is_relative_to(base) and inside != base:
+            return inside.relative_to(base).as_posix()
+    return f"{EXTERNAL}/{key}/{name}"
+
+
+def members(paths) -> dict[str, Path]:
+    """The files to pack by entry name, each checked to exist (with the stage that makes it)."""
+    wanted = [("report", "report"), ("metrics", "metrics"), ("metrics_detail", "metrics"),
+              ("per_sample", "metrics")]
+    files = [(key, Path(getattr(paths, key)), stage) for key, stage in wanted]
+    files += [("lora", Path(paths.lora) / LORA_WEIGHTS, "train-lora"), (None, LOCK_FILE, None)]
+    for _, path, stage in files:
+        if not path.is_file():
             raise StageError(f"{path}: not found; " + (f"run `dvc repro {stage}`" if stage else "run `dvc repro`"))
-    lora = sorted(p for p in Path(paths.lora).iterdir() if p.is_file())
-    return sorted({Path(p) for p, _ in wanted} | set(lora))
+    files += [("lora", p, None) for p in sorted(Path(paths.lora).iterdir()) if p.is_file()]
+    entries: dict[str, Path] = {}
+    for key, path, _ in files:
+        name = entry_name(path, key, path.name) if key else path.as_posix()
+        if name.startswith(f"{EXTERNAL}/") and not any(n.startswith(f"{EXTERNAL}/{key}/") for n in entries):
+            log.info("bundle: paths.%s (%s) is outside the repository: it goes in under %s/%s/", key,
+                     getattr(paths, key), EXTERNAL, key)
+        if name == RESOLVED_PARAMS or not entries.setdefault(name, path).samefile(path):
+            raise StageError(f"{f'paths.{key}' if key else path}: {path} would be {name} in the bundle, as "
+                             f"{entries.get(name, 'the resolved params')} is; give it another name")
+    return dict(sorted(entries.items()))
 
 
 def check_up_to_date() -> None:
@@ -53,7 +81,7 @@ def check_up_to_date() -> None:
                          "`dvc repro` first, or pass --allow-stale")
 
 
-def write_zip(target: Path, files: list[Path], resolved: str) -> None:
+def write_zip(target: Path, files: dict[str, Path], resolved: str) -> None:
     def add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
         info = zipfile.ZipInfo(name, _EPOCH)
         info.compress_type = zipfile.ZIP_DEFLATED
@@ -61,8 +89,8 @@ def write_zip(target: Path, files: list[Path], resolved: str) -> None:
         archive.writestr(info, data)
 
     with atomic_file(target) as tmp, zipfile.ZipFile(tmp, "w") as archive:
-        for path in files:
-            add(archive, path.as_posix(), path.read_bytes())
+        for name, path in files.items():
+            add(archive, name, path.read_bytes())
         add(archive, RESOLVED_PARAMS, resolved.encode())
 
 

@@ -5,10 +5,12 @@
 
 A photo gets canny edges (`--low`/`--high`, default params.yaml's `canny`); `--sketch` uses the
 image as the edge map itself (dark lines on a light page are inverted to the ControlNet's white on
-black). The input is resized to the model's resolution (`extract.resolution`, centre-cropped to a
-square) and the command says so. Knobs default to params.yaml's `generate` section. It reads the
-pipeline's models/ offline (the demo's tiny models or real ones) and draws with the generate
-stages' own code, so seed k here is seed k there. Writes to `--out`:
+black). The input is read only as PNG, JPEG or WebP, whatever its name, and resized to the
+model's resolution (`extract.resolution`, centre-cropped to a square), and the command says so
+(a large JPEG is decoded at 1/2, 1/4 or 1/8 of its size when that still covers it). Knobs default
+to params.yaml's `generate` section. It reads the pipeline's models/ offline (the demo's tiny
+models or real ones) and draws with the generate stages' own code, so seed k here is seed k there.
+Writes to `--out`:
 <name>-edges.png, <name>-seed<k>-baseline.png, <name>-seed<k>-lora.png and <name>-side-by-side.png
 (one row per seed: edges | baseline | LoRA).
 """
@@ -26,7 +28,7 @@ from stages.common.io import save_png
 from stages.common.models import SCHEDULERS
 from stages.common.params import load_params
 from stages.common.runtime import device
-from fashion.sketch import check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
+from fashion.sketch import ACCEPTED, check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,7 +57,7 @@ def parse(argv: list[str], params) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true", help="a traceback with any error")
     args = parser.parse_args(argv)
     if not args.input.is_file():
-        raise StageError(f"{args.input}: not found; give the path of a photo or sketch (PNG, JPEG, ...)")
+        raise StageError(f"{args.input}: not found; give the path of a {ACCEPTED} photo or sketch")
     if not args.prompt.strip():
         raise StageError("--prompt: empty; describe the garment, e.g. --prompt 'Long sleeve dress in red'")
     if args.seeds and "--count" in argv:
@@ -74,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     args = parse(sys.argv[1:] if argv is None else argv, params)
     check_models(params.paths)
-    edges, notes = edge_map(read_image(args.input, args.input), params.extract.resolution, args.sketch,
-                            args.low, args.high, threshold_hint="lower --low/--high")
-    for note in notes:
+    image, notes = read_image(args.input, args.input, params.extract.resolution)
+    edges, more = edge_map(image, args.sketch, args.low, args.high, threshold_hint="lower --low/--high")
+    for note in notes + more:
         log.log(note.level, "fashion-generate: %s %s", args.input, note.text)
     cfg = dataclasses.replace(params.generate, steps=args.steps, guidance_scale=args.guidance,
                               controlnet_scale=args.controlnet_scale, negative_prompt=args.negative_prompt)

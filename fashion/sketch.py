@@ -13,15 +13,22 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from stages.common.errors import StageError
 from stages.common.edges import canny
 from stages.common.generation import draw
+from stages.common.io import IMAGE_FORMATS
 from stages.common.models import load_controlnet_pipeline
 from stages.common.runtime import inference_dtype
 
-MAX_PIXELS = 50 * 10 ** 6  # a 50-megapixel photo is a large one; PIL's own bomb check starts at 89
+# Pixels decoded per input, at most. The model reads `extract.resolution` (512) px a side, so 25 MP
+# (5000x5000, an A4 page at 300 dpi twice over, a 6K screenshot) is plenty; a decode peaks at 5
+# (RGB) to 9 (RGBA) bytes a pixel, 0.1-0.2 GB at 25 MP. JPEGs (phone photos, 48 MP and more) are
+# decoded at 1/2, 1/4 or 1/8 of their size (libjpeg's DCT scaling) when that still covers the
+# model's resolution, and this counts the pixels so decoded.
+MAX_PIXELS = 25 * 10 ** 6
+ACCEPTED = "PNG, JPEG or WebP"  # IMAGE_FORMATS, as an error names them
 
 
 class Note(NamedTuple):
@@ -30,42 +37,59 @@ class Note(NamedTuple):
     text: str
 
 
-def read_image(source, name) -> np.ndarray:
-    """RGB, upright (a phone photo's EXIF orientation applied), transparency on white. `source` is a
-    path or a file object (the studio's uploads); `name` is what an error calls it."""
+def read_image(source, name, resolution: int) -> tuple[np.ndarray, list[Note]]:
+    """The input as the model reads it: RGB, upright (a phone photo's EXIF orientation applied),
+    transparency on white, centre-cropped to a square and resized to `resolution`, and notes on what
+    was done (each to follow the input's name). `source` is a path or a file object (the studio's
+    uploads); `name` is what an error calls it. Only IMAGE_FORMATS are decoded: PIL's other decoders
+    never see an input, whatever its name."""
     try:
-        with Image.open(source) as img:
+        with Image.open(source, formats=IMAGE_FORMATS) as img:
+            width, height = img.size  # as given, before a JPEG's reduced decode
+            img.draft(None, (resolution, resolution))  # JPEG only; a no-op for the others
             if img.width * img.height > MAX_PIXELS:  # checked on the header, before decoding
-                raise StageError(f"{name}: {img.width}x{img.height} is more than {MAX_PIXELS // 10 ** 6} megapixels; "
-                                 "give a smaller image (it is resized to the model's resolution anyway)")
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "P"):
-                img = img.convert("RGBA")
-                page = Image.new("RGBA", img.size, "white")
-                img = Image.alpha_composite(page, img)
-            return np.array(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                raise StageError(f"{name}: {width}x{height} is more than {MAX_PIXELS // 10 ** 6} megapixels; "
+                                 f"give a smaller image (it is resized to the model's {resolution}x{resolution} "
+                                 "anyway)")
+            if img.getexif().get(ExifTags.Base.Orientation, 1) > 4:  # orientations 5-8 turn it by 90 degrees
+                width, height = height, width
+            ImageOps.exif_transpose(img, in_place=True)
+            # Cropped and resized before anything else at full size: the white page goes under a
+            # transparent image after (PIL resizes RGBA premultiplied, so the same pixels), and an L
+            # image becomes RGB after.
+            alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+            mode = "RGBA" if alpha else "L" if img.mode == "L" else "RGB"
+            if img.mode != mode:
+                img = img.convert(mode)
+            notes = []
+            if img.size != (resolution, resolution) or (width, height) != (resolution, resolution):
+                side = min(img.size)
+                left, top = (img.width - side) // 2, (img.height - side) // 2
+                img = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                                 box=(left, top, left + side, top + side))
+                notes.append(Note(logging.INFO, f"is {width}x{height}; "
+                                  f"{'resized' if width == height else 'centre-cropped and resized'} "
+                                  f"to the model's {resolution}x{resolution}"))
+            if img.mode == "RGBA":
+                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
+            return np.array(img.convert("RGB")), notes
+    except Image.DecompressionBombError:  # raised by Image.open itself, on the header
+        raise StageError(f"{name}: more than {Image.MAX_IMAGE_PIXELS * 2 // 10 ** 6} megapixels; give a smaller "
+                         f"image (it is resized to the model's {resolution}x{resolution} anyway)") from None
+    except (OSError, ValueError, SyntaxError) as err:
         if isinstance(err, OSError) and err.errno is not None:
             raise
         # PIL repeats what it was given: a path in quotes, or an upload's "<_io.BytesIO object at 0x...>"
         reason = re.sub(r" (<_io\.BytesIO object at 0x[0-9a-f]+>|'[^']*')$", "", str(err))
-        raise StageError(f"{name}: not a readable image ({reason}); give a PNG or JPEG photo or sketch") from None
+        raise StageError(f"{name}: not a readable image ({reason}); give a {ACCEPTED} photo or sketch "
+                         "(no other format is read)") from None
 
 
-def edge_map(image: np.ndarray, resolution: int, sketch: bool, low: int, high: int,
+def edge_map(image: np.ndarray, sketch: bool, low: int, high: int,
              threshold_hint: str = "lower the canny thresholds") -> tuple[Image.Image, list[Note]]:
-    """The ControlNet condition at the model's resolution, from a photo (canny) or a sketch, and
-    notes on what was done to the input (each to follow the input's name)."""
+    """The ControlNet condition from `read_image`'s photo (canny) or sketch, and notes on what was
+    done (each to follow the input's name)."""
     notes = []
-    height, width = image.shape[:2]
-    if (width, height) != (resolution, resolution):
-        side = min(width, height)
-        top, left = (height - side) // 2, (width - side) // 2
-        image = np.array(Image.fromarray(image[top:top + side, left:left + side]).resize(
-            (resolution, resolution), Image.Resampling.LANCZOS))
-        notes.append(Note(logging.INFO, f"is {width}x{height}; "
-                          f"{'resized' if width == height else 'centre-cropped and resized'} "
-                          f"to the model's {resolution}x{resolution}"))
     if sketch:
         gray = image.mean(axis=-1)
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])

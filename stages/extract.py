@@ -8,9 +8,11 @@ into training. `train_images` caps the training images: products are taken in th
 order until the cap is reached (the seed's "30k samples" were H5 rows, i.e. images). The
 real file is 51 GB decoded: it is read once, front to back, in covering slices (h5py reads a
 slice about 20x faster than the same rows picked by a list with gaps), and training images are
-streamed to disk, so memory stays flat whatever the file's size. Text is latin-1 bytes of shape
-(N, 1); decoding it as UTF-8 would silently drop é and ®. Both folders appear together or not at
-all, with a split summary (`dvc metrics show`) beside them.
+streamed to disk, so memory stays flat whatever the file's size. Both folders appear together or
+not at all, with a split summary (`dvc metrics show`) beside them.
+
+The file comes from the internet: stages/common/fashiongen.py checks its header before any data is
+read (every dataset inside the file, declared sizes bounded).
 """
 
 from collections import Counter
@@ -24,16 +26,11 @@ from tqdm import tqdm
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
+from stages.common.fashiongen import TEXT_KEYS, check_layout, decode, open_h5, rows_per_slice
 from stages.common.io import ImageWriter, atomic_dirs, resize_shorter_side, write_json
 from stages.common.params import load_params
 
-TEXT_KEYS = ("input_description", "input_name", "input_category")
 MAX_GAP = 4  # rows: reading a few unwanted rows in a slice costs less than a second read call
-
-
-def decode(cell) -> str:
-    """One fixed-width latin-1 cell, of shape (1,) as in FashionGen or a scalar -> str."""
-    return bytes(np.asarray(cell).reshape(-1)[0]).decode("latin-1").strip()
 
 
 def make_prompt(description: str, name: str, style: str) -> str:
@@ -53,44 +50,7 @@ def to_resolution(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def open_h5(path: Path) -> h5py.File:
-    if path.is_dir():
-        raise StageError(f"extract.h5: {path} is a folder; set extract.h5 to the H5 file in it "
-                         "(e.g. fashiongen_256_256_train.h5)")
-    if not path.is_file():
-        raise StageError(f"extract.h5: {path} not found; set extract.h5 in params.yaml to a FashionGen "
-                         "H5 (e.g. fashiongen_256_256_train.h5), or run `dvc repro demo-data` for the demo")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        reason = str(err).split("(")[0].strip().rstrip(":")
-        raise StageError(f"extract.h5: {path} is not a readable HDF5 file ({reason}); a truncated "
-                         "download? Compare its size with the source's and fetch it again") from None
 
-
-def check_layout(f: h5py.File, path: Path, resolution: int) -> int:
-    """FashionGen's layout, checked before any work: returns the row count."""
-    for key in ("input_image", "input_productID", *TEXT_KEYS):
-        if key not in f:
-            raise StageError(f"{path}: key {key!r} missing; extract.h5 must point to a FashionGen H5")
-    images = f["input_image"]
-    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-        raise StageError(f"{path}: input_image is {images.dtype} of shape {images.shape}; expected uint8 "
-                         "(N, H, W, 3) RGB as in FashionGen")
-    rows = images.shape[0]
-    if min(images.shape[1:3]) < resolution:
-        raise StageError(f"extract.resolution: {resolution} px is above {path}'s {min(images.shape[1:3])} px "
-                         "images; lower it rather than upscale")
-    ids = f["input_productID"]
-    if ids.shape not in ((rows,), (rows, 1)) or ids.dtype.kind not in "iu":
-        raise StageError(f"{path}: input_productID is {ids.dtype} of shape {ids.shape}; expected integers of "
-                         f"shape ({rows}, 1), one per input_image row")
-    for key in TEXT_KEYS:
-        column = f[key]
-        if column.shape not in ((rows,), (rows, 1)) or column.dtype.kind != "S":
-            raise StageError(f"{path}: {key} is {column.dtype} of shape {column.shape}; expected fixed-width "
-                             f"bytes of shape ({rows}, 1), one per input_image row")
-    return rows
 
 
 def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int, source: str, images: int = 0):
@@ -127,10 +87,11 @@ def blocks(rows: np.ndarray, chunk: int):
             first = i
 
 
+
 def read_rows(f: h5py.File, rows: np.ndarray, chunk: int, size: int, path: Path):
     """Yield (row, image, description, name, category) for sorted `rows`, one covering slice at a time."""
     progress = tqdm(total=len(rows), desc="extract", unit="img")
-    for start, stop, picks in blocks(rows, chunk):
+    for start, stop, picks in blocks(rows, rows_per_slice(f, chunk)):
         try:
             images = f["input_image"][start:stop]
             texts = [f[k][start:stop] for k in TEXT_KEYS]

@@ -17,14 +17,17 @@
   checked the same way, then hard-linked (or copied) into models/.
 
 Whatever the mode, the folders have the same layout, all or nothing, and models/sources.json
-records where each file came from (repo commit, URL, sha256).
+records where each file came from (repo commit, URL, sha256), and the Inception's sha256 in every
+mode: it is TorchScript, code that runs when loaded, so metrics loads no other file.
+Credentials never go in params (dvc.lock records them): a mirror's token goes in
+$FASHION_URL_TOKEN (an Authorization header, sent to no default URL), the hub's in HF_TOKEN.
 """
 
 from pathlib import Path
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.io import atomic_dirs, write_json
+from stages.common.io import atomic_dirs, sha256_of, write_json
 from stages.common.model_layouts import LAYOUTS
 from stages.common.params import load_params
 
@@ -44,13 +47,13 @@ def fetch_real(models, base: Path, controlnet: Path, eval_models: Path) -> tuple
             record[key] = sources.from_local(getattr(models.local, key), LAYOUTS[key], models.variant,
                                              f"models.local.{key}", target)
     for key, target in files.items():
-        sha_key = f"models.{key}_sha256"
+        sha_key, torchscript = f"models.{key}_sha256", key == "inception"
         if models.mode == "hub":
             record[key] = sources.from_url(getattr(models, f"{key}_url"), getattr(models, f"{key}_sha256"),
-                                           f"models.{key}_url", sha_key, target)
+                                           f"models.{key}_url", sha_key, target, torchscript)
         else:
             record[key] = sources.local_file(getattr(models.local, key), getattr(models, f"{key}_sha256"),
-                                             f"models.local.{key}", sha_key, target)
+                                             f"models.local.{key}", sha_key, target, torchscript)
     downloaded = sum(r.pop("downloaded_bytes", 0) for r in record.values() if isinstance(r, dict))
     if models.mode == "hub":
         log.info("fetch-models: downloaded %.1f MB (the rest was already in the caches)", downloaded / 1e6)
@@ -72,12 +75,18 @@ def main() -> None:
     setup_logging(network=True)
     params = load_params()
     paths, models = params.paths, params.models
+    if models.mode == "hub":  # before any folder is made, as for a bad param
+        from stages.common.model_sources import check_endpoint
+
+        check_endpoint()
     with atomic_dirs(paths.base_model, paths.controlnet, paths.eval_models) as (base, controlnet, eval_models):
         if models.mode == "tiny":
             from stages.demo import kit
 
             backbones, record = kit.build_all(Path(base), Path(controlnet), Path(eval_models), models,
                                               params.extract.resolution, params.canny)
+            # Built here, so pinned as built: metrics loads this TorchScript only with this digest.
+            record["inception"] = {"sha256": sha256_of(Path(eval_models) / dataset.INCEPTION_FILE)}
         else:  # a full disk or a read-only folder is one line too (run_cli)
             record, backbones = fetch_real(models, Path(base), Path(controlnet), Path(eval_models))
         write_json(Path(eval_models) / dataset.BACKBONES_FILE, backbones)

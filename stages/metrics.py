@@ -41,7 +41,8 @@ from stages.common import dataset, statistics
 from stages.demo import colour
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.edges import canny, edge_fidelity
-from stages.common.io import atomic_file, check_images, check_no_strays, load_rgb, read_json, write_json
+from stages.common.io import (atomic_file, check_images, check_no_strays, csv_text, load_rgb, read_json,
+                              write_json)
 from stages.common.models import load_clip, load_inception, load_lpips, require_file
 from stages.common.params import load_params
 from stages.common.runtime import device, peak_memory, set_tf32
@@ -149,7 +150,7 @@ def main() -> None:
         check_images(files, f"generate-{variant}", size)
         check_no_strays(files, f"generate-{variant}")
 
-    inception = load_inception(paths.eval_models, dev)
+    inception = load_inception(paths.eval_models, dev, paths.model_sources)
     lpips_model = load_lpips(paths.eval_models, dev)
     clip_model, clip_processor = load_clip(paths.eval_models, dev)
     table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts})
@@ -242,7 +243,8 @@ def main() -> None:
         log.warning("%s", note)
 
     with atomic_file(paths.per_sample) as tmp:
-        table.to_csv(tmp, index=False)  # full precision: every float round-trips
+        # full precision: every float round-trips; dataset text cannot become a spreadsheet formula
+        table.assign(prompt=table["prompt"].map(csv_text)).to_csv(tmp, index=False)
     write_json(paths.metrics_detail, details)
     write_json(paths.metrics, results)
     log.info("metrics: n=%d; LoRA - baseline: FID %+.3g, LPIPS %+.3g [%.3g, %.3g] (better on %.0f%%), "

@@ -90,6 +90,8 @@ def save_checkpoint(folder: Path, state: dict) -> None:
     path = folder / f"checkpoint-{state['step']:06d}.pt"
     with atomic_file(path) as tmp, tmp.open("wb") as f:
         torch.save(state, f)  # a file object, so the archive is not named after the random temp name
+    # atomic_file has synced the new one and its name: a power cut from here on cannot leave an
+    # empty newest checkpoint with the previous one already gone
     for old in folder.glob("checkpoint-*.pt"):  # keep only the newest
         if old != path:
             old.unlink()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import importlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -27,7 +28,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stages import extract
-from stages.common import dataset
+from stages.common import dataset, fashiongen
 from stages.common.cli import run_cli
 from stages.common.io import TEMP_MARK
 from stages.common.models import LORA_WEIGHTS
@@ -103,14 +104,18 @@ def env(name: str, value: str):
 # --- FashionGen files with one thing wrong
 
 def h5_variant(change):
-    """A copy of the demo H5 with `change(arrays)` applied, set as extract.h5."""
+    """A copy of the demo H5 with `change(arrays)` applied, set as extract.h5. A value may also be a
+    link, or a function `(file, key)` that makes the entry itself."""
     def setup(p, mp):
         with h5py.File(p.path("demo_h5")) as f:
-            arrays = {k: f[k][:] for k in ("input_image", "input_productID", *extract.TEXT_KEYS)}
+            arrays = {k: f[k][:] for k in fashiongen.READ_KEYS}
         change(arrays)
         with h5py.File(p.root / "bad.h5", "w") as f:
             for key, value in arrays.items():
-                f[key] = value
+                if callable(value):
+                    value(f, key)
+                else:
+                    f[key] = value
         p.set({"extract.h5": "bad.h5"})
     return setup
 
@@ -120,6 +125,45 @@ def h5_bytes(content):
         (p.root / "bad.h5").write_bytes(content(p.path("demo_h5").read_bytes()))
         p.set({"extract.h5": "bad.h5"})
     return setup
+
+
+# --- hostile FashionGen files: bytes from outside the file, or sizes that only the header claims
+
+SECRET = "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCY"
+
+
+def secrets(p, mp):
+    """A local credentials file, and an H5 holding it as descriptions: what a hostile file points to."""
+    (p.root / "credentials").write_text(f"[default]\n{SECRET}\n" * 10_000)
+    with h5py.File(p.root / "other.h5", "w") as f:
+        f["input_description"] = np.full((64, 1), SECRET.encode(), "S400")
+
+
+def declared(shape, dtype, **options):
+    """A dataset with a header but no data: `shape` costs nothing on disk."""
+    return lambda f, key: f.create_dataset(key, shape, dtype, **options)
+
+
+def external_storage(like: np.ndarray):
+    """`like`'s shape and dtype, its bytes taken from the credentials file (HDF5 external storage)."""
+    return declared(like.shape, like.dtype, external=[(str(Path("credentials").resolve()), 0, h5py.h5f.UNLIMITED)])
+
+
+def virtual(like: np.ndarray):
+    def make(f, key):
+        layout = h5py.VirtualLayout(like.shape, like.dtype)
+        layout[:] = h5py.VirtualSource("other.h5", "input_description", like.shape)
+        f.create_virtual_dataset(key, layout)
+    return make
+
+
+def hostile(**entries):
+    """The demo H5 with some entries replaced, each `arrays -> entry`, beside the secrets it points to."""
+    return both(secrets, h5_variant(lambda d: d.update({key: make(d[key]) for key, make in entries.items()})))
+
+
+OUTSIDE = r"; a FashionGen H5 keeps every dataset inside itself, so bad.h5 is not read: fetch it from its source again"
+IMAGES = (1, 256, 256, 3)  # one chunk per image, as in FashionGen
 
 
 def corrupt_last_eval_chunk(p, mp):
@@ -153,7 +197,25 @@ def no_space_on_the_second_edge(p, mp):
     mp.setattr(io, "save_png", save_png)
 
 
+def disk_fault_on_fsync(p, mp):
+    """The disk reports a fault when the new edge maps are flushed before their folder is published."""
+    def fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    mp.setattr(os, "fsync", fsync)
+
+
+def not_png(fmt: str, rel: str):
+    """Another format under a .png name: decoded by nothing (PIL would run Ghostscript for an EPS)."""
+    def setup(p, mp):
+        if fmt == "EPS":
+            (p.root / rel).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
+        else:
+            Image.new("RGB", (64, 64)).save(p.root / rel, format=fmt)
+    return setup
+
+
 UNET = "models/base/unet"
+INCEPTION = "models/eval/inception/inception-2015-12-05.pt"
 EDGE0 = "data/edges/000000.png"
 NEW_STEPS = params(generate__steps=2)  # changed inputs: a good run would replace every image
 
@@ -188,6 +250,34 @@ CASES = [
          r"bad.h5: input_description is \|S\d+ of shape \(\d+, 2\); expected fixed-width bytes"),
     Case("name-not-bytes", "extract", h5_variant(lambda d: d.update(input_name=np.zeros((len(d["input_name"]), 1)))),
          r"bad.h5: input_name is float64"),
+    Case("description-in-external-file", "extract", hostile(input_description=external_storage),
+         r"bad.h5: input_description is stored in an external file \(/.+/credentials\)" + OUTSIDE),
+    Case("image-in-external-file", "extract", hostile(input_image=external_storage),
+         r"bad.h5: input_image is stored in an external file \(/.+/credentials\)" + OUTSIDE),
+    Case("description-external-link", "extract",
+         hostile(input_description=lambda d: h5py.ExternalLink("other.h5", "/input_description")),
+         r"bad.h5: input_description is an external link to /input_description in other.h5" + OUTSIDE),
+    Case("name-soft-link", "extract", hostile(input_name=lambda d: h5py.SoftLink("/input_description")),
+         r"bad.h5: input_name is a soft link to /input_description" + OUTSIDE),
+    Case("description-virtual-dataset", "extract", hostile(input_description=virtual),
+         r"bad.h5: input_description is a virtual dataset, its rows taken from other.h5" + OUTSIDE),
+    Case("category-is-a-group", "extract", hostile(input_category=lambda d: lambda f, key: f.create_group(key)),
+         r"bad.h5: input_category is a group, not a dataset; extract.h5 must point to a FashionGen H5"),
+    Case("image-plugin-filter", "extract", hostile(input_image=lambda d: declared(
+        d.shape, np.uint8, chunks=IMAGES, compression=32015, allow_unknown_filter=True)),  # zstd's registered id
+         r"bad.h5: input_image needs HDF5 filter 32015, which HDF5 would load as a plugin library \(only gzip, "
+         r"shuffle, fletcher32, szip, nbit, scaleoffset, lzf are read\); rewrite it with gzip"),
+    Case("image-huge-declared", "extract", hostile(
+        input_image=lambda d: declared((1000, 40_000, 40_000, 3), np.uint8, chunks=IMAGES)),
+         r"bad.h5: input_image declares 40000x40000 px images, above the 4096 px a side \(MAX_IMAGE_SIDE\) read"),
+    Case("image-huge-chunks", "extract", hostile(
+        input_image=lambda d: declared((len(d), 4096, 4096, 3), np.uint8, chunks=(2, 4096, 4096, 3))),
+         r"bad.h5: input_image is stored in chunks of 100,663,296 bytes, above the 67,108,864 \(MAX_CHUNK_BYTES\)"),
+    Case("rows-huge-declared", "extract", hostile(
+        input_image=lambda d: declared((20_000_000, 256, 256, 3), np.uint8, chunks=IMAGES)),
+         r"bad.h5: input_image declares 20,000,000 rows, above the 10,000,000 \(MAX_ROWS\) read"),
+    Case("description-huge-width", "extract", hostile(input_description=lambda d: declared(d.shape, "S100000000")),
+         r"bad.h5: input_description declares cells of 100,000,000 bytes, above the 65,536 \(MAX_TEXT_WIDTH\)"),
     Case("resolution-above-source", "extract", params(extract__resolution=512),
          r"extract.resolution: 512 px is above data/raw/fashiongen_demo.h5's 256 px images; lower it"),
     Case("tokenizer-missing-extract", "extract", delete("models/base/tokenizer/vocab.json"),
@@ -270,6 +360,28 @@ CASES = [
          r"models/eval/lpips/alexnet.pth: does not load"),
     Case("backbones-missing", "metrics", delete("models/eval/backbones.json"),
          r"models/eval/backbones.json: not found; run `dvc repro fetch-models`"),
+    # --- TorchScript runs code when it loads: only the pinned file
+    Case("inception-replaced", "metrics", copy("models/eval/lpips/alexnet.pth", INCEPTION),
+         rf"{INCEPTION}: sha256 [0-9a-f]{{16}}\.\.\., not the pinned [0-9a-f]{{16}}\.\.\. \(models/sources.json\); "
+         r"restore it with `dvc checkout fetch-models` or rebuild it with `dvc repro -f fetch-models`"),
+    Case("inception-truncated", "metrics", truncate(INCEPTION, 500),
+         rf"{INCEPTION}: sha256 [0-9a-f]{{16}}\.\.\., not the pinned"),
+    Case("inception-pin-missing", "metrics", drop_key("models/sources.json", "inception", "sha256"),
+         rf"models/sources.json: records no sha256 for {INCEPTION} \(an older fetch-models wrote it\), and "
+         r"TorchScript loads only pinned; rerun `dvc repro fetch-models`"),
+    Case("sources-missing-metrics", "metrics", delete("models/sources.json"),
+         r"models/sources.json: not found; run `dvc repro fetch-models`"),
+    Case("inception-sha256-prefix", "train_lora", params(models__inception_sha256="f58cb9b6"),
+         r"params.yaml: models.inception_sha256: expected the file's full sha256 \(64 lowercase hex digits"),
+    # --- credentials in URLs: refused, and never repeated
+    Case("inception-url-with-password", "report",
+         params(models__inception_url="https://alice:hunter2@mirror.example/i.pt"),
+         r"params.yaml: models.inception_url: https://\.\.\.@mirror\.example/i\.pt carries a user name or password, "
+         r"which would be copied into dvc\.lock(?!.*(alice|hunter2))"),
+    Case("alexnet-url-presigned", "metrics",
+         params(models__alexnet_url="https://bucket.example/a.pth?X-Amz-Signature=5ec7e7&token=tok99"),
+         r"params.yaml: models.alexnet_url: https://bucket\.example/a\.pth\?\.\.\. carries a query string"
+         r"(?!.*(5ec7e7|tok99))"),
     Case("clip-config-missing", "metrics", delete("models/eval/clip/config.json"),
          r"models/eval/clip/config.json: not found, so models/eval/clip is not a transformers CLIP folder"),
     # --- the data between stages
@@ -315,6 +427,15 @@ CASES = [
     Case("disk-full", "canny_edges", both(params(canny__low_threshold=50), no_space_on_the_second_edge),
          r"data/edges/000001.png: no space left on the device; free some .*then rerun "
          r"`dvc repro canny-edges`"),
+    Case("disk-fault-on-fsync", "canny_edges", both(params(canny__low_threshold=50), disk_fault_on_fsync),
+         r"data/edges/000000.png: input/output error from the disk or its file system; the stage's previous outputs "
+         r"stay as they were: check the disk \(`dmesg`\), then rerun `dvc repro canny-edges`"),
+    # --- images that are not what their name says
+    Case("ground-truth-is-eps", "canny_edges", not_png("EPS", "data/eval/gt/000001.png"),
+         r"data/eval/gt/000001.png: not a readable image \(cannot identify image file\); restore it with "
+         r"`dvc checkout extract`"),
+    Case("generated-is-bmp", "metrics", not_png("BMP", "data/generated/lora/000001.png"),
+         r"data/generated/lora/000001.png: not a readable image \(cannot identify image file\)"),
 ]
 
 

@@ -9,10 +9,10 @@ import pytest
 from transformers import CLIPTokenizer
 
 from stages import extract
-from stages.common import dataset
-from stages.demo import garments
+from stages.common import dataset, fashiongen
 from stages.common.errors import StageError
 from stages.common.io import load_rgb, read_json
+from stages.demo import garments
 
 
 def test_split_by_product_without_leaks(extracted):
@@ -48,7 +48,7 @@ def test_outputs_at_resolution_with_decoded_prompts(extracted):
 
 def test_prompt_styles_keep_latin1():
     cell = np.array(["Robe en lin écru, col rond. Tencel®".encode("latin-1")], dtype="S400")
-    text = extract.decode(cell)
+    text = fashiongen.decode(cell)
     assert text == "Robe en lin écru, col rond. Tencel®"
     assert extract.make_prompt(text, "Écru Dress", "first_clause") == "Robe en lin écru"
     assert extract.make_prompt(text, "Écru Dress", "description") == text
@@ -66,12 +66,12 @@ def test_split_summary_counts_each_side(project):
     assert summary["train"]["products"] == 10 and summary["train"]["images"] == len(captions["rows"])
     assert summary["eval"]["categories"] == len({c["category"] for c in configs})
     with h5py.File(project.path("demo_h5")) as f:
-        train_categories = {extract.decode(f["input_category"][r]) for r in captions["rows"]}
+        train_categories = {fashiongen.decode(f["input_category"][r]) for r in captions["rows"]}
     assert summary["train"]["categories"] == len(train_categories)
     assert summary["train_categories_not_in_eval"] == len(train_categories - {c["category"] for c in configs})
     assert summary["source_products"] == project.params["demo"]["products"]
     with h5py.File(project.path("demo_h5")) as f:
-        descriptions = [extract.decode(f["input_description"][r]) for r in captions["rows"]]
+        descriptions = [fashiongen.decode(f["input_description"][r]) for r in captions["rows"]]
     tokenizer = CLIPTokenizer.from_pretrained(project.path("base_model") / dataset.TOKENIZER_DIR)
     long = sum(len(tokenizer(d, verbose=False).input_ids) > 77 for d in descriptions)
     assert summary["train"]["prompts_cut_to_77_tokens"] == long > 0
@@ -99,7 +99,7 @@ def test_generation_logs_no_truncation_warning(trained_project, caplog):
     trained_project.run("canny_edges")
     configs = dataset.load_eval_configs(trained_project.path("eval_data"))
     with h5py.File(trained_project.path("demo_h5")) as f:
-        descriptions = [extract.decode(f["input_description"][c["row"]]) for c in configs]
+        descriptions = [fashiongen.decode(f["input_description"][c["row"]]) for c in configs]
     assert any(c["prompt"] != d for c, d in zip(configs, descriptions, strict=True)), "some eval prompts were cut"
     trained_project.run("generate_baseline")
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
@@ -190,3 +190,66 @@ def test_the_cap_cuts_at_most_one_product_and_grows_as_a_prefix():
         partial = [p for p in set(ids[rows]) if (ids[rows] == p).sum() < (ids == p).sum()]
         assert len(partial) <= 1, "whole products, but for the last one taken"
         previous = set(rows.tolist())
+
+
+# --- a FashionGen file from the internet: its header is checked before any data is read
+
+SECRET = b"aws_secret_access_key = wJalrXUtnFEMI/K7MDENG"
+
+
+def write_header(path, rows=4, side=256, text="S400", **makers):
+    """A FashionGen-schema H5 whose datasets are declared but hold no data (a few kB on disk, any size),
+    laid out as the real file: one gzip chunk per image, (N, 1) ids and latin-1 text. `makers` replace
+    datasets: key=(file, key) -> None."""
+    def images(f, key):
+        f.create_dataset(key, (rows, side, side, 3), np.uint8, chunks=(1, side, side, 3), compression="gzip")
+    makers = {"input_image": images, "input_productID": lambda f, key: f.create_dataset(key, (rows, 1), np.int64),
+              **{key: lambda f, key: f.create_dataset(key, (rows, 1), text) for key in fashiongen.TEXT_KEYS}, **makers}
+    with h5py.File(path, "w") as f:
+        for key, make in makers.items():
+            make(f, key)
+    return path
+
+
+def test_fashiongen_headers_pass_and_slices_fit_the_budget(extracted, tmp_path):
+    with h5py.File(extracted.path("demo_h5")) as f:
+        assert fashiongen.check_layout(f, extracted.path("demo_h5"), 64) == len(f["input_image"])
+    full_size = write_header(tmp_path / "fashiongen_256_256_train.h5", rows=260_490)
+    with h5py.File(full_size) as f:
+        assert fashiongen.check_layout(f, full_size, 256) == 260_490
+        assert fashiongen.rows_per_slice(f, 256) == 256, "FashionGen's slices are not cut"
+    largest = write_header(tmp_path / "largest.h5", rows=fashiongen.MAX_ROWS, side=fashiongen.MAX_IMAGE_SIDE,
+                           text=f"S{fashiongen.MAX_TEXT_WIDTH}")
+    with h5py.File(largest) as f:
+        assert fashiongen.check_layout(f, largest, 256) == fashiongen.MAX_ROWS
+        rows = fashiongen.rows_per_slice(f, 256)
+        assert rows == 10 and rows * (3 * fashiongen.MAX_IMAGE_SIDE ** 2 + 3 * fashiongen.MAX_TEXT_WIDTH + 8) \
+            <= fashiongen.SLICE_BUDGET
+
+
+def external_storage(f, key):
+    f.create_dataset(key, (4, 1), "S400", external=[("credentials", 0, h5py.h5f.UNLIMITED)])
+
+
+def external_link(f, key):
+    f[key] = h5py.ExternalLink("other.h5", "/input_description")
+
+
+def virtual_dataset(f, key):
+    layout = h5py.VirtualLayout((4, 1), "S400")
+    layout[:] = h5py.VirtualSource("other.h5", "input_description", (4, 1))
+    f.create_virtual_dataset(key, layout)
+
+
+@pytest.mark.parametrize("route", [external_storage, external_link, virtual_dataset])
+def test_a_file_that_reads_another_file_is_refused_without_reading_it(route, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # HDF5 finds the relative names from here
+    (tmp_path / "credentials").write_bytes((SECRET + b"\n") * 100)
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["input_description"] = np.full((4, 1), SECRET, "S400")
+    bad = write_header(tmp_path / "bad.h5", input_description=route)
+    with h5py.File(bad) as f:
+        with pytest.raises(StageError, match=r"bad.h5: input_description is .*; a FashionGen H5 keeps") as refused:
+            fashiongen.check_layout(f, bad, 64)
+        assert SECRET in f["input_description"][0, 0], "what h5py alone would have put in the prompts"
+    assert SECRET.decode() not in str(refused.value)

@@ -64,6 +64,15 @@ def test_bad_inputs_are_one_line(finished_project, tmp_path):
         main([gt, "--prompt", "Dress"])
 
 
+def test_only_png_jpeg_and_webp_are_read(finished_project, tmp_path):
+    """A BMP (or an EPS, which PIL renders with Ghostscript) named .png is not decoded: one line."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "drawing.png", format="BMP")
+    with pytest.raises(StageError) as raised:
+        main([str(tmp_path / "drawing.png"), "--prompt", "Dress"])
+    assert str(raised.value) == f"{tmp_path / 'drawing.png'}: not a readable image (cannot identify image file); " \
+                                "give a PNG, JPEG or WebP photo or sketch (no other format is read)"
+
+
 def test_a_transparent_sketch_is_drawn_on_white(finished_project):
     rgba = np.zeros((64, 64, 4), np.uint8)  # transparent page, opaque black lines
     rgba[10:50, 20, 3] = rgba[10:50, 44, 3] = 255

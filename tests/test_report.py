@@ -7,6 +7,7 @@ import base64
 import html.parser
 import io
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +118,22 @@ def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_pat
     with Image.open(screenshot) as shot:
         assert shot.width >= 1200 and shot.height > 2000
         assert np.asarray(shot.convert("L")).std() > 20, "the page is not blank"
+
+
+def test_a_url_with_credentials_never_reaches_the_page(finished_project, monkeypatch, capsys):
+    """The page prints the models section; params refuse a URL with a password or a query string."""
+    from stages.common.cli import run_cli
+
+    page = finished_project.path("report").read_bytes()
+    finished_project.set({"models.inception_url": "https://mirror.example/i.pt?X-Amz-Signature=5ec7e7&token=tok99"})
+    monkeypatch.setattr(sys, "argv", ["stages/report.py"])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(report.main)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and err.strip().splitlines() == [(
+        "error: params.yaml: models.inception_url: https://mirror.example/i.pt?... carries a query string, which "
+        "would be copied into dvc.lock, models/sources.json, the report and the bundle: put a token in "
+        "$FASHION_URL_TOKEN instead (sent as an Authorization: Bearer header, never logged or recorded), or download "
+        "the file yourself and set models.local.inception")]
+    assert "5ec7e7" not in out + err and "tok99" not in out + err
+    assert finished_project.path("report").read_bytes() == page

@@ -1,11 +1,17 @@
 """The studio: its handlers through FastAPI's TestClient (fast, always) and the page in headless
-Chromium (upload, prompt, generate, two result images, a screenshot)."""
+Chromium (upload, prompt, generate, two result images, a screenshot); its guards (issue 25) through
+TestClient, the bare ASGI app and a real uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
+import json
 import os
+import re
+import select
 import shutil
 import socket
 import threading
@@ -17,7 +23,8 @@ from PIL import Image
 
 from stages.common import dataset
 from stages.common.io import load_rgb
-from fashion.studio import Studio, app
+from fashion import sketch, studio as studio_module
+from fashion.studio import DECODES, GENERATIONS_WAITING, MAX_BODY, Studio, app, main
 from tests.conftest import image_diff
 
 pytest.importorskip("fastapi", reason="the studio extra: pip install -e '.[studio]'")
@@ -32,11 +39,25 @@ def decode(url: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
 
 
-@pytest.fixture
-def client(finished_project):
+LOCAL = "http://127.0.0.1:7860"  # TestClient's own Host, testserver, is not served
+
+
+def local_client(asgi, base_url=LOCAL, **kwargs):
     from fastapi.testclient import TestClient
 
-    return TestClient(app(Studio()))
+    return TestClient(asgi, base_url=base_url, **kwargs)
+
+
+def one_line_error(answer, status: int) -> str:
+    assert answer.status_code == status, answer.text
+    message = answer.json()["error"]
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def client(finished_project):
+    return local_client(app(Studio()))
 
 
 def test_the_page_and_its_defaults(client, finished_project):
@@ -110,8 +131,8 @@ def test_errors_are_one_line_in_the_answer(client, finished_project, tmp_path):
 
     assert error({**ok, "prompt": "   "}, 400).startswith("prompt: empty")
     text = "data:image/png;base64," + base64.b64encode(b"these are my notes").decode()
-    assert error({**ok, "image": text, "name": "notes.png"}, 400) == \
-        "notes.png: not a readable image (cannot identify image file); give a PNG or JPEG photo or sketch"
+    assert error({**ok, "image": text, "name": "notes.png"}, 400) == "notes.png: not a readable image (cannot " \
+        "identify image file); give a PNG, JPEG or WebP photo or sketch (no other format is read)"
     assert error({**ok, "image": "data:image/png;base64,@@@"}, 400).startswith("dress.png: the upload is not valid")
     assert error({**ok, "image": "data:image/png;base64,"}, 400).startswith("dress.png: empty upload")
     assert error({**ok, "count": 99}, 422) == "count: Input should be less than or equal to 8"
@@ -160,40 +181,268 @@ def test_models_reload_when_the_lora_changes(client, finished_project, monkeypat
 
 
 def test_crashes_and_huge_images_are_one_line(finished_project, tmp_path, monkeypatch):
-    from fastapi.testclient import TestClient
-
     studio = Studio()
     monkeypatch.setattr(studio, "info", lambda: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")))
-    client = TestClient(app(studio), raise_server_exceptions=False)
+    client = local_client(app(studio), raise_server_exceptions=False)
     answer = client.get("/api/info")
     assert answer.status_code == 500
     assert answer.json()["error"] == "RuntimeError: boom second line (the terminal has the traceback)"
     assert client.get("/api/nothing").json()["error"] == "404: Not Found"
     Image.new("L", (8000, 7000)).save(tmp_path / "huge.png")  # 56 megapixels, a few kB of zeros
     answer = client.post("/api/edges", json={"image": data_url(tmp_path / "huge.png"), "name": "huge.png"})
-    assert answer.status_code == 400 and answer.json()["error"].startswith("huge.png: 8000x7000 is more than 50")
+    assert answer.status_code == 400 and answer.json()["error"].startswith("huge.png: 8000x7000 is more than 25")
     answer = client.post("/api/edges", json={"image": "data:image/png;base64", "name": "x.png"})
     assert answer.json()["error"].startswith("x.png: the upload is not a data URL with a payload")
 
 
-@pytest.fixture
-def server(finished_project):
-    """The studio on a free localhost port, served by uvicorn in a thread."""
+def png_bytes(image: Image.Image, format="PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def bytes_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+# A one-line EPS: PIL identifies it by its first bytes, whatever the name, and renders it with Ghostscript.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n"
+
+
+def test_only_png_jpeg_and_webp_are_decoded(client, monkeypatch):
+    """An EPS named .png never reaches Ghostscript (nor does any other format reach its decoder):
+    one line naming the upload and the formats read."""
+    from PIL import EpsImagePlugin
+
+    assert Image.open(io.BytesIO(EPS)).format == "EPS", "PIL alone would take it for an EPS and render it"
+    ghostscript = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ghostscript.append(a) or 1 / 0)
+    small = Image.new("RGB", (8, 8), "white")
+    for name, data in (("drawing.png", EPS), ("bitmap.png", png_bytes(small, "BMP")),
+                       ("scan.png", png_bytes(small, "TIFF")), ("anim.png", png_bytes(small, "GIF"))):
+        answer = client.post("/api/edges", json={"image": bytes_url(data), "name": name})
+        assert one_line_error(answer, 400) == f"{name}: not a readable image (cannot identify image file); " \
+                                              "give a PNG, JPEG or WebP photo or sketch (no other format is read)"
+    assert ghostscript == []
+    for format in ("PNG", "JPEG", "WEBP"):
+        answer = client.post("/api/edges", json={"image": bytes_url(png_bytes(small, format)), "name": "ok"})
+        assert answer.status_code == 200, (format, answer.text)
+
+
+def test_a_large_jpeg_is_decoded_small_and_upright(client, finished_project, monkeypatch):
+    """A JPEG decodes at the smallest 1/2, 1/4 or 1/8 of its size that covers the model's resolution,
+    and MAX_PIXELS counts what is decoded: a 6 MP phone photo passes a 1 MP cap that a 6 MP PNG does
+    not. Its notes give the size it is, upright (EXIF orientation 6: turned by 90 degrees)."""
+    monkeypatch.setattr(sketch, "MAX_PIXELS", 10 ** 6)
+    photo = Image.new("RGB", (3000, 2000), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", exif=exif)
+    answer = client.post("/api/edges", json={"image": bytes_url(buffer.getvalue()), "name": "phone.jpg"})
+    resolution = finished_project.params["extract"]["resolution"]
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["notes"][0] == f"is 2000x3000; centre-cropped and resized to the model's " \
+                                        f"{resolution}x{resolution}"
+    answer = client.post("/api/edges", json={"image": bytes_url(png_bytes(photo)), "name": "big.png"})
+    assert one_line_error(answer, 400).startswith("big.png: 3000x2000 is more than 1 megapixels")
+
+
+def test_uploads_are_decoded_two_at_a_time(client, tmp_path, monkeypatch):
+    """The pixel bomb: a few kB of PNG that is 25 MP (at the cap), eight at once, decode at most
+    DECODES at a time, so memory holds two decodes, not eight. Over the cap, refused on the header."""
+    inside, most, lock = 0, 0, threading.Lock()
+    real = studio_module.read_image
+
+    def counted(*args, **kwargs):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(studio_module, "read_image", counted)
+    bomb = bytes_url(png_bytes(Image.new("L", (5000, 5000))))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        client.post("/api/edges", json={"image": bomb, "name": "bomb.png"}))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [a.status_code for a in answers] == [200] * 8
+    assert most == DECODES
+    answer = client.post("/api/edges", json={"image": bytes_url(png_bytes(Image.new("L", (7000, 7000)))),
+                                             "name": "bomb.png"})
+    assert one_line_error(answer, 400).startswith("bomb.png: 7000x7000 is more than 25 megapixels")
+
+
+def test_a_full_generation_line_is_429(finished_project, monkeypatch):
+    release = threading.Event()
+
+    def held_pair(pipe, edges, prompt, seeds, *args):
+        assert release.wait(30)
+        return [edges] * len(seeds), [edges] * len(seeds)
+
+    monkeypatch.setattr(studio_module, "draw_pair", held_pair)
+    studio = Studio()
+    monkeypatch.setattr(studio, "pipeline", lambda dev: None)
+    client = local_client(app(studio))
+    request = {"image": data_url(dataset.gt_path(finished_project.path("eval_data"), 0)), "prompt": "Dress"}
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(client.post("/api/generate", json=request)))
+               for _ in range(1 + GENERATIONS_WAITING)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while studio.generations.count < 1 + GENERATIONS_WAITING:
+            assert time.monotonic() < deadline, "the generations did not all get in line"
+            time.sleep(0.01)
+        assert one_line_error(client.post("/api/generate", json=request), 429) == \
+            "busy: a generation is running and 4 more wait; try again when they are done"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert [a.status_code for a in answers] == [200] * (1 + GENERATIONS_WAITING)
+
+
+def test_prompts_and_names_have_a_length_cap(client, finished_project):
+    ok = {"image": data_url(dataset.gt_path(finished_project.path("eval_data"), 0)), "prompt": "Dress"}
+    assert one_line_error(client.post("/api/generate", json={**ok, "prompt": "x" * 2001}), 422) == \
+        "prompt: String should have at most 2000 characters"
+    assert one_line_error(client.post("/api/edges", json={**ok, "name": "x" * 201}), 422) == \
+        "name: String should have at most 200 characters"
+    text = "data:image/png;base64," + base64.b64encode(b"notes").decode()
+    assert one_line_error(client.post("/api/edges", json={"image": text, "name": "two\nlines.png"}), 400) \
+        .startswith("two lines.png: not a readable image")
+
+
+def test_only_loopback_hosts_and_json_are_answered(finished_project):
+    """DNS rebinding: a page elsewhere whose name now points here sends its own Host. A cross-site
+    form or no-cors fetch can only send text/plain and form types: refused."""
+    client = local_client(app(Studio(), allow_hosts=["box.lan"]))
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "LOCALHOST", "box.lan:7860"):
+        assert client.get("/api/info", headers={"host": host}).status_code == 200, host
+    for host in ("evil.example:7860", "127.0.0.1.evil.example", "localhost.evil.example:80"):
+        name = host.rsplit(":", 1)[0] if host.count(":") else host
+        assert one_line_error(client.get("/", headers={"host": host}), 403) == \
+            f"Host {host}: not served (a guard against DNS rebinding); open the studio as 127.0.0.1 or " \
+            f"localhost, or restart fashion-studio with --allow-host {name}"
+    body = json.dumps({"image": data_url(dataset.gt_path(finished_project.path("eval_data"), 0))})
+    answer = client.post("/api/edges", content=body, headers={"content-type": "text/plain"})
+    assert one_line_error(answer, 415) == "request: send it as Content-Type: application/json"
+
+
+def test_a_body_over_the_cap_is_refused_as_it_arrives(finished_project):
+    """Content-Length too large: 413 before a byte is read. A chunked body (no Content-Length): 413
+    as soon as the bytes delivered pass MAX_BODY, and the rest is never read, in the bare ASGI app
+    and through uvicorn (which then closes the connection)."""
+    api = app(Studio())
+    client = local_client(api)
+    answer = client.post("/api/edges", content=b"{}", headers={"content-length": str(MAX_BODY + 1),
+                                                              "content-type": "application/json"})
+    assert one_line_error(answer, 413) == "upload larger than 20 MB; choose a smaller image"
+
+    chunk, chunks = b"x" * 2 ** 20, 40
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": chunk, "more_body": pulled < chunks}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/edges", "raw_path": b"/api/edges", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:7860"), (b"content-type", b"application/json"),
+                         (b"transfer-encoding", b"chunked")], "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 7860)}
+    asyncio.run(api(scope, receive, send))
+    assert pulled == MAX_BODY // len(chunk) + 1 < chunks, "read up to the cap, not the rest"
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"], "the app's own answer dropped"
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"].startswith("upload larger than 20 MB")
+
+    with serving(api) as url, socket.create_connection(url.removeprefix("http://").split(":")) as sock:
+        sock.sendall(b"POST /api/edges HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        uploaded = 0
+        with contextlib.suppress(OSError):  # the server closes the connection on the rest of the body
+            while uploaded < chunks * len(chunk) and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                uploaded += len(chunk)
+        sock.settimeout(10)
+        answer = b""
+        with contextlib.suppress(OSError):  # read up to the close (or the reset, after the answer)
+            while data := sock.recv(65536):
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'{"error":"upload larger than 20 MB' in answer
+    assert uploaded < chunks * len(chunk), "answered before the whole body was sent"
+
+
+def test_off_loopback_every_api_call_needs_the_token(finished_project, monkeypatch, caplog):
+    """`--host 0.0.0.0` makes up a token and prints the URL with it; the page is served without it
+    (it reads the token from its URL), every /api/ call needs it. On loopback, no token."""
+    import uvicorn
+
+    caplog.set_level("INFO", logger="stages")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda asgi, **kwargs: served.update(app=asgi, **kwargs))
+    main(["--host", "0.0.0.0", "--allow-host", "box.lan"])
+    assert served["host"] == "0.0.0.0" and served["port"] == 7860
+    token = re.search(r"open http://box\.lan:7860/\?token=([\w-]{32}) ", caplog.text).group(1)
+    client = local_client(served["app"], base_url="http://box.lan:7860")
+    assert "<title>fashion studio</title>" in client.get("/").text
+    assert one_line_error(client.get("/api/info"), 401) == \
+        "no token: open the studio by the URL it printed, with its ?token="
+    assert one_line_error(client.get("/api/info", headers={"authorization": f"Bearer {token}x"}), 403) == \
+        "wrong token: open the studio by the URL it printed, with its ?token="
+    assert client.get("/api/info", headers={"authorization": f"Bearer {token}"}).status_code == 200
+    assert one_line_error(client.get("/", headers={"host": "box.other"}), 403).startswith("Host box.other:")
+
+    main(["--port", "8000"])  # loopback: no token, and the URL says so
+    assert "open http://127.0.0.1:8000/ (Ctrl+C" in caplog.text
+    assert local_client(served["app"]).get("/api/info").status_code == 200
+    main(["--token", "chosen"])  # a token asked for on loopback is required there too
+    client = local_client(served["app"])
+    assert client.get("/api/info").status_code == 401
+    assert client.get("/api/info", headers={"authorization": "Bearer chosen"}).status_code == 200
+
+
+@contextlib.contextmanager
+def serving(asgi):
+    """`asgi` on a free localhost port, served by uvicorn in a thread: its URL."""
     import uvicorn
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    served = uvicorn.Server(uvicorn.Config(app(Studio()), host="127.0.0.1", port=port, log_level="warning"))
+    served = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not served.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    served.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        served.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def server(finished_project):
+    """The studio on a free localhost port."""
+    with serving(app(Studio())) as url:
+        yield url
 
 
 @pytest.mark.browser
@@ -256,3 +505,25 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     configs = {c["prompt"]: c["index"] for c in dataset.load_eval_configs(p.path("eval_data"))}
     index = configs[driver.find_element(By.ID, "prompt").get_attribute("value")]
     assert int(driver.find_element(By.ID, "seed").get_attribute("value")) == p.params["generate"]["seed"] + index
+
+
+@pytest.mark.browser
+def test_the_page_sends_its_token(chromium, finished_project, tmp_path):
+    """Off loopback: the page at /?token=... sends it with every call (info, the edge preview);
+    without it, the page says how to open it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, wait = chromium, WebDriverWait(chromium, 60)
+    Image.open(dataset.gt_path(finished_project.path("eval_data"), 1)).save(tmp_path / "photo.png")
+    with serving(app(Studio(), token="s3cret")) as url:
+        driver.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "error").text.startswith("no token: open the studio by the URL")
+        driver.get(f"{url}/?token=s3cret")
+        wait.until(lambda d: d.find_element(By.ID, "steps").get_attribute("value"))
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "photo.png"))
+        wait.until(lambda d: d.execute_script("const i = document.getElementById('edge-preview');"
+                                              "return i.complete && i.naturalWidth > 0")
+                   or d.find_element(By.ID, "error").is_displayed())
+        assert not driver.find_element(By.ID, "error").is_displayed(), driver.find_element(By.ID, "error").text

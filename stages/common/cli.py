@@ -33,7 +33,7 @@ def setup_logging(network: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def disk_error(err: OSError, stage: str) -> str:
@@ -43,6 +43,9 @@ def disk_error(err: OSError, stage: str) -> str:
         return (f"{where}: no space left on the device; free some (`dvc gc` trims DVC's cache), or move the big "
                 "caches to a larger disk (`dvc cache dir`, HF_HOME, XDG_CACHE_HOME), then rerun "
                 f"`dvc repro {stage}`")
+    if err.errno == errno.EIO:  # a failed read, write or fsync: the device or its file system, not a path
+        return (f"{where}: input/output error from the disk or its file system; the stage's previous outputs stay as "
+                f"they were: check the disk (`dmesg`), then rerun `dvc repro {stage}`")
     return f"{where}: {err.strerror or err}; check the path and its permissions, then rerun `dvc repro {stage}`"
 
 

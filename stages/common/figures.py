@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from stages.common.errors import StageError
-from stages.common.io import read_json
+from stages.common.io import csv_text_read, read_json
 
 VARIANT_COLORS = {"baseline": "#7f7f7f", "lora": "#1f77b4"}
 DPI = 100  # figure inches * DPI = pixels
@@ -49,6 +49,8 @@ def read_scores(path: str, indices: list[int] | None = None) -> pd.DataFrame:
     if not Path(path).is_file():
         raise StageError(f"{path}: not found; run `dvc repro metrics`")
     table = pd.read_csv(path, keep_default_na=False)
+    if "prompt" in table:
+        table["prompt"] = table["prompt"].astype(str).map(csv_text_read)
     missing = [c for c in SCORE_COLUMNS if c not in table]
     if missing or (indices is not None and table["index"].tolist() != indices):
         what = f"has no column {missing[0]}" if missing else f"is not the per-sample table of these {len(indices)} eval images"

@@ -4,7 +4,9 @@ Stage outputs are complete or absent: everything is written under a temporary na
 same folder and renamed into place only once it is whole, so a crash never leaves a partial
 file that looks valid. Temporary names all look like `.<name>.<token>.tmp[.suffix]`: each writer
 removes its own leftovers from a killed run before it starts, and .dvcignore keeps DVC from
-ever tracking one. Files and folders are created with the usual 0666/0777 & ~umask, so a
+ever tracking one. A rename is durable only once the file's bytes and then its folder's
+entries are on the disk: without the fsyncs a power cut can leave the new name pointing at an
+empty file, which looks whole. Files and folders are created with the usual 0666/0777 & ~umask, so a
 teammate on a shared machine can read them. Images many at a time go through `ImageWriter`,
 which runs `save_png` on a few threads so encoding overlaps the caller's next reads or draws.
 """
@@ -34,6 +36,10 @@ COMMIT_SUFFIX = ".commit"  # the journal of a folder swap in progress
 # zlib's fastest level, not PIL's default 6: PNG is lossless, so this trades only file size for
 # encode time, and docs/image-writes.md measures both
 PNG_COMPRESS_LEVEL = 1
+# The only formats any image is decoded from (`Image.open(..., formats=IMAGE_FORMATS)`): the stages
+# write PNG, users bring PNG, JPEG or WebP. Without the list PIL tries its ~40 other decoders, and
+# renders an EPS, whatever its name, by running Ghostscript on it.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def index_name(index: int, suffix: str = ".png") -> str:
@@ -54,6 +60,28 @@ def _leftover_pattern(name: str) -> re.Pattern:
 def public_path(path: str) -> str:
     """A path inside a temp folder, as the output it becomes: data/.edges.0a1b2c3d.tmp/x.png -> data/edges/x.png."""
     return re.sub(rf"(^|/)\.([^/]+)\.[0-9a-f]{{8}}{re.escape(TEMP_MARK)}(\.[^./]+)?(?=/|$)", r"\1\2", str(path))
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file's bytes, or a folder's entries (names just created, renamed or deleted), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # EIO, ENOSPC: the error names the file, for run_cli's one line
+        err.filename = err.filename or str(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root`, folders after their contents: a whole new output folder
+    on the disk before the rename that publishes it. (Files atomic_file wrote are already clean,
+    so their fsync costs little.)"""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync(os.path.join(folder, name))
+        fsync(folder)
 
 
 def _remove(path: Path) -> None:
@@ -82,9 +110,11 @@ def remove_temps(folder: str | Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, clean: bool = True):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
-    `clean=False` skips looking for a killed run's leftovers: for the many files of one folder,
-    which its stage cleans once (a look per file would make writing N files cost N^2)."""
+    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds, with the
+    file's bytes on the disk first and, after the rename, its folder's entry.
+    `clean=False` is for the many files of one folder, which its stage cleans once (a look per file
+    would make writing N files cost N^2) and whose folder is synced once, by `atomic_dirs` or by a
+    resumable stage's rerun, which redraws a file whose name a power cut lost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if clean:
@@ -93,7 +123,10 @@ def atomic_file(path: str | Path, clean: bool = True):
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0666 & ~umask, unlike mkstemp's 0600
     try:
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        if clean:
+            fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -137,6 +170,8 @@ def atomic_dirs(*paths: str | Path):
             temps[-1].mkdir(0o777)  # 0777 & ~umask, unlike mkdtemp's 0700
         yield temps
         moves = [(tmp, path, path.with_name(f".{path.name}{OLD_SUFFIX}")) for tmp, path in zip(temps, paths, strict=True)]
+        for tmp in temps:  # whole on the disk before the journal says they are
+            _fsync_tree(tmp)
         write_json(journal, [[str(p) for p in move] for move in moves])
         done = []
         try:
@@ -153,6 +188,8 @@ def atomic_dirs(*paths: str | Path):
                     os.replace(source, target)
             journal.unlink()
             raise
+        for parent in dict.fromkeys(path.parent for path in paths):  # the new names, before the old data goes
+            fsync(parent)
         for _, _, old in moves:
             _remove(old)
         journal.unlink()
@@ -180,6 +217,23 @@ def read_json(path: str | Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StageError(f"{path}: not valid JSON ({err}); {restore_hint()}") from None
+
+
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets, even in a
+# CSV: "=HYPERLINK(...)" in a dataset's description would run when a user opens per_sample.csv.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+CSV_ESCAPE = "'"  # what spreadsheets themselves use to mark a cell as text; it does not show there
+
+
+def csv_text(text: str) -> str:
+    """A text cell a spreadsheet shows as text, never runs: a leading formula character gets a `'`
+    before it. A text that starts with `'` gets one too, so `csv_text_read` is an exact inverse."""
+    return CSV_ESCAPE + text if text.startswith((*FORMULA_PREFIXES, CSV_ESCAPE)) else text
+
+
+def csv_text_read(text: str) -> str:
+    """The text `csv_text` was given."""
+    return text[1:] if text.startswith(CSV_ESCAPE) else text
 
 
 def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
@@ -284,7 +338,7 @@ def check_images(files: list[Path], stage: str, size: tuple[int, int] | None = N
         raise StageError(f"{missing[0]}: not found ({len(missing)} missing); run `dvc repro {stage}`")
     for path in files:
         try:
-            with Image.open(path) as img:
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
                 img.verify()
                 found = img.size
         except (OSError, ValueError, SyntaxError) as err:  # PIL reports a broken PNG as SyntaxError
@@ -308,7 +362,7 @@ def check_no_strays(files: list[Path], stage: str) -> None:
 def load_rgb(path: str | Path) -> np.ndarray:
     """An image as an HxWx3 uint8 RGB array; a missing or damaged file is one clear line."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             return np.array(img.convert("RGB"))
     except FileNotFoundError:
         raise StageError(f"{path}: not found; {restore_hint()}") from None
@@ -322,6 +376,14 @@ def source_files() -> list[Path]:
     """Every .py file of the `stages` package: the code behind any output. Resume fingerprints
     hash all of it, a superset of a stage's DVC code deps, so stale partial work is never reused."""
     return sorted(Path(__file__).resolve().parents[1].rglob("*.py"))
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fingerprint(settings: dict, *inputs: str | Path) -> str:

@@ -17,8 +17,10 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from tqdm import tqdm
 
 from stages.common.cli import DISK_ERRNOS, disk_error, log
 from stages.common.errors import StageError
+from stages.common.io import sha256_of
 from stages.common.model_layouts import Layout, list_folder, select
+from stages.common.params import ALEXNET_URL, INCEPTION_URL, URL_TOKEN_ENV, public_url, url_secrets
 
 
 def link_or_copy(source: Path, target: Path) -> bool:
@@ -54,21 +58,15 @@ def install(root: Path, chosen: dict[str, str], target: Path, key: str) -> dict[
     return record
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_sha256(path: Path, expected: str, key: str, source: str) -> str:
-    """`path`'s sha256, which must start with `expected` (empty: not pinned, the digest is logged)."""
+    """`path`'s sha256, which must start with `expected` (params.py makes it a full digest, or for
+    torchvision's own AlexNet a prefix of at least 8 hex digits)."""
+    if len(expected) < 8:
+        raise StageError(f"{key}: empty or shorter than 8 hex digits, so {source} is not pinned; set it to the "
+                         "file's sha256")
     actual = sha256_of(path)
-    if not expected:
-        log.warning("fetch-models: %s is not pinned; %s has sha256 %s: set %s to it", key, source, actual, key)
-    elif not actual.startswith(expected):
-        raise StageError(f"{key}: {source} has sha256 {actual[:16]}..., expected {expected}...; "
+    if not actual.startswith(expected):
+        raise StageError(f"{key}: {source} has sha256 {actual[:16]}..., expected {expected[:16]}...; "
                          "the file is corrupt or another file: check the URL or path, then rerun")
     return actual
 
@@ -87,32 +85,35 @@ def from_local(folder: str, layout: Layout, variant: str, key: str, target: Path
     return {"path": str(root), "files": install(root, chosen, target, key)}
 
 
-def check_loads(path: Path, key: str, source: str) -> None:
+def check_loads(path: Path, key: str, source: str, torchscript_sha256: str | None = None) -> None:
     """A metric backbone must load as what it claims to be: clean-fid's Inception is TorchScript,
-    AlexNet a state dict. An unpinned download (an HTML error page, a cut-off file) stops here,
-    not in the metrics stage."""
+    AlexNet a state dict. TorchScript is code that runs when loaded, so only a file whose full
+    sha256 was just checked (`torchscript_sha256`) is loaded as one; a state dict loads with
+    weights_only, which runs none."""
     import warnings
 
     import torch
 
+    if torchscript_sha256 is not None and len(torchscript_sha256) != 64:  # params.py refuses it first
+        raise StageError(f"{key}: {source} is TorchScript, which loads only when pinned by a full sha256")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch calls jit deprecated
-            if path.name.endswith(".pt"):
+            if torchscript_sha256 is not None:
                 torch.jit.load(str(path), map_location="cpu")
             else:
                 torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, pickle and zip errors alike
         raise StageError(f"{key}: {source} does not load ({type(err).__name__}); it is not the expected "
-                         "model file: check the URL or path and pin its sha256") from None
+                         "model file: check the URL or path and its sha256") from None
 
 
-def local_file(path: str, expected_sha256: str, key: str, sha_key: str, target: Path) -> dict:
+def local_file(path: str, expected_sha256: str, key: str, sha_key: str, target: Path, torchscript: bool) -> dict:
     source = Path(path).expanduser()
     if not source.is_file():
         raise StageError(f"{key}: {source} not found; set it to the file's path")
     digest = check_sha256(source, expected_sha256, sha_key, str(source))
-    check_loads(source, key, str(source))
+    check_loads(source, key, str(source), expected_sha256 if torchscript else None)
     link_or_copy(source, target)
     return {"path": str(source), "sha256": digest, "size": target.stat().st_size}
 
@@ -169,6 +170,14 @@ def hub_errors(repo_id: str, revision: str, key: str):
         raise
 
 
+def check_endpoint() -> None:
+    """HF_ENDPOINT (a hub mirror) carries no credentials: errors print it. The token goes in HF_TOKEN."""
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint and (secrets := url_secrets(endpoint)):
+        raise StageError(f"HF_ENDPOINT: {public_url(endpoint)} carries {' and '.join(secrets)}; set it to the "
+                         "mirror's plain URL and its token in HF_TOKEN (sent as a header, never logged or recorded)")
+
+
 def from_hub(repo_id: str, revision: str, layout: Layout, variant: str, key: str, target: Path) -> dict:
     """Download what `layout` needs from a hub repo (resumable, into the HF cache), verify every
     LFS file's sha256 against the hub's listing, and install it into `target`."""
@@ -214,10 +223,28 @@ def download_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fashion-controlnet-lora" / "downloads"
 
 
-def _download(url: str, part: Path) -> None:
+def url_token(url: str, key: str) -> str | None:
+    """$FASHION_URL_TOKEN for a mirror (any URL but the public defaults, which need none), checked
+    to be a header value and never sent in the clear off this machine. Never logged or recorded."""
+    token = os.environ.get(URL_TOKEN_ENV, "").strip()
+    if not token or url in (INCEPTION_URL, ALEXNET_URL):
+        return None
+    if not re.fullmatch(r"[\x21-\x7e]+", token):  # http.client would echo a bad value in its error
+        raise StageError(f"${URL_TOKEN_ENV}: not a valid token (spaces, line breaks or non-ASCII characters); "
+                         "set it to the bare token")
+    host = urllib.parse.urlsplit(url).hostname
+    if not url.startswith("https://") and host not in ("127.0.0.1", "::1", "localhost"):
+        raise StageError(f"{key}: ${URL_TOKEN_ENV} is set, but {url} is plain http, so the token would cross "
+                         "the network unencrypted; use the mirror's https URL")
+    return token
+
+
+def _download(url: str, part: Path, token: str | None) -> None:
     """Fetch `url` into `part`, resuming from its current size when the server allows it."""
     done = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    if token:  # not forwarded on a redirect: urllib would hand it to whatever host the mirror names
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as err:
@@ -237,7 +264,7 @@ def _download(url: str, part: Path) -> None:
             raise ConnectionError(f"got {part.stat().st_size} of {total} bytes")
 
 
-def from_url(url: str, expected_sha256: str, key: str, sha_key: str, target: Path) -> dict:
+def from_url(url: str, expected_sha256: str, key: str, sha_key: str, target: Path, torchscript: bool) -> dict:
     """Download `url` (resumable, cached), verify its sha256 and link it to `target`."""
     cache = download_cache()
     cache.mkdir(parents=True, exist_ok=True)
@@ -246,11 +273,17 @@ def from_url(url: str, expected_sha256: str, key: str, sha_key: str, target: Pat
     downloaded = 0
     if not done.exists():
         before = part.stat().st_size if part.exists() else 0
+        token = url_token(url, key)
+        if token:
+            log.info("fetch-models: %s: sending $%s as an Authorization header", key, URL_TOKEN_ENV)
         try:
-            _download(url, part)
+            _download(url, part, token)
         except urllib.error.HTTPError as err:
-            raise StageError(f"{key}: {url}: HTTP {err.code} {err.reason}; set {key} to a working URL or mirror, "
-                             "or use models.mode: local") from None
+            fix = f"set {key} to a working URL or mirror"
+            if err.code in (401, 403):
+                fix = (f"set ${URL_TOKEN_ENV} to a token the server accepts" if token
+                       else f"a mirror that wants a token: set ${URL_TOKEN_ENV}")
+            raise StageError(f"{key}: {url}: HTTP {err.code} {err.reason}; {fix}, or use models.mode: local") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise StageError(f"{key}: download of {url} stopped ({reason}); rerun `dvc repro fetch-models` to "
@@ -259,7 +292,7 @@ def from_url(url: str, expected_sha256: str, key: str, sha_key: str, target: Pat
         os.replace(part, done)
     try:
         digest = check_sha256(done, expected_sha256, sha_key, url)
-        check_loads(done, key, url)
+        check_loads(done, key, url, expected_sha256 if torchscript else None)
     except StageError:
         done.unlink()  # never keep a file that failed its check
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from stages.common import dataset
 from stages.common.errors import StageError, restore_hint
+from stages.common.io import read_json, sha256_of
 from stages.common.model_layouts import check_folder
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -172,11 +174,30 @@ def load_controlnet_pipeline(base: str | Path, controlnet: str | Path, scheduler
     return pipe.to(device)
 
 
-def load_inception(eval_models: str | Path, device: torch.device):
-    """clean-fid's Inception (or a random stand-in) from a local folder, never downloaded."""
+def check_pinned(path: Path, sources: Path) -> None:
+    """`path` must have the sha256 fetch-models recorded for the Inception in `sources`
+    (models/sources.json): the params' pin in hub and local mode, the digest of the stand-in it
+    built in tiny mode."""
+    record = read_json(require_file(sources))
+    entry = record.get("inception") if isinstance(record, dict) else None
+    pin = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(pin, str) or not re.fullmatch(r"[0-9a-f]{64}", pin):
+        raise StageError(f"{sources}: records no sha256 for {path} (an older fetch-models wrote it), and "
+                         "TorchScript loads only pinned; rerun `dvc repro fetch-models`")
+    actual = sha256_of(path)
+    if actual != pin:
+        raise StageError(f"{path}: sha256 {actual[:16]}..., not the pinned {pin[:16]}... ({sources}); "
+                         f"{restore_hint('fetch-models')}")
+
+
+def load_inception(eval_models: str | Path, device: torch.device, sources: str | Path):
+    """clean-fid's Inception (or the demo's stand-in) from a local folder, never downloaded. It is
+    TorchScript, code that runs when loaded: it loads only with the sha256 recorded in `sources`
+    (paths.model_sources)."""
     from cleanfid.inception_torchscript import InceptionV3W
 
     path = require_file(Path(eval_models) / dataset.INCEPTION_FILE)
+    check_pinned(path, Path(sources))
     with warnings.catch_warnings(), loading(path, torch_file=True):
         # The reference Inception is a TorchScript file; torch now calls jit.load deprecated.
         warnings.simplefilter("ignore", FutureWarning)

@@ -16,6 +16,7 @@ import difflib
 import math
 import re
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,14 @@ from stages.common.errors import StageError
 
 PARAMS_FILE = Path("params.yaml")
 HUB_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"  # what the hub accepts as owner/name
+REVISION = r"[A-Za-z0-9_][A-Za-z0-9._+/-]*"  # a branch, tag, commit or refs/pr/N: nothing URL-like
+SHA256 = r"[0-9a-f]{64}"
+# clean-fid's Inception (the StyleGAN2-ADA metrics file, 95,607,719 bytes; k-diffusion pins the same
+# digest) and torchvision's AlexNet, whose file name carries the first 8 hex digits of its sha256.
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+URL_TOKEN_ENV = "FASHION_URL_TOKEN"  # a token for models.*_url mirrors, sent as a header, never recorded
 
 
 class ParamsError(StageError):
@@ -136,28 +145,89 @@ class Models:
     controlnet_revision: str = _doc("branch, tag or commit of controlnet_id")
     clip_id: str = _doc("hub id of the CLIP model for the CLIP score")
     clip_revision: str = _doc("branch, tag or commit of clip_id")
-    inception_url: str = _doc("clean-fid's Inception TorchScript; a mirror may stand in")
-    inception_sha256: str = _doc("its sha256 (64 hex digits, or a prefix of at least 8); empty: not pinned, "
-                                 "the stage prints the digest to pin")
-    alexnet_url: str = _doc("torchvision's AlexNet weights, the LPIPS backbone; a mirror may stand in")
-    alexnet_sha256: str = _doc("its sha256 or a prefix of at least 8 hex digits (torchvision names files by one)")
+    inception_url: str = _doc("clean-fid's Inception TorchScript (http or https); a mirror may stand in. No "
+                              f"user name, password or query string: a token goes in ${URL_TOKEN_ENV}")
+    inception_sha256: str = _doc("its full sha256, 64 hex digits: TorchScript is code that runs when loaded, so "
+                                 "fetch-models and metrics load no file but this one")
+    alexnet_url: str = _doc("torchvision's AlexNet weights, the LPIPS backbone (http or https); a mirror may stand "
+                            "in, as for inception_url")
+    alexnet_sha256: str = _doc("its sha256, 64 hex digits; for torchvision's own URL a prefix of at least 8 will "
+                               "do (its file name carries one, and a state dict loads with weights_only)")
     local: LocalModels = _doc("local mode: where each model already is")
     pretrain: Pretrain = _doc("tiny mode: how the tiny models learn garments first")
 
     def __post_init__(self):
-        for key in ("inception_sha256", "alexnet_sha256"):
-            digest = getattr(self, key)
-            _check(digest == "" or (8 <= len(digest) <= 64 and all(c in "0123456789abcdef" for c in digest)),
-                   f"models.{key}", f"expected lowercase hex, 8 to 64 digits, or empty; got {digest!r}")
+        # Checked in every mode: dvc.lock records these values whichever mode reads them.
+        for key in ("inception", "alexnet"):
+            _check_url(getattr(self, f"{key}_url"), f"models.{key}_url", f"models.local.{key}")
+        full = "the file's full sha256 (64 lowercase hex digits: `sha256sum {}`)"
+        _check(re.fullmatch(SHA256, self.inception_sha256) is not None, "models.inception_sha256",
+               f"expected {full.format('inception-2015-12-05.pt')}, got {self.inception_sha256!r}: the Inception is "
+               "TorchScript, code that runs when loaded" + (f"; clean-fid's file is {INCEPTION_SHA256}"
+                                                            if self.inception_url == INCEPTION_URL else ""))
+        if self.alexnet_url == ALEXNET_URL:  # torchvision checks its files by this prefix too
+            _check(re.fullmatch(r"[0-9a-f]{8,64}", self.alexnet_sha256) is not None, "models.alexnet_sha256",
+                   "expected its sha256 or a prefix of it, 8 to 64 lowercase hex digits (torchvision's file name "
+                   f"carries 7be5be79), got {self.alexnet_sha256!r}")
+        else:
+            _check(re.fullmatch(SHA256, self.alexnet_sha256) is not None, "models.alexnet_sha256",
+                   f"expected {full.format(self.alexnet_url.rsplit('/', 1)[-1] or 'FILE')} for a URL other than "
+                   f"torchvision's, got {self.alexnet_sha256!r}")
         for key in ("base_id", "controlnet_id", "clip_id"):
-            _check(self.mode == "tiny" or re.fullmatch(HUB_ID, getattr(self, key)) is not None, f"models.{key}",
-                   f"expected a hub id like owner/name, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if self.mode == "tiny":  # tiny mode never uses the id, but dvc.lock records it: no URL there
+                _check(not any(c in value for c in ":@?#"), f"models.{key}",
+                       "expected a hub id like owner/name, not a URL")
+            else:
+                _check(re.fullmatch(HUB_ID, value) is not None, f"models.{key}",
+                       "expected a hub id like owner/name" + ("" if any(c in value for c in ":@?#")
+                                                             else f", got {value!r}"))
         for key in ("base_revision", "controlnet_revision", "clip_revision"):
-            _check(getattr(self, key) != "", f"models.{key}", "must not be empty; use main for the default branch")
-        if self.mode == "local":
-            for f in dataclasses.fields(LocalModels):
-                _check(getattr(self.local, f.name) != "", f"models.local.{f.name}",
-                       f"empty, but models.mode is local; set it to the {f.metadata['doc']}")
+            value = getattr(self, key)
+            _check(value != "", f"models.{key}", "must not be empty; use main for the default branch")
+            _check(re.fullmatch(REVISION, value) is not None, f"models.{key}",
+                   "expected a branch, tag or commit name (letters, digits and . _ - + /), e.g. main")
+        for f in dataclasses.fields(LocalModels):
+            value = getattr(self.local, f.name)
+            _check("://" not in value, f"models.local.{f.name}",
+                   "expected a path on this machine, not a URL; models.mode: hub downloads")
+            _check(self.mode != "local" or value != "", f"models.local.{f.name}",
+                   f"empty, but models.mode is local; set it to the {f.metadata['doc']}")
+
+
+def _check_url(url: str, key: str, local_key: str) -> None:
+    """A download URL: http(s), and nothing in it that may be a secret, since dvc.lock, sources.json,
+    the report and the bundle all copy it. The message never repeats the secret."""
+    _check(valid_url(url), key, "expected an http or https URL" + (
+        f", got {url!r}" if not any(c in url for c in "@?#") else " (not shown: it may hold a secret)"))
+    secrets = url_secrets(url)
+    _check(not secrets, key, f"{public_url(url)} carries {' and '.join(secrets)}, which would be copied into "
+           f"dvc.lock, models/sources.json, the report and the bundle: put a token in ${URL_TOKEN_ENV} instead "
+           f"(sent as an Authorization: Bearer header, never logged or recorded), or download the file yourself "
+           f"and set {local_key}")
+
+
+def url_secrets(url: str) -> list[str]:
+    """What in `url` may hold a secret: a user name or password, a query string, a fragment."""
+    return [what for what, there in (("a user name or password", "@" in urllib.parse.urlsplit(url).netloc),
+                                     ("a query string", "?" in url), ("a fragment", "#" in url)) if there]
+
+
+def public_url(url: str) -> str:
+    """`url` with its user name, password, query and fragment replaced by `...`: safe to print."""
+    parts = urllib.parse.urlsplit(url)
+    tail = re.search(r"[?#]", url)
+    return (f"{parts.scheme}://" + ("...@" if "@" in parts.netloc else "") + parts.netloc.rpartition("@")[2]
+            + parts.path + (tail.group() + "..." if tail else ""))
+
+
+def valid_url(url: str) -> bool:
+    """An http(s) URL with a host and, if any, a numeric port."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number, a broken [IPv6] host
+        return False
 
 
 @dataclass(frozen=True)
