@@ -41,10 +41,14 @@ def entry_name(path: Path, key: str, name: str) -> str:
     file outside it `external/<key>/<name>`. Never absolute, never `..`: whoever unpacks the
     bundle gets files under the folder they unpack it in, and nowhere else."""
     root = Path.cwd()
+    entry = f"{EXTERNAL}/{key}/{name}"
     for inside, base in ((Path(os.path.normpath(root / path)), root), (path.resolve(), root.resolve())):
         if inside.is_relative_to(base) and inside != base:
-            return inside.relative_to(base).as_posix()
-    return f"{EXTERNAL}/{key}/{name}"
+            entry = inside.relative_to(base).as_posix()
+            break
+    if "\\" in entry:  # a folder separator to Windows' unzip: `..\\x` would climb out there
+        raise StageError(f"{path}: a backslash in its name, which unpacks as a folder on Windows; rename it")
+    return entry
 
 
 def members(paths) -> dict[str, Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
-from stages.common.io import save_png
+from stages.common.io import fsync, save_png
 from stages.common.models import SCHEDULERS
 from stages.common.params import load_params
 from stages.common.runtime import device
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         save_png(args.out / f"{name}-seed{seed}-lora.png", lora_image)
     sheet = args.out / f"{name}-side-by-side.png"
     save_png(sheet, side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)]))
+    fsync(args.out)  # their names on the disk too (save_png flushed each file before naming it)
     log.info("fashion-generate: %d seeds, baseline and LoRA; wrote %s (edges | baseline | LoRA per row)",
              len(seeds), sheet)
 

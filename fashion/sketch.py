@@ -28,7 +28,8 @@ from stages.common.runtime import inference_dtype
 # decoded at 1/2, 1/4 or 1/8 of their size (libjpeg's DCT scaling) when that still covers the
 # model's resolution, and this counts the pixels so decoded.
 MAX_PIXELS = 25 * 10 ** 6
-ACCEPTED = "PNG, JPEG or WebP"  # IMAGE_FORMATS, as an error names them
+_SHOWN = [f.replace("WEBP", "WebP") for f in IMAGE_FORMATS]
+ACCEPTED = f"{', '.join(_SHOWN[:-1])} or {_SHOWN[-1]}"  # IMAGE_FORMATS as an error names them: PNG, JPEG or WebP
 
 
 class Note(NamedTuple):
@@ -51,7 +52,7 @@ def read_image(source, name, resolution: int) -> tuple[np.ndarray, list[Note]]:
                 raise StageError(f"{name}: {width}x{height} is more than {MAX_PIXELS // 10 ** 6} megapixels; "
                                  f"give a smaller image (it is resized to the model's {resolution}x{resolution} "
                                  "anyway)")
-            if img.getexif().get(ExifTags.Base.Orientation, 1) > 4:  # orientations 5-8 turn it by 90 degrees
+            if img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned by 90 degrees (any other value: as is)
                 width, height = height, width
             ImageOps.exif_transpose(img, in_place=True)
             # Cropped and resized before anything else at full size: the white page goes under a

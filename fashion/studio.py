@@ -63,6 +63,7 @@ GENERATIONS_WAITING = 4  # behind the one drawing; each holds its upload while i
 MAX_PROMPT = 2000  # characters; CLIP reads 77 tokens, a few hundred characters
 MAX_NAME = 200
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names always answered
+MIN_TOKEN = 16  # characters of a --token: a guessable one would be no door at all
 # Connections at once (uvicorn answers 503 beyond): each may hold an upload of up to MAX_BODY while it is
 # read and parsed, before any line above counts it. A page uses a few.
 MAX_CONNECTIONS = 16
@@ -107,7 +108,7 @@ def decode_upload(data: str, name: str):
             raise StageError(f"{name}: the upload is not a data URL with a payload; choose the file again")
     if not payload:
         raise StageError(f"{name}: empty upload; choose a {ACCEPTED} photo or sketch")
-    if len(payload) > MAX_UPLOAD * 4 // 3 + 4:
+    if len(payload) > MAX_UPLOAD * 4 // 3 + 4:  # base64 of MAX_UPLOAD bytes, padding included
         raise StageError(f"{name}: larger than {MAX_UPLOAD // 2 ** 20} MB; upload a smaller image")
     try:
         return io.BytesIO(base64.b64decode(payload, validate=True))
@@ -404,9 +405,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                         help="also answer requests for this Host name (the name or address in the URL you open; "
-                             "127.0.0.1, localhost and [::1] always are); repeatable")
-    parser.add_argument("--token", help="the token every /api/ call must carry (default off loopback: a random "
-                                        "one, printed in the URL); needed for a non-loopback --host")
+                             "127.0.0.1, localhost and [::1] always are); repeatable. A name other than loopback "
+                             "(a proxy, a tunnel) needs a token too")
+    parser.add_argument("--token", help=f"the token every /api/ call must carry, {MIN_TOKEN} characters or more "
+                                        "(default off loopback: a random one, printed in the URL)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         import fastapi  # noqa: F401
@@ -415,9 +417,12 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError("fashion-studio needs the studio extra: pip install -e '.[studio]' (or run `make studio`)")
     wildcard = host_name(args.host) in ("0.0.0.0", "[::]", "")
     allow_hosts = args.allow_host + ([] if wildcard else [args.host])
-    token = args.token
-    if token is None and not is_loopback(args.host):
-        token = secrets.token_urlsafe(24)
+    if args.token is not None and len(args.token) < MIN_TOKEN:
+        raise StageError(f"--token: {len(args.token)} characters; give at least {MIN_TOKEN} (e.g. `python -c "
+                         "'import secrets; print(secrets.token_urlsafe(24))'`), or leave it out for a printed one")
+    # Reachable from elsewhere, by its address or by a name a proxy or tunnel forwards: a token
+    exposed = not is_loopback(args.host) or not all(map(is_loopback, args.allow_host))
+    token = args.token or (secrets.token_urlsafe(24) if exposed else None)
     studio = Studio()
     if problem := studio.models_problem():
         log.warning("studio: %s; the page will say so until they are there", problem)

@@ -50,9 +50,6 @@ def to_resolution(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-
-
-
 def split_products(product_ids: np.ndarray, train: int, evaluate: int, seed: int, source: str, images: int = 0):
     """Rows of the train products (all poses, at most `images` in all) and of the eval products
     (first pose each). `train` 0 means every product not held out."""
@@ -85,7 +82,6 @@ def blocks(rows: np.ndarray, chunk: int):
             start = int(rows[first])
             yield start, int(rows[i - 1]) + 1, rows[first:i] - start
             first = i
-
 
 
 def read_rows(f: h5py.File, rows: np.ndarray, chunk: int, size: int, path: Path):

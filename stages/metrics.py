@@ -34,15 +34,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from stages.common import dataset, statistics
 from stages.demo import colour
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.edges import canny, edge_fidelity
-from stages.common.io import (atomic_file, check_images, check_no_strays, csv_text, load_rgb, read_json,
-                              write_json)
+from stages.common.io import (atomic_file, check_images, check_no_strays, csv_text, image_size, load_rgb,
+                              read_json, write_json)
 from stages.common.models import load_clip, load_inception, load_lpips, require_file
 from stages.common.params import load_params
 from stages.common.runtime import device, peak_memory, set_tf32
@@ -143,8 +142,7 @@ def main() -> None:
     # Every input checked before any model loads: present, readable, the ground truth's size, and
     # no image from another eval set.
     check_images(gt_files, "extract")
-    with Image.open(gt_files[0]) as first:
-        size = first.size
+    size = image_size(gt_files[0])
     check_images(edge_files, "canny-edges", size)
     for variant, files in generated.items():
         check_images(files, f"generate-{variant}", size)

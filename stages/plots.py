@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from PIL import Image
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
@@ -27,7 +26,7 @@ from stages.common.errors import StageError
 from stages.common.edges import canny
 from stages.common.figures import (HEADLINE, HEADLINE_KEYS, TILE_INCHES, VARIANT_COLORS, direction, png_bytes,
                                    read_results, read_scores)
-from stages.common.io import atomic_file, check_images, load_rgb
+from stages.common.io import atomic_file, check_images, image_size, load_rgb
 from stages.common.params import load_params
 
 INPUT_EDGE, GENERATED_EDGE, BOTH_EDGES = (0, 160, 255), (255, 150, 0), (255, 255, 255)
@@ -162,8 +161,7 @@ def main() -> None:
     rows = choose_rows(table, cfg)
     overlaid = [i for i, _ in rows][:cfg.overlay_samples]
     gt_of = image_columns(paths)[0][2]
-    with Image.open(gt_of(rows[0][0])) as first:
-        size = first.size
+    size = image_size(gt_of(rows[0][0]))
     for _, stage, path_of in image_columns(paths):  # every image read, checked before drawing any
         check_images([path_of(i) for i, _ in rows], stage, size)
 

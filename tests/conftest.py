@@ -20,6 +20,8 @@ from stages.common import dataset
 from stages.common.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
+# An EPS under any name: PIL renders one by running Ghostscript, so no reader of images may open it
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
 
 # The CI machine has 2 shared cores; more threads only make tiny models slower.

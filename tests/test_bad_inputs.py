@@ -32,7 +32,7 @@ from stages.common import dataset, fashiongen
 from stages.common.cli import run_cli
 from stages.common.io import TEMP_MARK
 from stages.common.models import LORA_WEIGHTS
-from tests.conftest import Project
+from tests.conftest import EPS, Project
 
 
 @dataclass
@@ -208,7 +208,7 @@ def not_png(fmt: str, rel: str):
     """Another format under a .png name: decoded by nothing (PIL would run Ghostscript for an EPS)."""
     def setup(p, mp):
         if fmt == "EPS":
-            (p.root / rel).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
+            (p.root / rel).write_bytes(EPS)
         else:
             Image.new("RGB", (64, 64)).save(p.root / rel, format=fmt)
     return setup
@@ -278,6 +278,11 @@ CASES = [
          r"bad.h5: input_image declares 20,000,000 rows, above the 10,000,000 \(MAX_ROWS\) read"),
     Case("description-huge-width", "extract", hostile(input_description=lambda d: declared(d.shape, "S100000000")),
          r"bad.h5: input_description declares cells of 100,000,000 bytes, above the 65,536 \(MAX_TEXT_WIDTH\)"),
+    Case("images-declared-not-stored", "extract", hostile(input_image=lambda d: declared(d.shape, np.uint8, chunks=IMAGES)),
+         r"bad.h5: input_image declares shape \(\d+, 256, 256, 3\), but the file stores 0 of its \d+ chunks; a "
+         r"truncated or made-up file: fetch it from its source again"),
+    Case("ids-declared-not-stored", "extract", hostile(input_productID=lambda d: declared(d.shape, d.dtype)),
+         r"bad.h5: input_productID declares shape \(\d+, 1\), but the file stores 0 of its \d+ bytes"),
     Case("resolution-above-source", "extract", params(extract__resolution=512),
          r"extract.resolution: 512 px is above data/raw/fashiongen_demo.h5's 256 px images; lower it"),
     Case("tokenizer-missing-extract", "extract", delete("models/base/tokenizer/vocab.json"),

@@ -212,16 +212,21 @@ def write_header(path, rows=4, side=256, text="S400", **makers):
 
 
 def test_fashiongen_headers_pass_and_slices_fit_the_budget(extracted, tmp_path):
+    """FashionGen's real layout, and the largest one allowed, pass every bound: the headers hold no
+    data, so the last check, that every declared byte is stored, is what refuses them."""
     with h5py.File(extracted.path("demo_h5")) as f:
         assert fashiongen.check_layout(f, extracted.path("demo_h5"), 64) == len(f["input_image"])
     full_size = write_header(tmp_path / "fashiongen_256_256_train.h5", rows=260_490)
     with h5py.File(full_size) as f:
-        assert fashiongen.check_layout(f, full_size, 256) == 260_490
+        with pytest.raises(StageError, match=r"input_image declares shape \(260490, 256, 256, 3\), but the file "
+                                             r"stores 0 of its 260,490 chunks"):
+            fashiongen.check_layout(f, full_size, 256)
         assert fashiongen.rows_per_slice(f, 256) == 256, "FashionGen's slices are not cut"
     largest = write_header(tmp_path / "largest.h5", rows=fashiongen.MAX_ROWS, side=fashiongen.MAX_IMAGE_SIDE,
                            text=f"S{fashiongen.MAX_TEXT_WIDTH}")
     with h5py.File(largest) as f:
-        assert fashiongen.check_layout(f, largest, 256) == fashiongen.MAX_ROWS
+        with pytest.raises(StageError, match=r"input_image declares shape .* but the file stores 0 of its"):
+            fashiongen.check_layout(f, largest, 256)
         rows = fashiongen.rows_per_slice(f, 256)
         assert rows == 10 and rows * (3 * fashiongen.MAX_IMAGE_SIDE ** 2 + 3 * fashiongen.MAX_TEXT_WIDTH + 8) \
             <= fashiongen.SLICE_BUDGET

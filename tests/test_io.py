@@ -19,7 +19,7 @@ from PIL import Image
 from stages.common.errors import StageError
 from stages.common.io import (OLD_SUFFIX, ImageWriter, atomic_dir, atomic_dirs, atomic_file, check_images, fingerprint,
                               load_rgb, read_json, remove_temps, save_png, source_files)
-from tests.conftest import REPO
+from tests.conftest import EPS, REPO
 
 
 def test_atomic_file_leaves_nothing_on_failure(tmp_path):
@@ -411,7 +411,7 @@ def test_images_decode_only_from_png_jpeg_or_webp_whatever_their_name(tmp_path, 
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
     path = tmp_path / "000000.png"
     if fmt == "EPS":
-        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\nshowpage\n")
+        path.write_bytes(EPS)
     else:
         Image.new("RGB", (4, 4)).save(path, format=fmt)
     with pytest.raises(StageError, match=r"000000.png: not a readable image"):
@@ -422,3 +422,25 @@ def test_images_decode_only_from_png_jpeg_or_webp_whatever_their_name(tmp_path, 
         Image.new("RGB", (4, 4), "red").save(path, format=fmt)
         check_images([path], "extract")
         assert load_rgb(path).shape == (4, 4, 3)
+
+
+def test_a_file_system_that_cannot_sync_folders_still_publishes(tmp_path, monkeypatch):
+    """Some network and FUSE file systems answer EINVAL to fsync on a folder (POSIX allows it); a
+    file they cannot sync is still an error."""
+    real_fsync = os.fsync
+
+    def no_folder_sync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_sync)
+    with atomic_dir(tmp_path / "out") as tmp:
+        save_png(tmp / "a.png", np.zeros((4, 4, 3), np.uint8))
+    with atomic_file(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "x.json").read_text() == "{}"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    with pytest.raises(OSError, match="Invalid argument"), atomic_file(tmp_path / "y.json") as tmp:
+        tmp.write_text("{}")
+    assert not (tmp_path / "y.json").exists()

@@ -561,3 +561,16 @@ def test_a_hub_endpoint_with_credentials_is_refused(tmp_path, monkeypatch, capsy
                     "header, never logged or recorded)")
     assert [s for s in ("alice", "hunter2", "5ec7e7") if s in printed] == []
     assert [p.name for p in tmp_path.rglob("*")] == ["params.yaml"]
+
+
+@pytest.mark.parametrize("endpoint", ["https://[::1", "hub-mirror.example", "ftp://alice:pw@x/"])
+def test_a_hub_endpoint_that_is_no_url_is_one_line(tmp_path, monkeypatch, capsys, caplog, endpoint):
+    from stages import fetch_models
+
+    Project(tmp_path).set({"models.mode": "hub"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    line, printed = run_stage(fetch_models.main, monkeypatch, capsys, caplog)
+    assert line == ("error: HF_ENDPOINT: not an http or https URL with a host (not shown: it may hold a secret); set "
+                    "it to the mirror's plain URL, or unset it for huggingface.co")
+    assert "pw" not in printed and [p.name for p in tmp_path.rglob("*")] == ["params.yaml"]

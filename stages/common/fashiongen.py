@@ -60,10 +60,10 @@ def open_dataset(f: h5py.File, key: str, path: Path) -> h5py.Dataset:
         raise StageError(f"{path}: key {key!r} missing; extract.h5 must point to a FashionGen H5")
     link = f.id.links.get_info(name).type
     if link == h5l.TYPE_EXTERNAL:
-        file_name, target = (part.decode() for part in f.id.links.get_val(name))
+        file_name, target = (part.decode(errors="replace") for part in f.id.links.get_val(name))
         outside = f"an external link to {target} in {file_name}"
     elif link == h5l.TYPE_SOFT:
-        outside = f"a soft link to {f.id.links.get_val(name).decode()}"
+        outside = f"a soft link to {f.id.links.get_val(name).decode(errors='replace')}"
     elif link != h5l.TYPE_HARD:
         outside = f"a link of user-defined type {link}"
     elif not isinstance(dset := f[key], h5py.Dataset):
@@ -121,7 +121,23 @@ def check_layout(f: h5py.File, path: Path, resolution: int) -> int:
         if column.dtype.itemsize > MAX_TEXT_WIDTH:
             raise StageError(f"{path}: {key} declares cells of {column.dtype.itemsize:,} bytes, above the "
                              f"{MAX_TEXT_WIDTH:,} (MAX_TEXT_WIDTH) read; FashionGen's descriptions are |S400")
+    for key, dset in datasets.items():
+        check_stored(dset, key, path)
     return rows
+
+
+def check_stored(dset: h5py.Dataset, key: str, path: Path) -> None:
+    """Every byte `dset` declares is stored. HDF5 reads what was never written as zeros, so a few
+    kB of header could otherwise have extract grind through terabytes of blank images (and write
+    them to disk). Counts chunks in the file's index: no data is read."""
+    if dset.chunks:
+        declared = math.prod(math.ceil(n / c) for n, c in zip(dset.shape, dset.chunks, strict=True))
+        stored, unit = dset.id.get_num_chunks(), "chunks"
+    else:
+        declared, stored, unit = dset.nbytes, dset.id.get_storage_size(), "bytes"
+    if stored < declared:
+        raise StageError(f"{path}: {key} declares shape {dset.shape}, but the file stores {stored:,} of its "
+                         f"{declared:,} {unit}; a truncated or made-up file: fetch it from its source again")
 
 
 def rows_per_slice(f: h5py.File, chunk: int) -> int:

@@ -14,6 +14,7 @@ which runs `save_png` on a few threads so encoding overlaps the caller's next re
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -62,13 +63,21 @@ def public_path(path: str) -> str:
     return re.sub(rf"(^|/)\.([^/]+)\.[0-9a-f]{{8}}{re.escape(TEMP_MARK)}(\.[^./]+)?(?=/|$)", r"\1\2", str(path))
 
 
+# What some file systems (network ones, FUSE) answer to fsync on a folder, which POSIX does not
+# require them to support: their folder entries are as durable as they get (PostgreSQL's
+# fsync_fname ignores the same).
+UNSYNCABLE_FOLDER = {errno.EINVAL, errno.EBADF, errno.ENOTSUP}
+
+
 def fsync(path: str | Path) -> None:
     """Flush a file's bytes, or a folder's entries (names just created, renamed or deleted), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as err:  # EIO, ENOSPC: the error names the file, for run_cli's one line
-        err.filename = err.filename or str(path)
+    except OSError as err:
+        if err.errno in UNSYNCABLE_FOLDER and os.path.isdir(path):
+            return
+        err.filename = err.filename or str(path)  # EIO, ENOSPC: named, for run_cli's one line
         raise
     finally:
         os.close(fd)
@@ -138,11 +147,15 @@ def _journal(paths: list[Path]) -> Path:
 def _finish_swap(journal: Path) -> None:
     """Complete a swap that a kill interrupted: the journal is written once every new folder is
     whole, so finishing it forward is always right, and doing it twice is harmless."""
-    for tmp, path, old in (map(Path, move) for move in read_json(journal)):
+    moves = [tuple(map(Path, move)) for move in read_json(journal)]
+    for tmp, path, old in moves:
         if tmp.exists():
             if path.exists() and not old.exists():
                 os.replace(path, old)
             os.replace(tmp, path)
+    for parent in dict.fromkeys(path.parent for _, path, _ in moves):  # the new names, before the old data goes
+        fsync(parent)
+    for _, _, old in moves:
         _remove(old)
     journal.unlink()
 
@@ -359,17 +372,30 @@ def check_no_strays(files: list[Path], stage: str) -> None:
                          f"the folder is from another eval set: rerun `dvc repro {stage}`")
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """An image as an HxWx3 uint8 RGB array; a missing or damaged file is one clear line."""
+@contextlib.contextmanager
+def open_image(path: str | Path):
+    """An image file opened as one of IMAGE_FORMATS; a missing or damaged file is one clear line."""
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as img:
-            return np.array(img.convert("RGB"))
+            yield img
     except FileNotFoundError:
         raise StageError(f"{path}: not found; {restore_hint()}") from None
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         if isinstance(err, OSError) and err.errno is not None:
             raise  # the disk itself: run_cli says so
         raise StageError(f"{path}: not a readable image ({_image_error(err, path)}); {restore_hint()}") from None
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An image as an HxWx3 uint8 RGB array."""
+    with open_image(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height), from the header."""
+    with open_image(path) as img:
+        return img.size
 
 
 def source_files() -> list[Path]:

@@ -30,7 +30,7 @@ from stages.common.cli import DISK_ERRNOS, disk_error, log
 from stages.common.errors import StageError
 from stages.common.io import sha256_of
 from stages.common.model_layouts import Layout, list_folder, select
-from stages.common.params import ALEXNET_URL, INCEPTION_URL, URL_TOKEN_ENV, public_url, url_secrets
+from stages.common.params import ALEXNET_URL, INCEPTION_URL, URL_TOKEN_ENV, public_url, url_secrets, valid_url
 
 
 def link_or_copy(source: Path, target: Path) -> bool:
@@ -173,6 +173,9 @@ def hub_errors(repo_id: str, revision: str, key: str):
 def check_endpoint() -> None:
     """HF_ENDPOINT (a hub mirror) carries no credentials: errors print it. The token goes in HF_TOKEN."""
     endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint and not valid_url(endpoint):
+        raise StageError("HF_ENDPOINT: not an http or https URL with a host (not shown: it may hold a secret); set "
+                         "it to the mirror's plain URL, or unset it for huggingface.co")
     if endpoint and (secrets := url_secrets(endpoint)):
         raise StageError(f"HF_ENDPOINT: {public_url(endpoint)} carries {' and '.join(secrets)}; set it to the "
                          "mirror's plain URL and its token in HF_TOKEN (sent as a header, never logged or recorded)")

@@ -19,6 +19,7 @@ from stages.common import dataset
 from stages.common.errors import StageError, restore_hint
 from stages.common.io import read_json, sha256_of
 from stages.common.model_layouts import check_folder
+from stages.common.params import SHA256
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -181,7 +182,7 @@ def check_pinned(path: Path, sources: Path) -> None:
     record = read_json(require_file(sources))
     entry = record.get("inception") if isinstance(record, dict) else None
     pin = entry.get("sha256") if isinstance(entry, dict) else None
-    if not isinstance(pin, str) or not re.fullmatch(r"[0-9a-f]{64}", pin):
+    if not isinstance(pin, str) or not re.fullmatch(SHA256, pin):
         raise StageError(f"{sources}: records no sha256 for {path} (an older fetch-models wrote it), and "
                          "TorchScript loads only pinned; rerun `dvc repro fetch-models`")
     actual = sha256_of(path)
