@@ -6,7 +6,8 @@ edge maps, and how sure we can be, with LoRA compared to the baseline pair by pa
 - FID / KID: clean-fid's "clean" resize and Inception features (loaded from models/eval, never
   downloaded), with our own Fréchet distance and seeded KID (stages/common/statistics.py).
   clean-fid's versions call `sqrtm(disp=False)` (gone in SciPy 1.18) and draw KID subsets from
-  the global, unseeded `np.random`.
+  the global, unseeded `np.random`; its KID also compares each generated image with its own
+  ground truth, which biases it for paired sets.
 - LPIPS (alex): each generated image against its own ground truth.
 - CLIP score: per image max(cos, 0) of CLIP image and prompt embeddings, i.e. torchmetrics'
   definition / 100, the scale of the published 0.28-0.30 (`logits_per_image / 100`); the raw

@@ -115,39 +115,73 @@ def test_fid_interval_holds_the_estimate_and_covers_fid_at_this_n():
     assert percentile_held / trials <= 0.2, percentile_held
 
 
-def test_kid_matches_clean_fid_when_subsets_cover_everything():
+def unbiased_mmd_of_pairs(x, y):
+    """Gretton et al. (2012), eq. 3, written out: MMD^2_u = mean over i != j of
+    h(z_i, z_j) = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i), with clean-fid's kernel."""
+    def k(a, b):
+        return (a @ b / len(a) + 1) ** 3
+    m = len(x)
+    return np.mean([k(x[i], x[j]) + k(y[i], y[j]) - k(x[i], y[j]) - k(x[j], y[i])
+                    for i in range(m) for j in range(m) if i != j])
+
+
+def test_kid_is_the_unbiased_mmd_of_pairs():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(30, 64)), rng.normal(0.2, 1, size=(30, 64))
     kid = statistics.kernel_distance(a, b, subsets=3, subset_size=1000, seed=0)
-    assert kid["kid"] == pytest.approx(cleanfid.kernel_distance(a, b, num_subsets=3), rel=1e-9)
+    assert kid["kid"] == pytest.approx(unbiased_mmd_of_pairs(b, a), rel=1e-9)
     assert kid["subsets"] == 1 and kid["subset_size"] == 30 and kid["subset_std"] is None, "no float-noise std"
 
 
-def test_kid_subsets_are_seeded_and_match_clean_fids_estimator():
+def test_kid_subsets_are_seeded_draws_of_pairs():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(40, 16)), rng.normal(0.2, 1, size=(40, 16))
     kid = statistics.kernel_distance(a, b, subsets=10, subset_size=10, seed=1)
     assert kid == statistics.kernel_distance(a, b, subsets=10, subset_size=10, seed=1)
     assert kid["subsets"] == 10 and kid["subset_size"] == 10 and kid["subset_std"] > 0
-    # the same draws, fed to clean-fid's formula one subset at a time
-    draw, estimates = np.random.default_rng(1), []
-    for _ in range(10):
-        x, y = b[draw.choice(40, 10, replace=False)], a[draw.choice(40, 10, replace=False)]
-        estimates.append(cleanfid.kernel_distance(y, x, num_subsets=1, max_subset_size=10))
+    draw = np.random.default_rng(1)  # the same draws: one set of eval samples, both sides
+    estimates = [unbiased_mmd_of_pairs(b[s], a[s]) for s in (draw.choice(40, 10, replace=False) for _ in range(10))]
     assert kid["kid"] == pytest.approx(np.mean(estimates), rel=1e-9)
 
 
+def test_kid_agrees_with_clean_fid_on_independent_sets_and_is_unbiased_on_matched_ones():
+    """On independent sets both estimators are unbiased, so they agree on average. When generated
+    image i follows ground truth i (the same distributions, now paired), clean-fid's matched pairs
+    pull its KID down; leaving them out keeps the independent sets' value."""
+    rng = np.random.default_rng(4)
+    n, d, trials = 30, 8, 300
+
+    def generated(gt):  # N(0.2, 0.97) in every dimension, paired with `gt` or not
+        return 0.9 * gt + rng.normal(0.2, 0.4, size=gt.shape)
+
+    ours, theirs, ours_matched, theirs_matched = [], [], [], []
+    for _ in range(trials):
+        gt, other = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+        independent, matched = generated(other), generated(gt)
+        ours.append(statistics.kernel_distance(gt, independent, 1, n, 0)["kid"])
+        theirs.append(cleanfid.kernel_distance(gt, independent, num_subsets=1))
+        ours_matched.append(statistics.kernel_distance(gt, matched, 1, n, 0)["kid"])
+        theirs_matched.append(cleanfid.kernel_distance(gt, matched, num_subsets=1))
+
+    def error(*samples):  # of the difference of their means
+        return np.sqrt(sum(np.var(x) for x in samples) / trials)
+
+    assert abs(np.mean(ours) - np.mean(theirs)) < 3 * error(ours, theirs)
+    assert abs(np.mean(ours_matched) - np.mean(ours)) < 3 * error(ours_matched, ours)
+    assert np.mean(theirs_matched) < np.mean(ours) - 10 * error(theirs_matched, ours), \
+        "the bias the matched pairs bring, which this estimator leaves out"
+
+
 def kid_of_repeated_rows(gt, gen, weights):
-    """KID of a resample by brute force: the repeated rows, pairing copies of one image only in
-    the cross term and only once per draw (copy a of generated i with copy a of ground truth i)."""
+    """KID of a resample by brute force: the repeated rows, no term pairing two copies of one eval
+    sample (nor a generated image with its own ground truth)."""
     rows = np.repeat(np.arange(len(gt)), weights)
     k_gg, k_xx, k_xg = (statistics.kernel(u[rows], v[rows]) for u, v in ((gt, gt), (gen, gen), (gen, gt)))
     distinct = rows[:, None] != rows[None, :]
-    cross = distinct | np.eye(len(rows), dtype=bool)
-    return k_xx[distinct].mean() + k_gg[distinct].mean() - 2 * k_xg[cross].mean()
+    return k_xx[distinct].mean() + k_gg[distinct].mean() - 2 * k_xg[distinct].mean()
 
 
-def test_kid_resamples_count_each_image_and_each_matched_pair_once():
+def test_kid_resamples_count_each_image_once():
     rng = np.random.default_rng(2)
     n, d = 25, 8
     gt = rng.normal(size=(n, d))

@@ -130,35 +130,42 @@ def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _mmd(k_xx, k_yy, k_xy) -> float:
-    """clean-fid's unbiased MMD^2 estimate on one pair of equal-size subsets."""
+    """Unbiased MMD^2 of m pairs (x_i, y_i): every sum skips i == j, the cross term's too (Gretton et
+    al. 2012's MMD^2_u). A generated image and its own ground truth share edge map, prompt and
+    seed, so k(x_i, y_i) runs high; clean-fid keeps it in the cross term, which is unbiased only for
+    independent sets and lowers the KID of a variant the more it copies its ground truth."""
     m = len(k_xx)
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m - 1)
-    return float((within - 2 * k_xy.sum() / m) / m)
+
+    def pairs(k):
+        return (k.sum() - np.trace(k)) / (m * (m - 1))
+
+    return float(pairs(k_xx) + pairs(k_yy) - 2 * pairs(k_xy))
 
 
 def kernel_distance(gt: np.ndarray, gen: np.ndarray, subsets: int, subset_size: int, seed: int) -> dict:
-    """KID (clean-fid's estimator) over seeded random subsets. When the subset size reaches the
-    set size every subset is the whole set, so one is computed and no spread is reported (the
-    std of identical subsets is float noise, not uncertainty)."""
-    m = min(len(gt), len(gen), subset_size)
+    """KID of paired sets (gen[i] made for gt[i]), clean-fid's kernel, over seeded random subsets of
+    eval samples, each drawn once for both sides. When the subset size reaches the set size every
+    subset is the whole set, so one is computed and no spread is reported (the std of identical
+    subsets is float noise, not uncertainty)."""
+    n = len(gt)
+    assert len(gen) == n, "KID pairs generated image i with ground truth i"
+    m = min(n, subset_size)
     k_gg, k_xx, k_xg = kernel(gt, gt), kernel(gen, gen), kernel(gen, gt)
-    if m == len(gt) == len(gen):
+    if m == n:
         return {"kid": _mmd(k_xx, k_gg, k_xg), "subset_size": m, "subsets": 1, "subset_std": None}
     rng = np.random.default_rng(seed)
     estimates = []
-    for _ in range(subsets):  # drawn as clean-fid draws them: generated first, then ground truth
-        x = rng.choice(len(gen), m, replace=False)
-        y = rng.choice(len(gt), m, replace=False)
-        estimates.append(_mmd(k_xx[np.ix_(x, x)], k_gg[np.ix_(y, y)], k_xg[np.ix_(x, y)]))
+    for _ in range(subsets):
+        s = np.ix_(*[rng.choice(n, m, replace=False)] * 2)
+        estimates.append(_mmd(k_xx[s], k_gg[s], k_xg[s]))
     return {"kid": float(np.mean(estimates)), "subset_size": m, "subsets": subsets,
             "subset_std": float(np.std(estimates))}
 
 
 def kid_resamples(gt: np.ndarray, generated: dict[str, np.ndarray], counts: np.ndarray) -> dict[str, np.ndarray]:
     """Each variant's full-set KID on every resample of the pairs. A pair drawn twice is not a
-    second sample: within-set terms skip pairs of the same image, as the unbiased estimator
-    skips i == j, and the cross term counts each matched pair (generated i, ground truth i) once
-    per draw, as the full set does, not once per pair of its copies. So duplicates add no bias."""
+    second sample: every term, the cross term too, skips pairs of copies of one eval sample, as the
+    unbiased estimator skips i == j. So duplicates add no bias."""
     w = counts.astype(np.float64)
     pairs = w.sum(axis=1) ** 2 - (w ** 2).sum(axis=1)
     pairs[pairs == 0] = np.nan  # one distinct image: no within-set pair, no estimate
@@ -166,15 +173,9 @@ def kid_resamples(gt: np.ndarray, generated: dict[str, np.ndarray], counts: np.n
     def quadratic(k):  # w_r @ k @ w_r for every resample r, as one matrix product
         return ((w @ k) * w).sum(axis=1)
 
-    def within(k):
+    def distinct(k):  # the mean of k over the draw's pairs of distinct eval samples
         return (quadratic(k) - (w ** 2) @ np.diag(k)) / pairs
 
-    k_gg = kernel(gt, gt)
-    gt_within = within(k_gg)
-    repeats = w ** 2 - w  # pairs (copy a of image i, copy b of image i), a != b
-    out = {}
-    for name, feats in generated.items():
-        k_xg = kernel(feats, gt)
-        cross = (quadratic(k_xg) - repeats @ np.diag(k_xg)) / (w.sum(axis=1) ** 2 - repeats.sum(axis=1))
-        out[name] = within(kernel(feats, feats)) + gt_within - 2 * cross
-    return out
+    gt_term = distinct(kernel(gt, gt))
+    return {name: distinct(kernel(feats, feats)) + gt_term - 2 * distinct(kernel(feats, gt))
+            for name, feats in generated.items()}
