@@ -30,13 +30,16 @@ from stages.common.params import load_params
 SECTIONS = ("models", "extract", "canny", "train", "generate", "metrics", "plots")
 CASES = 5  # rows in each of the worst and best tables
 PAIRED = ("lpips", "clip_score", "edge_f1", "edge_precision", "edge_recall")
+# The backbone (backbones.json's key) behind each headline metric; edge F1 and prompt colour use none.
+BACKBONE_OF = {"fid": "fid", "kid": "fid", "lpips": "lpips", "clip_score": "clip"}
 DETAIL_KEYS = (["n", "warnings", "backbones"]
                + [f"settings.{k}" for k in ("bootstrap_resamples", "fid_bootstrap_resamples", "seed",
                                             "edge_tolerance_px", "tf32", "device")]
                + [f"{v}.kid.{k}" for v in dataset.VARIANTS for k in ("subset_size", "subsets")]
                + [f"{v}.{name}.{k}" for v in dataset.VARIANTS for name in ("edge_precision", "edge_recall")
                   for k in ("mean", "ci95_low", "ci95_high")]
-               + [f"lora_minus_baseline.{name}.{k}" for name in PAIRED for k in ("mean", "lora_better", "lora_worse")])
+               + [f"lora_minus_baseline.{name}.{k}" for name in PAIRED
+                  for k in ("mean", "ci95_low", "ci95_high", "lora_better", "lora_worse")])
 SUMMARY_KEYS = ["fixed_samples", "denoising_loss_base", "denoising_loss_lora", "denoising_loss_change"]
 
 STYLE = """
@@ -46,6 +49,7 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.8em; text-align: right;
 th:first-child, td:first-child, .text { text-align: left; }
 .ci { color: #666; font-size: 0.85em; }
 .better { color: #2ca02c; font-weight: 600; } .worse { color: #d62728; font-weight: 600; }
+.standin { color: #666; font-style: italic; }
 .warn { background: #fff6db; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; margin: 0.3em 0; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 13px; }
@@ -65,14 +69,26 @@ def number(value, key: str) -> str:
     return f'<span data-key="{key}" data-value="{value!r}">{value:.4g}</span>'
 
 
+def interval(value, low, high, keys: tuple[str, str, str]) -> str:
+    """A value and its 95% interval, as one cell; `keys` name the three for checking."""
+    return (f"<td>{number(value, keys[0])}<br><span class=ci>[{number(low, keys[1])}, "
+            f"{number(high, keys[2])}]</span></td>")
+
+
 def cell(metrics: dict, block: str, key: str) -> str:
-    m = metrics[block]
-    low, high = f"{key}_ci95_low", f"{key}_ci95_high"
-    return (f"<td>{number(m[key], f'{block}.{key}')}<br><span class=ci>[{number(m[low], f'{block}.{low}')}, "
-            f"{number(m[high], f'{block}.{high}')}]</span></td>")
+    m, names = metrics[block], (key, f"{key}_ci95_low", f"{key}_ci95_high")
+    return interval(*(m[name] for name in names), tuple(f"{block}.{name}" for name in names))
 
 
-def verdict(delta: dict, key: str, higher: bool) -> str:
+def detail_cell(entry: dict, key: str) -> str:
+    """An interval from metrics_detail.json ({"mean", "ci95_low", "ci95_high"} at `key`)."""
+    names = ("mean", "ci95_low", "ci95_high")
+    return interval(*(entry[name] for name in names), tuple(f"detail.{key}.{name}" for name in names))
+
+
+def verdict(delta: dict, key: str, higher: bool, stand_in: bool = False) -> str:
+    if stand_in:
+        return "<td class=standin>no verdict: a random stand-in backbone</td>"
     low, high = delta[f"{key}_ci95_low"], delta[f"{key}_ci95_high"]
     if low is None:
         return "<td>no interval</td>"
@@ -91,16 +107,43 @@ def shares(delta: dict, key: str) -> str:
     return f"<td>{cells[0]} / {cells[1]}</td>"
 
 
-def headline_table(metrics: dict) -> str:
-    delta = metrics["lora_minus_baseline"]
+def stand_ins(backbones: dict) -> list[str]:
+    """The headline metrics whose backbone is one of the demo's random networks."""
+    return [key for key, backbone in BACKBONE_OF.items() if backbones.get(backbone, "").startswith(dataset.STAND_IN)]
+
+
+def colour_row(detail: dict) -> str:
+    """The demo's prompt colour (the share of garments in their prompt's colour): pixels, no backbone,
+    so the one demo number that says which variant follows the prompt better."""
+    colours, delta = detail["prompt_colour"], detail["lora_minus_baseline"]["colour_match"]
+    cells = "".join(detail_cell(colours[v]["colour_match"], f"prompt_colour.{v}.colour_match")
+                    for v in dataset.VARIANTS)
+    key = "lora_minus_baseline.colour_match"
+    won = " / ".join(f'<span data-key="detail.{key}.lora_{side}" data-value="{delta[f"lora_{side}"]!r}">'
+                     f'{100 * delta[f"lora_{side}"]:.0f}%</span>' for side in ("better", "worse"))
+    paired = {"colour_match_ci95_low": delta["ci95_low"], "colour_match_ci95_high": delta["ci95_high"]}
+    return (f"<tr><th>prompt colour match <span class=ci>({direction(True)}; demo)</span></th>{cells}"
+            f"{detail_cell(delta, key)}<td>{won}</td>{verdict(paired, 'colour_match', True)}</tr>")
+
+
+def headline_table(metrics: dict, detail: dict) -> str:
+    delta, random = metrics["lora_minus_baseline"], stand_ins(detail["backbones"])
     rows = []
     for key, label, higher in HEADLINE:
-        share_cell = shares(delta, key)
         rows.append(f"<tr><th>{label} <span class=ci>({direction(higher)})</span></th>"
                     f"{cell(metrics, 'baseline', key)}{cell(metrics, 'lora', key)}"
-                    f"{cell(metrics, 'lora_minus_baseline', key)}{share_cell}{verdict(delta, key, higher)}</tr>")
+                    f"{cell(metrics, 'lora_minus_baseline', key)}{shares(delta, key)}"
+                    f"{verdict(delta, key, higher, key in random)}</tr>")
+    if "prompt_colour" in detail:
+        rows.append(colour_row(detail))
+    note = ""
+    if random:
+        names = ", ".join(label for key, label, _ in HEADLINE if key in random)
+        note = (f"<p class=warn>{names}: computed with random stand-in networks (models/eval/backbones.json), so "
+                "their numbers show that the pipeline runs, not which variant is better; the page gives them no "
+                "verdict. Edge F1 and prompt colour measure edges and pixels directly.</p>")
     return ("<table id=headline><tr><th>metric</th><th>baseline</th><th>LoRA</th><th>LoRA − baseline (paired)</th>"
-            "<th>pairs LoRA wins / loses</th><th></th></tr>" + "".join(rows) + "</table>")
+            "<th>pairs LoRA wins / loses</th><th></th></tr>" + "".join(rows) + "</table>" + note)
 
 
 def cases_table(table: pd.DataFrame, ascending: bool) -> str:
@@ -150,7 +193,9 @@ def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list
         f"<tr><th>{name.replace('_', ' ')}</th>"
         + "".join(f"<td>{detail[v][name]['mean']:.4g} <span class=ci>[{detail[v][name]['ci95_low']:.4g}, "
                   f"{detail[v][name]['ci95_high']:.4g}]</span></td>" for v in dataset.VARIANTS)
-        + f"<td>{detail['lora_minus_baseline'][name]['mean']:+.4g}</td></tr>"
+        + f"<td>{detail['lora_minus_baseline'][name]['mean']:+.4g} <span class=ci>"
+          f"[{detail['lora_minus_baseline'][name]['ci95_low']:+.4g}, {detail['lora_minus_baseline'][name]['ci95_high']:+.4g}]"
+          "</span></td></tr>"
         for name in ("edge_precision", "edge_recall"))
     kid = detail["baseline"]["kid"]
     return f"""<!DOCTYPE html>
@@ -160,7 +205,7 @@ def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list
 <p>n = <span id=n data-value="{metrics['n']}">{metrics['n']}</span> eval images, each generated by both variants
 with the same edge map, prompt and seed. Backbones: {backbones}.</p>
 <h2>Headline</h2>
-{headline_table(metrics)}
+{headline_table(metrics, detail)}
 <p class=ci>Means: Student-t 95% intervals. FID, KID and every delta: a paired bootstrap over eval images
 ({settings['bootstrap_resamples']} resamples, FID {settings['fid_bootstrap_resamples']}, seed {settings['seed']});
 FID's interval is the bootstrap's spread centred on the estimate (resampling repeats images, which pushes FID

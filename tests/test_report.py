@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import html.parser
 import io
 import os
@@ -46,9 +47,19 @@ class Page(html.parser.HTMLParser):
         self._in_pre = False
 
 
-def flat(metrics: dict) -> dict[str, float]:
-    return {f"{block}.{k}": v for block, values in metrics.items() if isinstance(values, dict)
-            for k, v in values.items()}
+def flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Every number by its dotted path: what the page's data-keys name (metrics_detail's as detail.*)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def shown(p) -> dict[str, float]:
+    return {**flat(read_json(p.path("metrics"))), **flat(read_json(p.path("metrics_detail")), "detail.")}
 
 
 def test_report_is_self_contained_and_shows_metrics_json(finished_project):
@@ -61,15 +72,14 @@ def test_report_is_self_contained_and_shows_metrics_json(finished_project):
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
             assert image.format == "PNG" and image.width > 200
-    metrics = read_json(p.path("metrics"))
-    shown = flat(metrics)
+    metrics, values = read_json(p.path("metrics")), shown(p)
     assert page.values.pop("n") == metrics["n"]
     summary = read_json(p.path("train_summary"))
     for key in ("denoising_loss_base", "denoising_loss_lora"):
         assert page.values.pop(f"train.{key}") == summary[key], key  # train-lora's, exactly
     assert page.values, "the headline numbers carry their exact values"
     for key, value in page.values.items():
-        assert value == shown[key], key  # repr round-trips: exactly metrics.json's float
+        assert value == values[key], key  # repr round-trips: exactly metrics.json's float
     for block in ("baseline", "lora", "lora_minus_baseline"):
         for name in ("fid", "kid", "lpips", "clip_score", "edge_f1"):
             assert f"{block}.{name}" in page.values
@@ -106,11 +116,18 @@ def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_pat
     rendered = driver.execute_script(
         "return Array.from(document.querySelectorAll('#headline [data-key]'))"
         ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")
-    shown = flat(read_json(p.path("metrics")))
+    values = shown(p)
     for key, value, text in rendered:
-        assert float(value) == shown[key] and text.strip(), key
-        if not key.endswith(("_lora_better", "_lora_worse")):  # shown as percentages
-            assert float(text) == pytest.approx(shown[key], rel=5e-4), (key, text)
+        assert float(value) == values[key] and text.strip(), key
+        if not key.endswith(("_lora_better", "_lora_worse", ".lora_better", ".lora_worse")):  # shown as percentages
+            assert float(text) == pytest.approx(values[key], rel=5e-4), (key, text)
+    verdicts = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#headline tr')).slice(1)"
+        ".map(r => [r.cells[0].textContent, r.cells[r.cells.length - 1].textContent])")
+    assert [label.split(" (")[0] for label, _ in verdicts] == [
+        "FID", "KID", "LPIPS", "CLIP score", "edge F1", "prompt colour match"]
+    assert [text for _, text in verdicts[:4]] == ["no verdict: a random stand-in backbone"] * 4, verdicts
+    assert "stand-in" not in verdicts[4][1] + verdicts[5][1], "edges and pixels keep their verdict"
     height = driver.execute_script("return document.body.scrollHeight")
     driver.set_window_size(1280, height)
     screenshot = os.environ.get("FASHION_REPORT_SCREENSHOT", str(tmp_path / "report.png"))
@@ -137,3 +154,41 @@ def test_a_url_with_credentials_never_reaches_the_page(finished_project, monkeyp
         "the file yourself and set models.local.inception")]
     assert "5ec7e7" not in out + err and "tok99" not in out + err
     assert finished_project.path("report").read_bytes() == page
+
+
+def headline_verdicts(text: str) -> dict[str, str]:
+    """Each headline row's label and its last cell, parsed from the page."""
+    table = text.split("<table id=headline>", 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for row in table.split("<tr>")[2:]:
+        label = row.split("<th>", 1)[1].split(" <span", 1)[0]
+        rows[label] = row.rsplit("<td", 1)[1].split(">", 1)[1].split("</td>", 1)[0]
+    return rows
+
+
+def test_stand_in_backbones_get_numbers_but_no_verdict(finished_project):
+    """The demo's Inception, AlexNet and CLIP are random: the page shows their numbers, never
+    "LoRA clearly better/worse" from them. With the real networks the verdicts come back."""
+    p = finished_project
+    verdicts = headline_verdicts(p.path("report").read_text(encoding="utf-8"))
+    assert list(verdicts) == ["FID", "KID", "LPIPS", "CLIP score", "edge F1", "prompt colour match"]
+    for label in ("FID", "KID", "LPIPS", "CLIP score"):
+        assert verdicts[label] == "no verdict: a random stand-in backbone", label
+    colour = read_json(p.path("metrics_detail"))["lora_minus_baseline"]["colour_match"]
+    assert verdicts["prompt colour match"] == ("LoRA clearly better" if colour["ci95_low"] > 0 else
+                                               "no clear difference" if colour["ci95_high"] >= 0 else "LoRA clearly worse")
+    page = p.path("report").read_text(encoding="utf-8")
+    assert "FID, KID, LPIPS, CLIP score: computed with random stand-in networks" in page
+    detail = read_json(p.path("metrics_detail"))
+    for name in ("edge_precision", "edge_recall"):  # every delta on the page has its interval
+        d = detail["lora_minus_baseline"][name]
+        assert f"{d['mean']:+.4g} <span class=ci>[{d['ci95_low']:+.4g}, {d['ci95_high']:+.4g}]</span>" in page, name
+
+    detail["backbones"] = {"fid": "clean-fid inception-2015-12-05 (sha256 f58cb9b6ec32)",
+                           "lpips": "lpips v0.1 alex", "clip": "openai/clip-vit-base-patch32@3d74acf9"}
+    p.path("metrics_detail").write_text(json.dumps(detail))
+    p.run("report")
+    page = p.path("report").read_text(encoding="utf-8")
+    verdicts = headline_verdicts(page)
+    assert "stand-in" not in page and all("verdict" not in v for v in verdicts.values()), verdicts
+    assert all(v in ("LoRA clearly better", "LoRA clearly worse", "no clear difference") for v in verdicts.values())

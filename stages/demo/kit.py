@@ -259,7 +259,8 @@ def build_eval_models(folder: Path) -> dict:
                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
                image_size=32, projection=32).save_pretrained(folder / dataset.CLIP_DIR)
     # "tiny-random" beside every demo number: they only show the code path works.
-    return {"fid": "tiny-random-inception", "lpips": "tiny-random-alexnet", "clip": "tiny-random-clip"}
+    return {"fid": f"{dataset.STAND_IN}inception", "lpips": f"{dataset.STAND_IN}alexnet",
+            "clip": f"{dataset.STAND_IN}clip"}
 
 
 def quiet_saving() -> None:
