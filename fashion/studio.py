@@ -31,7 +31,6 @@ import dataclasses
 import gc
 import hmac
 import io
-import ipaddress
 import json
 import random
 import secrets
@@ -48,14 +47,15 @@ from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.io import load_rgb
-from stages.common.params import PARAMS_FILE, load_params
+from stages.common.params import PARAMS_FILE, is_loopback, load_params
 from stages.common.runtime import device
 from fashion.sketch import (ACCEPTED, ModelsMissing, check_models, draw_pair, edge_map, load_pipeline, read_image,
                            side_by_side)
 
 PAGE = Path(__file__).with_name("studio.html")
 MAX_UPLOAD = 20 * 2 ** 20  # bytes of image; a phone photo is a few MB
-MAX_BODY = MAX_UPLOAD * 4 // 3 + 2 ** 16  # the upload as base64, and the rest of the request
+MAX_BASE64 = MAX_UPLOAD * 4 // 3 + 4  # the upload as base64, padding included
+MAX_BODY = MAX_BASE64 + 2 ** 16  # and the rest of the request
 MAX_IMAGES = 8
 PRESETS = 40
 DECODES, DECODES_WAITING = 2, 8  # a decode of 25 MP (sketch.MAX_PIXELS) peaks at 0.1-0.2 GB
@@ -108,7 +108,7 @@ def decode_upload(data: str, name: str):
             raise StageError(f"{name}: the upload is not a data URL with a payload; choose the file again")
     if not payload:
         raise StageError(f"{name}: empty upload; choose a {ACCEPTED} photo or sketch")
-    if len(payload) > MAX_UPLOAD * 4 // 3 + 4:  # base64 of MAX_UPLOAD bytes, padding included
+    if len(payload) > MAX_BASE64:
         raise StageError(f"{name}: larger than {MAX_UPLOAD // 2 ** 20} MB; upload a smaller image")
     try:
         return io.BytesIO(base64.b64decode(payload, validate=True))
@@ -255,14 +255,6 @@ def host_name(host: str) -> str:
     if host.count(":") > 1:  # a bare IPv6 address
         return f"[{host}]"
     return host.partition(":")[0]
-
-
-def is_loopback(host: str) -> bool:
-    name = host_name(host).strip("[]")
-    try:
-        return name == "localhost" or ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 class Guard:
@@ -421,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"--token: {len(args.token)} characters; give at least {MIN_TOKEN} (e.g. `python -c "
                          "'import secrets; print(secrets.token_urlsafe(24))'`), or leave it out for a printed one")
     # Reachable from elsewhere, by its address or by a name a proxy or tunnel forwards: a token
-    exposed = not is_loopback(args.host) or not all(map(is_loopback, args.allow_host))
+    exposed = not all(is_loopback(host_name(host)) for host in [args.host, *args.allow_host])
     token = args.token or (secrets.token_urlsafe(24) if exposed else None)
     studio = Studio()
     if problem := studio.models_problem():

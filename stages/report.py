@@ -86,10 +86,10 @@ def detail_cell(entry: dict, key: str) -> str:
     return interval(*(entry[name] for name in names), tuple(f"detail.{key}.{name}" for name in names))
 
 
-def verdict(delta: dict, key: str, higher: bool, stand_in: bool = False) -> str:
+def verdict(low, high, higher: bool, stand_in: bool = False) -> str:
+    """What the delta's 95% interval [low, high] says, as a cell."""
     if stand_in:
         return "<td class=standin>no verdict: a random stand-in backbone</td>"
-    low, high = delta[f"{key}_ci95_low"], delta[f"{key}_ci95_high"]
     if low is None:
         return "<td>no interval</td>"
     if low <= 0 <= high:
@@ -98,12 +98,10 @@ def verdict(delta: dict, key: str, higher: bool, stand_in: bool = False) -> str:
     return f"<td class={'better' if better else 'worse'}>LoRA clearly {'better' if better else 'worse'}</td>"
 
 
-def shares(delta: dict, key: str) -> str:
-    """The share of pairs LoRA wins, and of those it loses; the rest are ties."""
-    if f"{key}_lora_better" not in delta:
-        return "<td>set-level</td>"
-    cells = [f'<span data-key="lora_minus_baseline.{key}_lora_{side}" data-value="{delta[f"{key}_lora_{side}"]!r}">'
-             f'{100 * delta[f"{key}_lora_{side}"]:.0f}%</span>' for side in ("better", "worse")]
+def shares(better: float, worse: float, keys: tuple[str, str]) -> str:
+    """The share of pairs LoRA wins, and of those it loses (the rest are ties); `keys` name them."""
+    cells = [f'<span data-key="{key}" data-value="{value!r}">{100 * value:.0f}%</span>'
+             for key, value in zip(keys, (better, worse), strict=True)]
     return f"<td>{cells[0]} / {cells[1]}</td>"
 
 
@@ -119,21 +117,22 @@ def colour_row(detail: dict) -> str:
     cells = "".join(detail_cell(colours[v]["colour_match"], f"prompt_colour.{v}.colour_match")
                     for v in dataset.VARIANTS)
     key = "lora_minus_baseline.colour_match"
-    won = " / ".join(f'<span data-key="detail.{key}.lora_{side}" data-value="{delta[f"lora_{side}"]!r}">'
-                     f'{100 * delta[f"lora_{side}"]:.0f}%</span>' for side in ("better", "worse"))
-    paired = {"colour_match_ci95_low": delta["ci95_low"], "colour_match_ci95_high": delta["ci95_high"]}
+    won = shares(delta["lora_better"], delta["lora_worse"], (f"detail.{key}.lora_better", f"detail.{key}.lora_worse"))
     return (f"<tr><th>prompt colour match <span class=ci>({direction(True)}; demo)</span></th>{cells}"
-            f"{detail_cell(delta, key)}<td>{won}</td>{verdict(paired, 'colour_match', True)}</tr>")
+            f"{detail_cell(delta, key)}{won}{verdict(delta['ci95_low'], delta['ci95_high'], True)}</tr>")
 
 
 def headline_table(metrics: dict, detail: dict) -> str:
     delta, random = metrics["lora_minus_baseline"], stand_ins(detail["backbones"])
     rows = []
     for key, label, higher in HEADLINE:
+        sides = [f"{key}_lora_better", f"{key}_lora_worse"]
+        won = (shares(*(delta[side] for side in sides), tuple(f"lora_minus_baseline.{side}" for side in sides))
+               if sides[0] in delta else "<td>set-level</td>")
         rows.append(f"<tr><th>{label} <span class=ci>({direction(higher)})</span></th>"
                     f"{cell(metrics, 'baseline', key)}{cell(metrics, 'lora', key)}"
-                    f"{cell(metrics, 'lora_minus_baseline', key)}{shares(delta, key)}"
-                    f"{verdict(delta, key, higher, key in random)}</tr>")
+                    f"{cell(metrics, 'lora_minus_baseline', key)}{won}"
+                    f"{verdict(delta[f'{key}_ci95_low'], delta[f'{key}_ci95_high'], higher, key in random)}</tr>")
     if "prompt_colour" in detail:
         rows.append(colour_row(detail))
     note = ""

@@ -314,7 +314,7 @@ print(rise(lambda: client.post("/api/edges", json=bomb)), rise(eight))
 
 def test_eight_pixel_bombs_at_once_cost_about_two_decodes_of_memory(finished_project):
     """Peak RSS, in a process of its own: eight parallel 25 MP uploads raise it by about what two
-    decodes take (DECODES), not eight (measured: 0.2-0.3 GB against one decode's 0.1 GB; without the
+    decodes take (DECODES), not eight (measured: 0.2-0.36 GB against one decode's 0.1 GB; without the
     limit 0.8 GB)."""
     import subprocess
     import sys
@@ -328,8 +328,9 @@ def test_eight_pixel_bombs_at_once_cost_about_two_decodes_of_memory(finished_pro
     assert done.returncode == 0, done.stderr[-3000:]
     one, eight = map(int, done.stdout.split())
     assert one > 50e6, "a 25 MP decode is measurable"
-    # two decodes at a time measure 2-3x one here; eight at once (no limit) 8x
-    assert eight < 4.5 * one, f"eight uploads at once raised peak memory by {eight / 1e9:.2f} GB, one by {one / 1e9:.2f}"
+    # two decodes at a time measure 2-3.5x one here (3.5x with three such processes on 2 cores);
+    # eight at once (no limit) 8x. test_uploads_are_decoded_two_at_a_time counts the decodes exactly.
+    assert eight < 5.5 * one, f"eight uploads at once raised peak memory by {eight / 1e9:.2f} GB, one by {one / 1e9:.2f}"
 
 
 def test_a_full_generation_line_is_429(finished_project, monkeypatch):

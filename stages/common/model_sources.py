@@ -30,7 +30,8 @@ from stages.common.cli import DISK_ERRNOS, disk_error, log
 from stages.common.errors import StageError
 from stages.common.io import sha256_of
 from stages.common.model_layouts import Layout, list_folder, select
-from stages.common.params import ALEXNET_URL, INCEPTION_URL, URL_TOKEN_ENV, public_url, url_secrets, valid_url
+from stages.common.params import (ALEXNET_URL, INCEPTION_URL, URL_TOKEN_ENV, is_loopback, public_url, url_secrets,
+                                  valid_url)
 
 
 def link_or_copy(source: Path, target: Path) -> bool:
@@ -236,7 +237,7 @@ def url_token(url: str, key: str) -> str | None:
         raise StageError(f"${URL_TOKEN_ENV}: not a valid token (spaces, line breaks or non-ASCII characters); "
                          "set it to the bare token")
     host = urllib.parse.urlsplit(url).hostname
-    if not url.startswith("https://") and host not in ("127.0.0.1", "::1", "localhost"):
+    if not url.startswith("https://") and not is_loopback(host):
         raise StageError(f"{key}: ${URL_TOKEN_ENV} is set, but {url} is plain http, so the token would cross "
                          "the network unencrypted; use the mirror's https URL")
     return token

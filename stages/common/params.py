@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import ipaddress
 import math
 import re
 import typing
@@ -219,6 +220,15 @@ def public_url(url: str) -> str:
     tail = re.search(r"[?#]", url)
     return (f"{parts.scheme}://" + ("...@" if "@" in parts.netloc else "") + parts.netloc.rpartition("@")[2]
             + parts.path + (tail.group() + "..." if tail else ""))
+
+
+def is_loopback(host: str | None) -> bool:
+    """`host` (a name or an address, IPv6 with or without brackets) is this machine."""
+    name = (host or "").strip("[]").lower()
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def valid_url(url: str) -> bool:
