@@ -3,6 +3,8 @@
 #             (TEST_WORKERS=0 for one process; PYTEST_ARGS="-k remote" and the like pass through)
 # make test-fullsize   every stage on full-size SD 1.5 architectures with random weights (~10 min on a CPU)
 # make bench-extract   extract on FashionGen-sized synthetic files: images/s and peak RSS
+# make bench-metrics   the metrics stage on 3,000 drawn eval images at 256 px: wall time and peak RSS
+#             (needs the demo's models: make demo first)
 # make bench-gpu   training and generation speed against the seed recipe, full-size random models (a GPU)
 # make gpu-check   before a long GPU run: tests/test_cuda.py, bench-gpu's short mode and every stage at full
 #             size, one JSON and a table, a few minutes on an H100 (ARGS=--tiny: the CPU path, tiny models)
@@ -27,7 +29,7 @@ PYTEST_ARGS ?=
 # 3.10 is left out: diffusers 0.42 (the project's floor) needs Python 3.11 or newer.
 PYTHONS ?= 3.11 3.12
 
-.PHONY: demo demo-kit test test-fullsize bench-extract bench-gpu gpu-check wheelhouse bundle studio install
+.PHONY: demo demo-kit test test-fullsize bench-extract bench-metrics bench-gpu gpu-check wheelhouse bundle studio install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +78,9 @@ bundle: $(VENV)/.installed
 
 bench-extract: $(VENV)/.installed
 	$(BIN)/python -m bench.extract
+
+bench-metrics: $(VENV)/.installed
+	$(BIN)/python -m bench.metrics
 
 bench-gpu: $(VENV)/.installed-fullsize
 	$(BIN)/python -m bench.gpu

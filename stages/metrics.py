@@ -14,19 +14,30 @@ edge maps, and how sure we can be, with LoRA compared to the baseline pair by pa
   cosine is kept beside it. Prompts are truncated to 77 tokens with EOS kept. Computed with
   transformers directly: torchmetrics' CLIPScore crashes on transformers 5 and its truncation
   drops EOS.
+- CMMD (Jayasumana et al. 2024): an MMD on the same CLIP image embeddings, with the paper's RBF
+  kernel and scale; unbiased and without the matched pairs, as KID.
+- SSIM and PSNR: each generated image against its own ground truth (pixels, no backbone).
+- Precision, recall, density, coverage (Naeem et al. 2020) on the Inception features, k =
+  `metrics.prdc_k`: fidelity and diversity apart, as one FID cannot say.
 - Edge fidelity (controllability): the canny map of each generated image, with canny-edges'
   thresholds, against the edge map it was given: precision, recall and F1 within
-  `metrics.edge_tolerance` pixels; and F1 against the next sample's edge map, the chance level
-  of an image that ignores its own (`edge_f1_mismatched` in metrics_detail.json).
+  `metrics.edge_tolerance` pixels. Its chance level is the F1 of the same image against maps of
+  other eval samples of its category (`metrics.edge_chance_maps` of them): an image that draws
+  the right kind of garment but ignores its own map scores that much. Edge control is own minus
+  same-category F1, for the ground truth too (what a perfect follower gains). The F1 against the
+  next sample's map, usually another kind of garment, stays beside it (`edge_f1_mismatched`).
 - Prompt colour (the demo only, where every prompt names a palette colour): the share of the
   garment in the prompt's colour, and whether it reaches `colour.MATCH` (stages/demo/colour.py).
-- Uncertainty: Student-t 95% intervals for means; one seeded bootstrap over eval pairs for FID,
-  KID and every LoRA-minus-baseline delta. FID's interval is the bootstrap's spread centred on
-  the estimate: resampling repeats images, which pushes FID up (statistics.centred_interval).
-  Backbones run in full fp32 unless `metrics.tf32`.
+- Per category: n and each headline per-sample metric with its interval, by garment category.
+- Uncertainty: Student-t 95% intervals for means; one seeded bootstrap over eval pairs for KID,
+  CMMD and every LoRA-minus-baseline delta, and for the FID delta (centred on the estimate:
+  resampling repeats images, which pushes FID up; statistics.centred_interval). FID is "FID at
+  this n": its small-n bias does not cancel between variants, so a variant's FID gets no
+  interval, and the FID and KID deltas get a paired sign-flip permutation p-value
+  (`metrics.permutations`). Backbones run in full fp32 unless `metrics.tf32`.
 Writes metrics.json (headline numbers with intervals and paired deltas: `dvc metrics show`),
-metrics_detail.json (edge precision and recall, prompt colour, KID's effective subsets, warnings,
-settings, backbones) and a per-image table.
+metrics_detail.json (edge precision, recall and chance levels, prompt colour, PRDC, the per-category
+table, KID's effective subsets, warnings, settings, backbones) and a per-image table.
 """
 
 import dataclasses
@@ -34,70 +45,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from stages.common import dataset, statistics
 from stages.demo import colour
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.edges import canny, edge_fidelity
+from stages.common.edge_scores import SCORES as EDGE_SCORES, edge_map, same_category_maps, score_images
 from stages.common.io import (atomic_file, check_images, check_no_strays, csv_text, image_size, load_rgb,
                               read_json, write_json)
+from stages.common.backbones import clip_embeddings, inception_features, lpips_scores
 from stages.common.models import load_clip, load_inception, load_lpips, require_file
 from stages.common.params import load_params
 from stages.common.runtime import device, peak_memory, set_tf32
+from stages.common.similarity import pair_scores
 
 # Per-sample scores compared pair by pair, and which way is better.
-HIGHER_IS_BETTER = {"lpips": False, "clip_score": True, "edge_f1": True, "edge_precision": True, "edge_recall": True}
+HIGHER_IS_BETTER = {"lpips": False, "clip_score": True, "ssim": True, "psnr": True, "edge_f1": True,
+                    "edge_control": True, "edge_precision": True, "edge_recall": True}
+# Per-sample scores in metrics.json's headline blocks, each with its interval.
+HEADLINE_SAMPLES = ("lpips", "clip_score", "ssim", "psnr", "edge_f1", "edge_control")
+NO_CATEGORY = "(no category)"
 FID_DIMS = 2048  # Inception pool features: below this many images each covariance is rank-deficient
-
-
-def inception_features(files, model, dev, batch_size: int) -> np.ndarray:
-    from cleanfid.fid import get_files_features
-
-    # num_workers=0: clean-fid's default of 12 workers breaks on Docker's 64 MB /dev/shm.
-    return get_files_features([str(f) for f in files], model, num_workers=0, batch_size=batch_size, device=dev,
-                              mode="clean", verbose=False)
-
-
-def _batches(items, size):
-    return (items[i:i + size] for i in range(0, len(items), size))
-
-
-def _to_tensor(images, dev) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(dev) / 127.5 - 1
-
-
-@torch.no_grad()
-def lpips_scores(model, gt_files, gen_files, dev, batch_size: int) -> np.ndarray:
-    scores = []
-    for pairs in _batches(list(zip(gt_files, gen_files, strict=True)), batch_size):
-        gt = _to_tensor([load_rgb(g) for g, _ in pairs], dev)
-        gen = _to_tensor([load_rgb(p) for _, p in pairs], dev)
-        scores.append(model(gt, gen).flatten().cpu().numpy())
-    return np.concatenate(scores)
-
-
-@torch.no_grad()
-def clip_cosines(model, processor, files, prompts, dev, batch_size: int) -> np.ndarray:
-    scores = []
-    for chunk in _batches(list(zip(files, prompts, strict=True)), batch_size):
-        text = processor.tokenizer([p for _, p in chunk], padding=True, truncation=True, max_length=77,
-                                   return_tensors="pt").to(dev)
-        pixels = processor.image_processor([load_rgb(f) for f, _ in chunk], return_tensors="pt").to(dev)
-        image_embeds = model.get_image_features(**pixels)
-        text_embeds = model.get_text_features(**text)
-        image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-        text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-        cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
-        scores.append(cosine.float().cpu().numpy())
-    return np.concatenate(scores)
-
-
-def edge_scores(files, edge_files, canny_cfg, tolerance: float) -> np.ndarray:
-    """(n, 3) precision, recall, F1 of each generated image's canny edges against its input map."""
-    return np.array([edge_fidelity(canny(load_rgb(f), canny_cfg.low_threshold, canny_cfg.high_threshold),
-                                   load_rgb(e), tolerance) for f, e in zip(files, edge_files, strict=True)])
 
 
 def with_interval(name: str, value, low, high) -> dict:
@@ -105,12 +73,86 @@ def with_interval(name: str, value, low, high) -> dict:
     return {name: value, f"{name}_ci95_low": low, f"{name}_ci95_high": high}
 
 
-def mean_interval(values) -> dict:
-    mean, low, high = statistics.t_interval(values)
-    return {"mean": mean, "ci95_low": low, "ci95_high": high}
+def set_level(gt_feats, feats: dict, gt_embeds, embeds: dict, cfg) -> tuple[dict, dict, np.ndarray]:
+    """FID, KID and CMMD of each variant and LoRA minus baseline (metrics.json's blocks), KID's
+    subsets (metrics_detail.json's), and the resampled eval pairs: one draw serves every interval
+    (FID's delta uses its first rows). The FID and KID deltas also get a sign-flip permutation p."""
+    n = len(gt_feats)
+    counts = statistics.resample_counts(n, max(cfg.bootstrap_resamples, cfg.fid_bootstrap_resamples), cfg.seed)
+    fid_counts, counts = counts[:cfg.fid_bootstrap_resamples], counts[:cfg.bootstrap_resamples]
+    kid_boot = statistics.kid_resamples(gt_feats, feats, counts)
+    cmmd_boot = statistics.cmmd_resamples(gt_embeds, embeds, counts)
+    fid_boot = statistics.fid_resamples(gt_feats, feats, fid_counts) if len(fid_counts) else None
+    results, details, fid, kid, cmmd = {"n": n}, {"n": n}, {}, {}, {}
+    for variant in dataset.VARIANTS:
+        # FID at this n, without an interval: its bias at small n differs between variants, so an
+        # interval around one variant's FID would cover "FID at this n", not FID.
+        fid[variant] = statistics.frechet_distance(gt_feats, feats[variant])
+        kid[variant] = statistics.kernel_distance(gt_feats, feats[variant], cfg.kid_subsets, cfg.kid_subset_size,
+                                                  cfg.seed)
+        cmmd[variant] = statistics.cmmd(embeds[variant], gt_embeds)
+        results[variant] = {**with_interval("fid", fid[variant], None, None),
+                            **with_interval("kid", kid[variant]["kid"], *statistics.percentile_interval(kid_boot[variant])),
+                            **with_interval("cmmd", cmmd[variant], *statistics.percentile_interval(cmmd_boot[variant]))}
+        details[variant] = {"kid": {k: v for k, v in kid[variant].items() if k != "kid"}}
+    flips = statistics.sign_flips(n, cfg.permutations, cfg.seed) if cfg.permutations else None
+    fid_delta = fid["lora"] - fid["baseline"]
+    results["lora_minus_baseline"] = {
+        **with_interval("fid", fid_delta, *(statistics.centred_interval(fid_delta, fid_boot["lora"] - fid_boot["baseline"])
+                                            if fid_boot else (None, None))),
+        "fid_p_value": None if flips is None else statistics.fid_permutation_p(gt_feats, *feats.values(), flips),
+        **with_interval("kid", kid["lora"]["kid"] - kid["baseline"]["kid"],
+                        *statistics.percentile_interval(kid_boot["lora"] - kid_boot["baseline"])),
+        "kid_p_value": None if flips is None else statistics.kid_permutation_p(gt_feats, *feats.values(), flips),
+        **with_interval("cmmd", cmmd["lora"] - cmmd["baseline"],
+                        *statistics.percentile_interval(cmmd_boot["lora"] - cmmd_boot["baseline"]))}
+    return results, details, counts
 
 
-def warnings_for(n: int, kid: dict, cfg) -> list[str]:
+def paired_deltas(table: pd.DataFrame, compared: dict[str, bool], counts: np.ndarray) -> dict:
+    """LoRA minus baseline of each per-sample score on the same pairs (adds `<name>_delta` columns):
+    what users want to know, and far tighter than comparing two separate intervals. Edge control
+    pairs only the samples with a chance level; None where no sample has one."""
+    paired = {}
+    for name, higher in compared.items():
+        table[f"{name}_delta"] = table[f"{name}_lora"] - table[f"{name}_baseline"]
+        scored = table[f"{name}_delta"].notna().to_numpy()
+        paired[name] = statistics.paired_delta(table[f"{name}_baseline"][scored], table[f"{name}_lora"][scored],
+                                               counts[:, scored], higher) if scored.any() else None
+    return paired
+
+
+def per_category(table: pd.DataFrame, categories: list[str], means: tuple, shares: list[str]) -> dict:
+    """n and each headline per-sample metric (t intervals; Wilson for the 0/1 `shares`), for each
+    variant and LoRA minus baseline, by category."""
+    out = {}
+    for category in sorted(set(categories)):
+        rows = table[np.asarray(categories) == category]
+        out[category] = {"n": len(rows)}
+        for block in (*dataset.VARIANTS, "lora_minus_baseline"):
+            column = "delta" if block == "lora_minus_baseline" else block
+            out[category][block] = {name: statistics.mean_interval(rows[f"{name}_{column}"]) for name in means}
+            out[category][block].update({name: statistics.share_interval(rows[f"{name}_{column}"])
+                                         if block != "lora_minus_baseline" else
+                                         statistics.mean_interval(rows[f"{name}_{column}"]) for name in shares})
+    return out
+
+
+def settings(cfg, params, dev) -> dict:
+    return {"confidence": statistics.CONFIDENCE, "means": "Student t; Wilson for shares",
+            "bootstrap": "paired over eval images; percentile intervals, the FID delta's centred on the estimate "
+                         "(conservative)",
+            "bootstrap_resamples": cfg.bootstrap_resamples, "fid_bootstrap_resamples": cfg.fid_bootstrap_resamples,
+            "permutations": cfg.permutations, "prdc_k": cfg.prdc_k, "edge_chance_maps": cfg.edge_chance_maps,
+            "seed": cfg.seed, "edge_tolerance_px": cfg.edge_tolerance, "canny": dataclasses.asdict(params.canny),
+            "tf32": cfg.tf32, "device": dev.type}
+
+
+def shown(value, fmt: str = "%+.3g") -> str:
+    return "n/a" if value is None else fmt % value
+
+
+def warnings_for(n: int, kid: dict, cfg, categories: list[str], chance_maps) -> list[str]:
     notes = []
     if n < FID_DIMS:
         notes.append(f"FID: n = {n} < {FID_DIMS} Inception dimensions, so each covariance is rank-deficient; FID is "
@@ -122,7 +164,22 @@ def warnings_for(n: int, kid: dict, cfg) -> list[str]:
         notes.append(f"KID: metrics.kid_subset_size {cfg.kid_subset_size} >= n = {n}, so every subset is the whole "
                      "set: one estimate, no subset std; its interval is the bootstrap's")
     if cfg.fid_bootstrap_resamples == 0:
-        notes.append("FID: no interval (metrics.fid_bootstrap_resamples is 0)")
+        notes.append("FID: no interval for the delta (metrics.fid_bootstrap_resamples is 0)")
+    if cfg.permutations == 0:
+        notes.append("FID, KID: no p-value for the deltas (metrics.permutations is 0)")
+    if n < cfg.prdc_k + 1:
+        notes.append(f"PRDC: n = {n} eval images, fewer than metrics.prdc_k + 1 = {cfg.prdc_k + 1}, so no k-th "
+                     "neighbour: no precision, recall, density or coverage; lower metrics.prdc_k")
+    if NO_CATEGORY in categories:
+        notes.append(f"{categories.count(NO_CATEGORY)} of {n} eval samples have no category in eval_configs.json: "
+                     "they have no same-category edge chance level and are grouped as " + NO_CATEGORY)
+    alone = sorted({c for c, maps in zip(categories, chance_maps, strict=True) if c != NO_CATEGORY and not len(maps)})
+    if alone:
+        notes.append(f"edge control: {', '.join(alone)}: one eval sample in the category, so no same-category "
+                     "chance level; edge control leaves such samples out, and their category rows have none")
+    if not any(len(maps) for maps in chance_maps):
+        notes.append("edge control: no eval sample shares its category with another, so there is no same-category "
+                     "chance level (edge_control is null); evaluate more samples per category")
     return notes
 
 
@@ -135,6 +192,7 @@ def main() -> None:
     configs = dataset.load_eval_configs(paths.eval_data)
     indices = [c["index"] for c in configs]
     prompts = [c["prompt"] for c in configs]
+    categories = [str(c.get("category") or "").strip() or NO_CATEGORY for c in configs]
     n = len(indices)
     gt_files = [dataset.gt_path(paths.eval_data, i) for i in indices]
     edge_files = [dataset.edge_path(paths.edges, i) for i in indices]
@@ -152,24 +210,26 @@ def main() -> None:
     inception = load_inception(paths.eval_models, dev, paths.model_sources)
     lpips_model = load_lpips(paths.eval_models, dev)
     clip_model, clip_processor = load_clip(paths.eval_models, dev)
-    table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts})
+    table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts,
+                          "category": categories})
     gt_feats = inception_features(gt_files, inception, dev, cfg.batch_size)
-    table["clip_cosine_ground_truth"] = clip_cosines(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size)
-    table["clip_score_ground_truth"] = table["clip_cosine_ground_truth"].clip(lower=0)
-    feats = {}
-    for variant, files in tqdm(generated.items(), desc="metrics"):
+    cosines, gt_embeds = clip_embeddings(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size)
+    table["clip_cosine_ground_truth"], table["clip_score_ground_truth"] = cosines, np.maximum(cosines, 0)
+    maps = [edge_map(load_rgb(e), cfg.edge_tolerance) for e in edge_files]
+    chance_maps = same_category_maps([c if c != NO_CATEGORY else "" for c in categories], cfg.edge_chance_maps,
+                                     cfg.seed)
+    feats, embeds = {}, {}
+    for variant, files in tqdm({"ground_truth": gt_files, **generated}.items(), desc="metrics"):
+        for name, scores in score_images(files, maps, chance_maps, params.canny, cfg.edge_tolerance).items():
+            table[f"{name}_{variant}"] = scores
+        table[f"edge_control_{variant}"] = table[f"edge_f1_{variant}"] - table[f"edge_f1_same_category_{variant}"]
+        if variant == "ground_truth":
+            continue
         feats[variant] = inception_features(files, inception, dev, cfg.batch_size)
         table[f"lpips_{variant}"] = lpips_scores(lpips_model, gt_files, files, dev, cfg.batch_size)
-        cosines = clip_cosines(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
-        table[f"clip_cosine_{variant}"] = cosines
-        table[f"clip_score_{variant}"] = np.maximum(cosines, 0)
-        edges = edge_scores(files, edge_files, params.canny, cfg.edge_tolerance)
-        for column, name in enumerate(("edge_precision", "edge_recall", "edge_f1")):
-            table[f"{name}_{variant}"] = edges[:, column]
-        # Chance level: the same images against the next sample's edge map. A model that draws
-        # garments but ignores its edge map scores this much too.
-        table[f"edge_f1_mismatched_{variant}"] = edge_scores(
-            files, edge_files[1:] + edge_files[:1], params.canny, cfg.edge_tolerance)[:, 2]
+        cosines, embeds[variant] = clip_embeddings(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
+        table[f"clip_cosine_{variant}"], table[f"clip_score_{variant}"] = cosines, np.maximum(cosines, 0)
+        table[f"ssim_{variant}"], table[f"psnr_{variant}"] = pair_scores(gt_files, files).T
 
     # The demo names one palette colour per prompt; real FashionGen prompts name others.
     colours = [colour.named_colour(p) for p in prompts]
@@ -181,75 +241,48 @@ def main() -> None:
             table[f"colour_share_{variant}"] = shares
             table[f"colour_match_{variant}"] = (np.array(shares) >= colour.MATCH).astype(float)
 
-    # One draw of resampled eval pairs serves every interval; FID uses its first rows.
-    counts = statistics.resample_counts(n, max(cfg.bootstrap_resamples, cfg.fid_bootstrap_resamples), cfg.seed)
-    fid_counts = counts[:cfg.fid_bootstrap_resamples]
-    counts = counts[:cfg.bootstrap_resamples]
-    kid_boot = statistics.kid_resamples(gt_feats, feats, counts)
-    fid_boot = statistics.fid_resamples(gt_feats, feats, fid_counts) if len(fid_counts) else None
-    results, details = {"n": n}, {"n": n}
-    fid, kid = {}, {}
+    results, details, counts = set_level(gt_feats, feats, gt_embeds, embeds, cfg)
     for variant in dataset.VARIANTS:
-        fid[variant] = statistics.frechet_distance(gt_feats, feats[variant])
-        kid[variant] = statistics.kernel_distance(gt_feats, feats[variant], cfg.kid_subsets, cfg.kid_subset_size,
-                                                  cfg.seed)
-        fid_ci = statistics.centred_interval(fid[variant], fid_boot[variant]) if fid_boot else (None, None)
-        results[variant] = {**with_interval("fid", fid[variant], *fid_ci),
-                            **with_interval("kid", kid[variant]["kid"],
-                                            *statistics.percentile_interval(kid_boot[variant]))}
-        for name in ("lpips", "clip_score", "edge_f1"):
-            results[variant].update(with_interval(name, *statistics.t_interval(table[f"{name}_{variant}"])))
-        details[variant] = {"kid": {k: v for k, v in kid[variant].items() if k != "kid"},
-                            **{name: mean_interval(table[f"{name}_{variant}"])
-                               for name in ("edge_precision", "edge_recall", "edge_f1_mismatched", "clip_cosine")}}
-
-    # LoRA minus baseline on the same pairs: what users want to know, and far tighter than
-    # comparing two separate intervals.
-    deltas = {}
-    fid_delta = fid["lora"] - fid["baseline"]
-    deltas.update(with_interval("fid", fid_delta, *(statistics.centred_interval(
-        fid_delta, fid_boot["lora"] - fid_boot["baseline"]) if fid_boot else (None, None))))
-    deltas.update(with_interval("kid", kid["lora"]["kid"] - kid["baseline"]["kid"],
-                                *statistics.percentile_interval(kid_boot["lora"] - kid_boot["baseline"])))
-    paired = {}
+        for name in HEADLINE_SAMPLES:
+            m = statistics.mean_interval(table[f"{name}_{variant}"])
+            results[variant].update(with_interval(name, m["mean"], m["ci95_low"], m["ci95_high"]))
+        details[variant].update({name: statistics.mean_interval(table[f"{name}_{variant}"]) for name in (
+            "edge_precision", "edge_recall", "edge_f1_mismatched", "edge_f1_same_category", "clip_cosine")})
+        details[variant]["prdc"] = statistics.prdc(gt_feats, feats[variant], cfg.prdc_k) if n > cfg.prdc_k else None
+    details["ground_truth"] = {
+        **with_interval("clip_score", *statistics.t_interval(table["clip_score_ground_truth"])),
+        **{name: statistics.mean_interval(table[f"{name}_ground_truth"]) for name in (*EDGE_SCORES, "edge_control")}}
     compared = {**HIGHER_IS_BETTER, **({"colour_share": True, "colour_match": True} if demo_colours else {})}
-    for name, higher in compared.items():
-        paired[name] = statistics.paired_delta(table[f"{name}_baseline"], table[f"{name}_lora"], counts, higher)
-        table[f"{name}_delta"] = table[f"{name}_lora"] - table[f"{name}_baseline"]
-    for name in ("lpips", "clip_score", "edge_f1"):
-        d = paired[name]
-        deltas.update({**with_interval(name, d["mean"], d["ci95_low"], d["ci95_high"]),
-                       f"{name}_lora_better": d["lora_better"], f"{name}_lora_worse": d["lora_worse"]})
-    results["lora_minus_baseline"] = deltas
-    details["lora_minus_baseline"] = paired  # every per-sample delta, with the shares LoRA wins and loses
-    details["ground_truth"] = with_interval("clip_score", *statistics.t_interval(table["clip_score_ground_truth"]))
+    details["lora_minus_baseline"] = paired = paired_deltas(table, compared, counts)
+    for name in HEADLINE_SAMPLES:
+        d = paired[name] or dict.fromkeys(("mean", "ci95_low", "ci95_high", "lora_better", "lora_worse"))
+        results["lora_minus_baseline"].update({**with_interval(name, d["mean"], d["ci95_low"], d["ci95_high"]),
+                                               f"{name}_lora_better": d["lora_better"],
+                                               f"{name}_lora_worse": d["lora_worse"]})
     if demo_colours:
         details["prompt_colour"] = {"match_threshold": colour.MATCH, **{
-            variant: {"colour_share": mean_interval(table[f"colour_share_{variant}"]),
-                      "colour_match": dict(zip(("mean", "ci95_low", "ci95_high"),
-                                               statistics.proportion_interval(table[f"colour_match_{variant}"])))}
+            variant: {"colour_share": statistics.mean_interval(table[f"colour_share_{variant}"]),
+                      "colour_match": statistics.share_interval(table[f"colour_match_{variant}"])}
             for variant in ("ground_truth", *dataset.VARIANTS)}}
-    details["warnings"] = warnings_for(n, kid["baseline"], cfg)
-    details["settings"] = {"confidence": statistics.CONFIDENCE, "means": "Student t",
-                           "bootstrap": "paired over eval images; percentile intervals, FID's centred on the "
-                                        "estimate (conservative)",
-                           "bootstrap_resamples": cfg.bootstrap_resamples,
-                           "fid_bootstrap_resamples": cfg.fid_bootstrap_resamples, "seed": cfg.seed,
-                           "edge_tolerance_px": cfg.edge_tolerance, "canny": dataclasses.asdict(params.canny),
-                           "tf32": cfg.tf32, "device": dev.type}
+    details["per_category"] = per_category(table, categories, HEADLINE_SAMPLES, ["colour_match"] if demo_colours else [])
+    details["warnings"] = warnings_for(n, details["baseline"]["kid"], cfg, categories, chance_maps)
+    details["settings"] = settings(cfg, params, dev)
     details["backbones"] = backbones
     for note in details["warnings"]:
         log.warning("%s", note)
 
     with atomic_file(paths.per_sample) as tmp:
         # full precision: every float round-trips; dataset text cannot become a spreadsheet formula
-        table.assign(prompt=table["prompt"].map(csv_text)).to_csv(tmp, index=False)
-    write_json(paths.metrics_detail, details)
-    write_json(paths.metrics, results)
-    log.info("metrics: n=%d; LoRA - baseline: FID %+.3g, LPIPS %+.3g [%.3g, %.3g] (better on %.0f%%), "
-             "CLIP %+.3g, edge F1 %+.3g%s; wrote %s", n, fid_delta, deltas["lpips"], deltas["lpips_ci95_low"],
-             deltas["lpips_ci95_high"], 100 * deltas["lpips_lora_better"], deltas["clip_score"], deltas["edge_f1"],
-             peak_memory(dev), paths.metrics)
+        table.assign(prompt=table["prompt"].map(csv_text), category=table["category"].map(csv_text)).to_csv(
+            tmp, index=False)
+    write_json(paths.metrics_detail, details, finite=True)
+    write_json(paths.metrics, results, finite=True)
+    delta = results["lora_minus_baseline"]
+    log.info("metrics: n=%d; LoRA - baseline: FID %+.3g (p = %s), LPIPS %+.3g [%.3g, %.3g] (better on %.0f%%), "
+             "SSIM %+.3g, CLIP %+.3g, edge F1 %+.3g, edge control %s%s; wrote %s", n, delta["fid"],
+             shown(delta["fid_p_value"], "%.3g"), delta["lpips"], delta["lpips_ci95_low"], delta["lpips_ci95_high"],
+             100 * delta["lpips_lora_better"], delta["ssim"], delta["clip_score"], delta["edge_f1"],
+             shown(delta["edge_control"]), peak_memory(dev), paths.metrics)
 
 
 if __name__ == "__main__":

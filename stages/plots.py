@@ -24,8 +24,8 @@ from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.edges import canny
-from stages.common.figures import (HEADLINE, HEADLINE_KEYS, TILE_INCHES, VARIANT_COLORS, direction, png_bytes,
-                                   read_results, read_scores)
+from stages.common.figures import (HEADLINE, HEADLINE_KEYS, TILE_INCHES, VARIANT_COLORS, direction, label,
+                                   png_bytes, read_results, read_scores)
 from stages.common.io import atomic_file, check_images, image_size, load_rgb
 from stages.common.params import load_params
 
@@ -77,19 +77,25 @@ def grid_figure(rows, table, paths) -> Figure:
 
 
 def metrics_figure(metrics: dict) -> Figure:
-    fig = Figure(figsize=(3.0 * len(HEADLINE), 3.4))
-    for ax, (key, label, higher) in zip(fig.subplots(1, len(HEADLINE)), HEADLINE, strict=True):
+    columns = -(-len(HEADLINE) // 2)
+    fig = Figure(figsize=(3.0 * columns, 6.8))
+    axes = fig.subplots(2, columns, squeeze=False).ravel()
+    for ax in axes[len(HEADLINE):]:
+        ax.set_visible(False)
+    for ax, (key, text, higher) in zip(axes, HEADLINE, strict=False):
         for x, variant in enumerate(dataset.VARIANTS):
             m = metrics[variant]
             low, high = m[f"{key}_ci95_low"], m[f"{key}_ci95_high"]
+            if m[key] is None:  # edge control without a same-category chance level
+                continue
             ax.bar(x, m[key], color=VARIANT_COLORS[variant])
             if low is not None:  # drawn from its ends: an interval need not be symmetric
                 ax.vlines(x, low, high, color="black", linewidth=1.5)
                 ax.hlines([low, high], x - 0.12, x + 0.12, color="black", linewidth=1.5)
         ax.set_xticks(range(len(dataset.VARIANTS)), dataset.VARIANTS)
-        ax.set_title(f"{label}\n({direction(higher)})", fontsize=10)
+        ax.set_title(f"{label(key, text, metrics['n'])}\n({direction(higher)})", fontsize=10)
         ax.axhline(0, color="black", linewidth=0.6)
-    fig.suptitle(f"n = {metrics['n']} eval images; bars: 95% intervals", fontsize=10)
+    fig.suptitle(f"n = {metrics['n']} eval images; bars: 95% intervals (FID: none, see the report)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -97,8 +103,12 @@ def metrics_figure(metrics: dict) -> Figure:
 def deltas_figure(metrics: dict) -> Figure:
     delta = metrics["lora_minus_baseline"]
     fig = Figure(figsize=(7.5, 1.25 * len(HEADLINE) + 0.6))
-    for ax, (key, label, higher) in zip(fig.subplots(len(HEADLINE), 1), HEADLINE, strict=True):
+    for ax, (key, text, higher) in zip(fig.subplots(len(HEADLINE), 1), HEADLINE, strict=True):
         value, low, high = delta[key], delta[f"{key}_ci95_low"], delta[f"{key}_ci95_high"]
+        if value is None:
+            ax.set_axis_off()
+            ax.set_title(f"{text}: not measured (see the report's warnings)", fontsize=10, loc="left")
+            continue
         clear = low is not None and (low > 0 or high < 0)
         better = (value > 0) == higher
         color = ("#2ca02c" if better else "#d62728") if clear else "#7f7f7f"
@@ -114,7 +124,10 @@ def deltas_figure(metrics: dict) -> Figure:
         ax.set_yticks([])
         share = (f"; LoRA better on {100 * delta[f'{key}_lora_better']:.0f}%, worse on "
                  f"{100 * delta[f'{key}_lora_worse']:.0f}% of pairs") if f"{key}_lora_better" in delta else ""
-        ax.set_title(f"{label}: {value:+.4g} ({direction(higher)}){share}", fontsize=10, loc="left")
+        p_value = delta.get(f"{key}_p_value")
+        share += f"; permutation p = {p_value:.3g}" if p_value is not None else ""
+        ax.set_title(f"{label(key, text, metrics['n'])}: {value:+.4g} ({direction(higher)}){share}", fontsize=10,
+                     loc="left")
     fig.suptitle("LoRA minus baseline, paired, with 95% intervals (green: clearly better, red: clearly worse)",
                  fontsize=10)
     fig.tight_layout()

@@ -10,7 +10,6 @@ Images are embedded as data URIs: it opens offline, from anywhere, and the same 
 same bytes.
 """
 
-import base64
 import dataclasses
 import html
 from pathlib import Path
@@ -22,87 +21,44 @@ from matplotlib.figure import Figure
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
-from stages.common.figures import HEADLINE, HEADLINE_KEYS, direction, png_bytes, read_results, read_scores
+from stages.common.figures import (HEADLINE, HEADLINE_KEYS, PERMUTED, SET_LEVEL, direction, label, png_bytes,
+                                   read_results, read_scores)
 from stages.common.io import atomic_file
+from stages.common.page import STYLE, cell, detail_cell, figure, number, p_value, shares, verdict
 from stages.common.params import load_params
 
 # The params sections shown on the page: dvc.yaml lists the same ones, so editing any reruns it.
 SECTIONS = ("models", "extract", "canny", "train", "generate", "metrics", "plots")
 CASES = 5  # rows in each of the worst and best tables
 PAIRED = ("lpips", "clip_score", "edge_f1", "edge_precision", "edge_recall")
-# The backbone (backbones.json's key) behind each headline metric; edge F1 and prompt colour use none.
-BACKBONE_OF = {"fid": "fid", "kid": "fid", "lpips": "lpips", "clip_score": "clip"}
-DETAIL_KEYS = (["n", "warnings", "backbones"]
-               + [f"settings.{k}" for k in ("bootstrap_resamples", "fid_bootstrap_resamples", "seed",
-                                            "edge_tolerance_px", "tf32", "device")]
+# The backbone (backbones.json's key) behind each headline metric; SSIM, PSNR, edge F1 and control
+# and prompt colour use none.
+BACKBONE_OF = {"fid": "fid", "kid": "fid", "cmmd": "clip", "lpips": "lpips", "clip_score": "clip"}
+# The controllability table: (metrics_detail.json's key, label); edge F1 and control come from metrics.json.
+EDGE_ROWS = [("edge_f1_same_category", "edge F1 on other maps of its category (chance level)"),
+             ("edge_f1_mismatched", "edge F1 on the next sample's map"),
+             ("edge_precision", "edge precision"), ("edge_recall", "edge recall")]
+PRDC = ("precision", "recall", "density", "coverage")
+# The per-category table's columns: (per-sample metric, label, higher is better).
+CATEGORY_COLUMNS = [("edge_control", "edge control", True), ("edge_f1", "edge F1", True), ("ssim", "SSIM", True),
+                    ("lpips", "LPIPS", False), ("colour_match", "prompt colour match", True)]
+DETAIL_KEYS = (["n", "warnings", "backbones", "per_category"]
+               + [f"settings.{k}" for k in ("bootstrap_resamples", "fid_bootstrap_resamples", "permutations",
+                                            "prdc_k", "edge_chance_maps", "seed", "edge_tolerance_px", "tf32",
+                                            "device")]
                + [f"{v}.kid.{k}" for v in dataset.VARIANTS for k in ("subset_size", "subsets")]
-               + [f"{v}.{name}.{k}" for v in dataset.VARIANTS for name in ("edge_precision", "edge_recall")
+               + [f"{v}.prdc" for v in dataset.VARIANTS]
+               + [f"{v}.{name}.{k}" for v in (*dataset.VARIANTS, "ground_truth") for name, _ in EDGE_ROWS
                   for k in ("mean", "ci95_low", "ci95_high")]
-               + [f"lora_minus_baseline.{name}.{k}" for name in PAIRED
-                  for k in ("mean", "ci95_low", "ci95_high", "lora_better", "lora_worse")])
+               + [f"ground_truth.{name}.{k}" for name in ("edge_f1", "edge_control")
+                  for k in ("mean", "ci95_low", "ci95_high")]
+               + [f"lora_minus_baseline.{name}" for name in PAIRED])
 SUMMARY_KEYS = ["fixed_samples", "denoising_loss_base", "denoising_loss_lora", "denoising_loss_change"]
-
-STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.8em; text-align: right; vertical-align: top; }
-th:first-child, td:first-child, .text { text-align: left; }
-.ci { color: #666; font-size: 0.85em; }
-.better { color: #2ca02c; font-weight: 600; } .worse { color: #d62728; font-weight: 600; }
-.standin { color: #666; font-style: italic; }
-.warn { background: #fff6db; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; margin: 0.3em 0; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 13px; }
-"""
-
 
 def require(path: str, stage: str) -> Path:
     if not Path(path).is_file():
         raise StageError(f"{path}: not found; run `dvc repro {stage}`")
     return Path(path)
-
-
-def number(value, key: str) -> str:
-    """A value shown with 4 significant digits; data-value keeps every digit for checking."""
-    if value is None:
-        return "<span>n/a</span>"
-    return f'<span data-key="{key}" data-value="{value!r}">{value:.4g}</span>'
-
-
-def interval(value, low, high, keys: tuple[str, str, str]) -> str:
-    """A value and its 95% interval, as one cell; `keys` name the three for checking."""
-    return (f"<td>{number(value, keys[0])}<br><span class=ci>[{number(low, keys[1])}, "
-            f"{number(high, keys[2])}]</span></td>")
-
-
-def cell(metrics: dict, block: str, key: str) -> str:
-    m, names = metrics[block], (key, f"{key}_ci95_low", f"{key}_ci95_high")
-    return interval(*(m[name] for name in names), tuple(f"{block}.{name}" for name in names))
-
-
-def detail_cell(entry: dict, key: str) -> str:
-    """An interval from metrics_detail.json ({"mean", "ci95_low", "ci95_high"} at `key`)."""
-    names = ("mean", "ci95_low", "ci95_high")
-    return interval(*(entry[name] for name in names), tuple(f"detail.{key}.{name}" for name in names))
-
-
-def verdict(low, high, higher: bool, stand_in: bool = False) -> str:
-    """What the delta's 95% interval [low, high] says, as a cell."""
-    if stand_in:
-        return "<td class=standin>no verdict: a random stand-in backbone</td>"
-    if low is None:
-        return "<td>no interval</td>"
-    if low <= 0 <= high:
-        return "<td>no clear difference</td>"
-    better = (low > 0) == higher
-    return f"<td class={'better' if better else 'worse'}>LoRA clearly {'better' if better else 'worse'}</td>"
-
-
-def shares(better: float, worse: float, keys: tuple[str, str]) -> str:
-    """The share of pairs LoRA wins, and of those it loses (the rest are ties); `keys` name them."""
-    cells = [f'<span data-key="{key}" data-value="{value!r}">{100 * value:.0f}%</span>'
-             for key, value in zip(keys, (better, worse), strict=True)]
-    return f"<td>{cells[0]} / {cells[1]}</td>"
 
 
 def stand_ins(backbones: dict) -> list[str]:
@@ -125,24 +81,91 @@ def colour_row(detail: dict) -> str:
 def headline_table(metrics: dict, detail: dict) -> str:
     delta, random = metrics["lora_minus_baseline"], stand_ins(detail["backbones"])
     rows = []
-    for key, label, higher in HEADLINE:
+    for key, text, higher in HEADLINE:
         sides = [f"{key}_lora_better", f"{key}_lora_worse"]
-        won = (shares(*(delta[side] for side in sides), tuple(f"lora_minus_baseline.{side}" for side in sides))
-               if sides[0] in delta else "<td>set-level</td>")
-        rows.append(f"<tr><th>{label} <span class=ci>({direction(higher)})</span></th>"
-                    f"{cell(metrics, 'baseline', key)}{cell(metrics, 'lora', key)}"
-                    f"{cell(metrics, 'lora_minus_baseline', key)}{won}"
+        won = ("<td>set-level</td>" if key in SET_LEVEL else
+               shares(*(delta[side] for side in sides), tuple(f"lora_minus_baseline.{side}" for side in sides))
+               if delta[sides[0]] is not None else "<td>n/a</td>")
+        change = cell(metrics, "lora_minus_baseline", key)
+        if key in PERMUTED:
+            change = change[:-len("</td>")] + p_value(delta, key) + "</td>"
+        rows.append(f"<tr><th>{label(key, text, metrics['n'])} <span class=ci>({direction(higher)})</span></th>"
+                    f"{cell(metrics, 'baseline', key)}{cell(metrics, 'lora', key)}{change}{won}"
                     f"{verdict(delta[f'{key}_ci95_low'], delta[f'{key}_ci95_high'], higher, key in random)}</tr>")
     if "prompt_colour" in detail:
         rows.append(colour_row(detail))
     note = ""
     if random:
-        names = ", ".join(label for key, label, _ in HEADLINE if key in random)
+        names = ", ".join(text for key, text, _ in HEADLINE if key in random)
         note = (f"<p class=warn>{names}: computed with random stand-in networks (models/eval/backbones.json), so "
                 "their numbers show that the pipeline runs, not which variant is better; the page gives them no "
-                "verdict. Edge F1 and prompt colour measure edges and pixels directly.</p>")
+                "verdict. SSIM, PSNR, edge F1, edge control and prompt colour measure pixels and edges directly."
+                "</p>")
     return ("<table id=headline><tr><th>metric</th><th>baseline</th><th>LoRA</th><th>LoRA − baseline (paired)</th>"
             "<th>pairs LoRA wins / loses</th><th></th></tr>" + "".join(rows) + "</table>" + note)
+
+
+def control_table(metrics: dict, detail: dict) -> str:
+    """Edge F1 beside its chance levels, with the ground truth's own edges as the perfect follower:
+    edge control (own minus same-category F1) is what the edge map adds beyond drawing the right
+    kind of garment."""
+    truth, delta = detail["ground_truth"], detail["lora_minus_baseline"]
+
+    def row(title: str, truth_cell: str, variants: list[str], change: str) -> str:
+        return f"<tr><th>{title}</th>{truth_cell}{''.join(variants)}{change}</tr>"
+
+    rows = [row("edge F1 on its own map", detail_cell(truth["edge_f1"], "ground_truth.edge_f1"),
+                [cell(metrics, v, "edge_f1") for v in dataset.VARIANTS], cell(metrics, "lora_minus_baseline", "edge_f1"))]
+    rows += [row(title, detail_cell(truth[name], f"ground_truth.{name}"),
+                 [detail_cell(detail[v][name], f"{v}.{name}") for v in dataset.VARIANTS],
+                 detail_cell(delta[name], f"lora_minus_baseline.{name}") if delta.get(name) else "<td></td>")
+             for name, title in EDGE_ROWS]
+    rows.append(row("<b>edge control</b>: own minus same-category F1",
+                    detail_cell(truth["edge_control"], "ground_truth.edge_control"),
+                    [cell(metrics, v, "edge_control") for v in dataset.VARIANTS],
+                    cell(metrics, "lora_minus_baseline", "edge_control")))
+    perfect = truth["edge_control"]["mean"]
+    gains = [metrics[v]["edge_control"] for v in dataset.VARIANTS]
+    share = ""
+    if perfect and perfect > 0 and None not in gains:
+        share = (f"<p>A perfect follower (the ground truth's own edges) scores "
+                 f"{number(perfect, 'detail.ground_truth.edge_control.mean')} higher on its own map than on other maps "
+                 f"of its category; the baseline gains {number(gains[0], 'baseline.edge_control')} "
+                 f"({100 * gains[0] / perfect:.0f}% of that), the LoRA {number(gains[1], 'lora.edge_control')} "
+                 f"({100 * gains[1] / perfect:.0f}%). The next sample's map, often another kind of garment, is a lower "
+                 "bar and overstates control.</p>")
+    return ("<table id=control><tr><th></th><th>ground truth</th><th>baseline</th><th>LoRA</th>"
+            "<th>LoRA − baseline</th></tr>" + "".join(rows) + "</table>" + share)
+
+
+def prdc_table(detail: dict, stand_in: bool) -> str:
+    """Precision and density (fidelity), recall and coverage (diversity), per variant; set-level."""
+    rows = "".join(f"<tr><th>{v}</th>" + "".join(
+        f"<td>{number(detail[v]['prdc'][k] if detail[v]['prdc'] else None, f'detail.{v}.prdc.{k}')}</td>" for k in PRDC)
+        + "</tr>" for v in dataset.VARIANTS)
+    note = (" The Inception here is a random stand-in: these numbers show the code runs, nothing more."
+            if stand_in else "")
+    return (f"<table id=prdc><tr><th></th>{''.join(f'<th>{k}</th>' for k in PRDC)}</tr>{rows}</table>"
+            f"<p class=ci>Naeem et al. (2020) on the Inception features, k = {detail['settings']['prdc_k']}: precision "
+            "and density say how much of the generated set looks real, recall and coverage how much of the real set "
+            f"it reaches.{note}</p>")
+
+
+def category_table(detail: dict) -> str:
+    """Each category's n, its edge control per variant, and LoRA minus baseline per metric."""
+    groups = detail["per_category"]
+    columns = [c for c in CATEGORY_COLUMNS if c[0] in next(iter(groups.values()))["lora_minus_baseline"]]
+    head = ("<tr><th class=text>category</th><th>n</th><th>edge control baseline</th><th>edge control LoRA</th>"
+            + "".join(f"<th>Δ {text} <span class=ci>({direction(higher)})</span></th>" for _, text, higher in columns)
+            + "</tr>")
+    body = "".join(
+        f"<tr><td class=text>{html.escape(category)}</td><td>{number(entry['n'], f'detail.per_category.{category}.n')}</td>"
+        + "".join(detail_cell(entry[v]["edge_control"], f"per_category.{category}.{v}.edge_control")
+                  for v in dataset.VARIANTS)
+        + "".join(detail_cell(entry["lora_minus_baseline"][name], f"per_category.{category}.lora_minus_baseline.{name}")
+                  for name, _, _ in columns) + "</tr>"
+        for category, entry in groups.items())
+    return f"<table id=categories>{head}{body}</table>"
 
 
 def cases_table(table: pd.DataFrame, ascending: bool) -> str:
@@ -154,11 +177,6 @@ def cases_table(table: pd.DataFrame, ascending: bool) -> str:
         for _, r in rows.iterrows())
     return ("<table><tr><th>sample</th><th class=text>prompt</th><th>LPIPS baseline</th><th>LPIPS LoRA</th><th>Δ LPIPS</th>"
             "<th>edge F1 baseline</th><th>edge F1 LoRA</th><th>Δ CLIP</th></tr>" + body + "</table>")
-
-
-def figure(title: str, png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<h3>{html.escape(title)}</h3>\n<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def loss_figure(loss_log: Path) -> Figure:
@@ -188,14 +206,6 @@ def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list
     warnings = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in detail["warnings"])
     settings = detail["settings"]
     resolved = {s: dataclasses.asdict(getattr(params, s)) for s in SECTIONS}
-    edge_rows = "".join(
-        f"<tr><th>{name.replace('_', ' ')}</th>"
-        + "".join(f"<td>{detail[v][name]['mean']:.4g} <span class=ci>[{detail[v][name]['ci95_low']:.4g}, "
-                  f"{detail[v][name]['ci95_high']:.4g}]</span></td>" for v in dataset.VARIANTS)
-        + f"<td>{detail['lora_minus_baseline'][name]['mean']:+.4g} <span class=ci>"
-          f"[{detail['lora_minus_baseline'][name]['ci95_low']:+.4g}, {detail['lora_minus_baseline'][name]['ci95_high']:+.4g}]"
-          "</span></td></tr>"
-        for name in ("edge_precision", "edge_recall"))
     kid = detail["baseline"]["kid"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Evaluation report: baseline vs LoRA</title>
@@ -205,15 +215,22 @@ def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list
 with the same edge map, prompt and seed. Backbones: {backbones}.</p>
 <h2>Headline</h2>
 {headline_table(metrics, detail)}
-<p class=ci>Means: Student-t 95% intervals. FID, KID and every delta: a paired bootstrap over eval images
-({settings['bootstrap_resamples']} resamples, FID {settings['fid_bootstrap_resamples']}, seed {settings['seed']});
-FID's interval is the bootstrap's spread centred on the estimate (resampling repeats images, which pushes FID
-up; conservative). Wins / loses: the shares of pairs where LoRA is strictly better / worse; the rest tie. Edge F1: canny edges of each generated image vs its input edge map,
-within {settings['edge_tolerance_px']:g} px. KID: subsets of {kid['subset_size']} images, {kid['subsets']} of them.
+<p class=ci>Means: Student-t 95% intervals. KID, CMMD and every delta: a paired bootstrap over eval images
+({settings['bootstrap_resamples']} resamples, FID's delta {settings['fid_bootstrap_resamples']}, seed {settings['seed']}).
+FID is FID at this n: its bias at small n differs between variants, so a variant's FID has no interval; the FID
+delta's interval is the bootstrap's spread centred on the estimate, and p is a paired sign-flip permutation test
+of the FID and KID deltas ({settings['permutations']} permutations). Wins / loses: the shares of pairs where LoRA
+is strictly better / worse; the rest tie. Edge F1: canny edges of each generated image vs its input edge map,
+within {settings['edge_tolerance_px']:g} px; edge control: that minus the F1 on up to {settings['edge_chance_maps']}
+other maps of its category. KID: subsets of {kid['subset_size']} images, {kid['subsets']} of them.
 TF32: {'on' if settings['tf32'] else 'off'}; metrics device: {settings['device']}.</p>
 {warnings}
 <h2>Controllability</h2>
-<table><tr><th></th><th>baseline</th><th>LoRA</th><th>LoRA − baseline</th></tr>{edge_rows}</table>
+{control_table(metrics, detail)}
+<h2>Fidelity and diversity</h2>
+{prdc_table(detail, 'fid' in stand_ins(detail['backbones']))}
+<h2>By garment category</h2>
+{category_table(detail)}
 <h2>Charts</h2>
 {figures[0]}
 {figures[1]}

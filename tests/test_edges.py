@@ -1,9 +1,14 @@
-"""edges: edge fidelity's precision, recall and F1 on constructed maps."""
+"""edges: edge fidelity on constructed maps, and the same-category maps behind its chance level."""
 
 import numpy as np
 import pytest
 
-from stages.common.edges import canny, edge_fidelity
+from stages.common.edge_scores import edge_map, fidelity, same_category_maps
+from stages.common.edges import canny
+
+
+def edge_fidelity(generated, reference, tolerance):
+    return fidelity(edge_map(generated, tolerance), edge_map(reference, tolerance))
 
 
 def square(size=32, at=8, side=12) -> np.ndarray:
@@ -54,3 +59,27 @@ def test_three_channel_maps_and_canny_round_trip():
     edges = canny(image, 100, 200)
     assert edges.shape == (32, 32, 3) and set(np.unique(edges)) == {0, 255}
     assert edge_fidelity(canny(image, 100, 200), edges, tolerance=0) == (1.0, 1.0, 1.0)
+
+
+def test_same_category_maps_are_other_samples_of_the_category():
+    categories = ["TOPS", "PANTS", "TOPS", "", "TOPS", "SKIRTS", "TOPS", "PANTS", ""]
+    chosen = same_category_maps(categories, maps=2, seed=0)
+    for i, maps in enumerate(chosen):
+        assert i not in maps and all(categories[j] == categories[i] for j in maps), (i, maps)
+    assert [len(m) for m in chosen] == [2, 1, 2, 0, 2, 0, 2, 1, 0], "all when fewer; none alone or without one"
+    assert [m.tolist() for m in chosen] == [m.tolist() for m in same_category_maps(categories, 2, seed=0)]
+    draws = {tuple(same_category_maps(categories, 2, seed=s)[0]) for s in range(20)}
+    assert len(draws) == 3, "a seeded choice among TOPS 2, 4 and 6"
+
+
+def test_an_image_that_ignores_its_map_scores_the_chance_level():
+    """Sample 0's map and another of its category: edge control (own minus same-category F1) is
+    high for an image that follows its own map, and below zero for one drawn from the other."""
+    own_map, other_map = edge_map(square(48, 8, 20), 1), edge_map(square(48, 14, 20), 1)
+
+    def control(made):
+        return fidelity(made, own_map)[2] - fidelity(made, other_map)[2]
+
+    assert control(own_map) > 0.8 and control(other_map) < -0.8
+    with pytest.raises(ValueError, match="2304 and 1024 pixels"):
+        fidelity(own_map, edge_map(square(), 1))

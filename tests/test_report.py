@@ -114,9 +114,12 @@ def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_pat
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
     assert len(images) == 5 and all(done and width > 0 for done, width, _ in images), images
     rendered = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#headline [data-key]'))"
+        "return Array.from(document.querySelectorAll('#headline [data-key], #control [data-key], #categories [data-key]'))"
         ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")
     values = shown(p)
+    # the control delta against the same-category chance level, with its interval, as rendered
+    assert {f"{block}.edge_control{part}" for block in ("baseline", "lora", "lora_minus_baseline")
+            for part in ("", "_ci95_low", "_ci95_high")} <= {key for key, _, _ in rendered}
     for key, value, text in rendered:
         assert float(value) == values[key] and text.strip(), key
         if not key.endswith(("_lora_better", "_lora_worse", ".lora_better", ".lora_worse")):  # shown as percentages
@@ -125,9 +128,13 @@ def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_pat
         "return Array.from(document.querySelectorAll('#headline tr')).slice(1)"
         ".map(r => [r.cells[0].textContent, r.cells[r.cells.length - 1].textContent])")
     assert [label.split(" (")[0] for label, _ in verdicts] == [
-        "FID", "KID", "LPIPS", "CLIP score", "edge F1", "prompt colour match"]
-    assert [text for _, text in verdicts[:4]] == ["no verdict: a random stand-in backbone"] * 4, verdicts
-    assert "stand-in" not in verdicts[4][1] + verdicts[5][1], "edges and pixels keep their verdict"
+        f"FID at n = {values['n']}", "KID", "CMMD", "LPIPS", "SSIM", "PSNR", "CLIP score", "edge F1", "edge control",
+        "prompt colour match"]
+    by_label = {label.split(" (")[0]: text for label, text in verdicts}
+    stand_ins = ("KID", "CMMD", "LPIPS", "CLIP score")
+    assert [by_label[label] for label in stand_ins] == ["no verdict: a random stand-in backbone"] * 4, verdicts
+    assert not any("stand-in" in by_label[label] for label in ("SSIM", "PSNR", "edge F1", "edge control",
+                                                                "prompt colour match")), "pixels and edges keep theirs"
     height = driver.execute_script("return document.body.scrollHeight")
     driver.set_window_size(1280, height)
     screenshot = os.environ.get("FASHION_REPORT_SCREENSHOT", str(tmp_path / "report.png"))
@@ -171,18 +178,21 @@ def test_stand_in_backbones_get_numbers_but_no_verdict(finished_project):
     "LoRA clearly better/worse" from them. With the real networks the verdicts come back."""
     p = finished_project
     verdicts = headline_verdicts(p.path("report").read_text(encoding="utf-8"))
-    assert list(verdicts) == ["FID", "KID", "LPIPS", "CLIP score", "edge F1", "prompt colour match"]
-    for label in ("FID", "KID", "LPIPS", "CLIP score"):
+    n = read_json(p.path("metrics"))["n"]
+    assert list(verdicts) == [f"FID at n = {n}", "KID", "CMMD", "LPIPS", "SSIM", "PSNR (dB)", "CLIP score", "edge F1",
+                              "edge control", "prompt colour match"]
+    for label in (f"FID at n = {n}", "KID", "CMMD", "LPIPS", "CLIP score"):
         assert verdicts[label] == "no verdict: a random stand-in backbone", label
     colour = read_json(p.path("metrics_detail"))["lora_minus_baseline"]["colour_match"]
     assert verdicts["prompt colour match"] == ("LoRA clearly better" if colour["ci95_low"] > 0 else
                                                "no clear difference" if colour["ci95_high"] >= 0 else "LoRA clearly worse")
     page = p.path("report").read_text(encoding="utf-8")
-    assert "FID, KID, LPIPS, CLIP score: computed with random stand-in networks" in page
+    assert "FID, KID, CMMD, LPIPS, CLIP score: computed with random stand-in networks" in page
     detail = read_json(p.path("metrics_detail"))
+    keys = Page(page).values
     for name in ("edge_precision", "edge_recall"):  # every delta on the page has its interval
-        d = detail["lora_minus_baseline"][name]
-        assert f"{d['mean']:+.4g} <span class=ci>[{d['ci95_low']:+.4g}, {d['ci95_high']:+.4g}]</span>" in page, name
+        assert {f"detail.lora_minus_baseline.{name}.{k}" for k in ("mean", "ci95_low", "ci95_high")} <= set(keys), name
+    assert "lora_minus_baseline.fid_p_value" in keys and "lora_minus_baseline.kid_p_value" in keys
 
     detail["backbones"] = {"fid": "clean-fid inception-2015-12-05 (sha256 f58cb9b6ec32)",
                            "lpips": "lpips v0.1 alex", "clip": "openai/clip-vit-base-patch32@3d74acf9"}

@@ -69,6 +69,23 @@ def test_paired_delta_on_constructed_pairs():
     assert same == {"mean": 0.0, "ci95_low": 0.0, "ci95_high": 0.0, "lora_better": 0.0, "lora_worse": 0.0}
 
 
+def test_paired_delta_over_a_subset_of_the_pairs():
+    """Edge control leaves out samples alone in their category: each resample's mean is then over
+    the pairs it drew from the subset, the same as resampling the kept pairs' counts by hand."""
+    rng = np.random.default_rng(2)
+    baseline, lora = rng.uniform(size=30), rng.uniform(size=30)
+    kept = np.arange(30) % 3 != 0
+    counts = statistics.resample_counts(30, 500, seed=0)
+    d = statistics.paired_delta(baseline[kept], lora[kept], counts[:, kept], higher_is_better=True)
+    sub = counts[:, kept]
+    expected = sub @ (lora - baseline)[kept] / sub.sum(axis=1)
+    assert d["mean"] == pytest.approx((lora - baseline)[kept].mean())
+    assert (d["ci95_low"], d["ci95_high"]) == pytest.approx(tuple(np.percentile(expected, [2.5, 97.5])))
+    # a resample that drew none of the subset has no mean, rather than a mean of 0
+    none = statistics.paired_delta(baseline[:1], lora[:1], np.array([[0], [2], [1]]), higher_is_better=True)
+    assert none["ci95_low"] == none["ci95_high"] == pytest.approx(lora[0] - baseline[0])
+
+
 @pytest.mark.parametrize("n", [12, 80])  # fewer and more samples than dimensions
 def test_frechet_distance_matches_clean_fid(n):
     rng = np.random.default_rng(n)
@@ -218,3 +235,179 @@ def test_proportion_interval_is_wilsons():
     assert share == 0.05 and low == pytest.approx(0.008881, abs=1e-6) and high == pytest.approx(0.236132, abs=1e-6)
     assert statistics.proportion_interval([0] * 20)[1:] == (0.0, pytest.approx(0.161125, abs=1e-6))
     assert statistics.proportion_interval([1] * 20)[1:] == (pytest.approx(0.838875, abs=1e-6), 1.0)
+
+
+# --- CMMD ---
+
+def google_cmmd(x, y):
+    """google-research/cmmd's distance.py mmd, transcribed from JAX to numpy, on embeddings
+    L2-normalised as their embedding.py leaves them."""
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=-1, keepdims=True)
+    x_sqnorms, y_sqnorms = np.diag(x @ x.T), np.diag(y @ y.T)
+    gamma = 1 / (2 * 10 ** 2)
+    k_xx = np.mean(np.exp(-gamma * (-2 * x @ x.T + x_sqnorms[:, None] + x_sqnorms[None, :])))
+    k_xy = np.mean(np.exp(-gamma * (-2 * x @ y.T + x_sqnorms[:, None] + y_sqnorms[None, :])))
+    k_yy = np.mean(np.exp(-gamma * (-2 * y @ y.T + y_sqnorms[:, None] + y_sqnorms[None, :])))
+    return 1000 * (k_xx + k_yy - 2 * k_xy)
+
+
+def clip_like(n, seed, shift=0.0):
+    """Embeddings of unequal lengths around a shared direction, as CLIP's are before normalising."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 16)) + 2 + shift) * rng.uniform(0.5, 20, size=(n, 1))
+
+
+@pytest.mark.parametrize("m, dtype", [(30, np.float64), (45, np.float32)])
+def test_cmmd_biased_is_google_research_cmmd(m, dtype):
+    generated, reference = clip_like(30, 0, shift=0.5).astype(dtype), clip_like(m, 1).astype(dtype)
+    expected = google_cmmd(reference.astype(np.float64), generated.astype(np.float64))
+    assert expected > 0.05, "a distance well above float noise"
+    assert statistics.cmmd(generated, reference, unbiased=False) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cmmd_unbiased_is_the_u_statistic_of_pairs():
+    generated, reference = clip_like(25, 2, shift=0.5), clip_like(25, 3)
+    x = generated / np.linalg.norm(generated, axis=1, keepdims=True)
+    y = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+
+    def k(a, b):
+        return np.exp(-((a - b) ** 2).sum() / (2 * 10 ** 2))
+
+    m = len(x)
+    expected = 1000 * np.mean([k(x[i], x[j]) + k(y[i], y[j]) - k(x[i], y[j]) - k(x[j], y[i])
+                               for i in range(m) for j in range(m) if i != j])
+    assert statistics.cmmd(generated, reference) == pytest.approx(expected, rel=1e-9)
+    assert statistics.cmmd(generated, reference, unbiased=False) > expected, "the V-statistic's diagonal"
+
+
+def test_unbiased_cmmd_needs_pairs():
+    with pytest.raises(ValueError, match="30 generated and 31 reference"):
+        statistics.cmmd(clip_like(30, 0), clip_like(31, 1))
+
+
+def test_cmmd_resamples_count_each_image_once():
+    gt, gen = clip_like(20, 4), clip_like(20, 5, shift=0.3)
+    ones = np.ones((1, 20), dtype=int)
+    assert statistics.cmmd_resamples(gt, {"x": gen}, ones)["x"][0] == pytest.approx(statistics.cmmd(gen, gt), rel=1e-9)
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (gen, gt))
+
+    def mean_k(a, b, rows):  # over pairs of distinct eval samples among the repeated rows
+        k = np.exp(-((a[rows][:, None] - b[rows][None]) ** 2).sum(-1) / (2 * 10 ** 2))
+        return k[rows[:, None] != rows[None, :]].mean()
+
+    for weights in statistics.resample_counts(20, 3, seed=6):
+        rows = np.repeat(np.arange(20), weights)
+        expected = 1000 * (mean_k(x, x, rows) + mean_k(y, y, rows) - 2 * mean_k(x, y, rows))
+        assert statistics.cmmd_resamples(gt, {"x": gen}, weights[None])["x"][0] == pytest.approx(expected, rel=1e-9)
+
+
+# --- PRDC ---
+
+def reference_prdc(real, fake, k):
+    from prdc import compute_prdc  # prints the set sizes, which pytest captures
+    return compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+
+
+@pytest.mark.parametrize("seed, n_real, n_fake, k", [(0, 40, 40, 1), (1, 50, 35, 3), (2, 30, 60, 5), (3, 64, 64, 10)])
+def test_prdc_matches_the_prdc_package(seed, n_real, n_fake, k):
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(n_real, 12))
+    fake = rng.normal(0.4, 1.3, size=(n_fake, 12)).astype(np.float32)  # one float32 set: computed in float64
+    expected = reference_prdc(real, fake.astype(np.float64), k)
+    got = statistics.prdc(real, fake, k)
+    assert got.keys() == expected.keys()
+    assert got == pytest.approx({key: float(v) for key, v in expected.items()}, abs=1e-5)
+    assert 0 < got["precision"] < 1 and 0 < got["coverage"] < 1, "values where an off-by-one would show"
+
+
+def test_prdc_ties_and_duplicates_match_the_prdc_package():
+    """Integer points on a small grid: duplicates, and distances equal to a radius exactly, where
+    only a strict < and leaving exactly one self out agree with the package."""
+    rng = np.random.default_rng(4)
+    real, fake = rng.integers(0, 3, size=(40, 3)).astype(float), rng.integers(0, 4, size=(30, 3)).astype(float)
+    for k in (1, 2, 4):
+        expected = reference_prdc(real, fake, k)
+        assert statistics.prdc(real, fake, k) == pytest.approx({key: float(v) for key, v in expected.items()}, abs=1e-5)
+
+
+@pytest.mark.parametrize("n_real, n_fake", [(5, 40), (40, 5)])
+def test_prdc_needs_more_samples_than_k(n_real, n_fake):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"k = 5 .* got 5 .*lower metrics.prdc_k"):
+        statistics.prdc(rng.normal(size=(n_real, 4)), rng.normal(size=(n_fake, 4)), 5)
+    assert statistics.prdc(rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), 5)["coverage"] <= 1
+
+
+# --- permutation tests of LoRA minus baseline ---
+
+def swapped(baseline, lora, flip):
+    """The two sets after swapping the pairs flip marks: (baseline', lora')."""
+    rows = np.asarray(flip, dtype=bool)[:, None]
+    return np.where(rows, lora, baseline), np.where(rows, baseline, lora)
+
+
+def paired_sets(seed, n=40, d=8, shift=0.0):
+    """Ground truth and two variants made for it, the LoRA's moved by `shift` in every dimension."""
+    rng = np.random.default_rng(seed)
+    gt = rng.normal(size=(n, d))
+    baseline = 0.8 * gt + rng.normal(0.2, 0.6, size=(n, d))
+    lora = 0.8 * gt + rng.normal(0.2 + shift, 0.6, size=(n, d))
+    return gt, baseline, lora
+
+
+def test_sign_flips_are_seeded_coin_flips():
+    flips = statistics.sign_flips(50, 200, seed=3)
+    assert flips.shape == (200, 50) and flips.dtype == bool
+    assert (flips == statistics.sign_flips(50, 200, seed=3)).all()
+    assert not (flips == statistics.sign_flips(50, 200, seed=4)).all()
+    assert flips.mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_kid_permutation_statistic_is_the_kid_difference_of_the_swapped_sets():
+    gt, baseline, lora = paired_sets(0, shift=0.3)
+    w, _ = statistics._kid_pair_terms(gt, baseline, lora)
+
+    def kid(x):
+        return statistics._mmd(statistics.kernel(x, x), statistics.kernel(gt, gt), statistics.kernel(x, gt))
+
+    flips = np.vstack([np.zeros(40, bool), np.ones(40, bool), statistics.sign_flips(40, 3, seed=0)])
+    for flip in flips:
+        base, lo = swapped(baseline, lora, flip)
+        assert (1 - 2 * flip) @ w == pytest.approx(kid(lo) - kid(base), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("n, d, constant", [(40, 8, False), (12, 16, False), (40, 8, True)])
+def test_fid_permutation_statistic_is_the_fid_difference_of_the_swapped_sets(n, d, constant):
+    """More rows than dimensions (Cholesky factors), fewer (centred rows), and a constant feature
+    (a singular covariance: the eigendecomposition takes over)."""
+    gt, baseline, lora = paired_sets(1, n, d, shift=0.3)
+    if constant:
+        gt[:, 0] = baseline[:, 0] = lora[:, 0] = 1.0
+    flips = np.vstack([np.zeros(n, bool), statistics.sign_flips(n, 3, seed=1)])
+    differences = statistics._fid_differences(gt, baseline, lora, flips)
+    for flip, difference in zip(flips, differences, strict=True):
+        base, lo = swapped(baseline, lora, flip)
+        expected = statistics.frechet_distance(gt, lo) - statistics.frechet_distance(gt, base)
+        assert difference == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("test", [statistics.fid_permutation_p, statistics.kid_permutation_p])
+def test_identical_variants_give_p_one(test):
+    gt, baseline, _ = paired_sets(2)
+    assert test(gt, baseline, baseline.copy(), statistics.sign_flips(40, 99, seed=0)) == 1.0
+
+
+@pytest.mark.parametrize("test", [statistics.fid_permutation_p, statistics.kid_permutation_p])
+def test_a_clear_shift_gives_the_smallest_p_either_way(test):
+    """Two-sided: a LoRA clearly worse and a LoRA clearly better are both significant."""
+    gt, baseline, lora = paired_sets(3, shift=1.0)
+    flips = statistics.sign_flips(40, 99, seed=0)
+    assert test(gt, baseline, lora, flips) == test(gt, lora, baseline, flips) == 1 / 100
+
+
+@pytest.mark.parametrize("test", [statistics.fid_permutation_p, statistics.kid_permutation_p])
+def test_p_is_not_small_under_the_null(test):
+    """Baseline and LoRA from one distribution: p spreads over (0, 1], p < 0.05 about 1 in 20."""
+    ps = np.array([test(*paired_sets(seed), statistics.sign_flips(40, 99, seed=seed)) for seed in range(20)])
+    assert (ps < 0.05).sum() <= 3 and 0.3 < ps.mean() < 0.7, ps

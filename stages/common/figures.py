@@ -15,15 +15,20 @@ from stages.common.io import csv_text_read, read_json
 VARIANT_COLORS = {"baseline": "#7f7f7f", "lora": "#1f77b4"}
 DPI = 100  # figure inches * DPI = pixels
 TILE_INCHES = 2.72  # tight_layout takes a little: tiles come out at about 256 px
-# Which metrics the charts show, as (key in metrics.json, label, higher is better).
-HEADLINE = [("fid", "FID", False), ("kid", "KID", False), ("lpips", "LPIPS", False),
-            ("clip_score", "CLIP score", True), ("edge_f1", "edge F1", True)]
+# Which metrics the charts show, as (key in metrics.json, label, higher is better). Edge control:
+# edge F1 on the image's own map minus on other maps of its category (its chance level).
+HEADLINE = [("fid", "FID", False), ("kid", "KID", False), ("cmmd", "CMMD", False), ("lpips", "LPIPS", False),
+            ("ssim", "SSIM", True), ("psnr", "PSNR (dB)", True), ("clip_score", "CLIP score", True),
+            ("edge_f1", "edge F1", True), ("edge_control", "edge control", True)]
+SET_LEVEL = ("fid", "kid", "cmmd")  # one number per set; the rest are means of per-sample scores
+PERMUTED = ("fid", "kid")  # deltas with a sign-flip permutation p-value (<key>_p_value)
 
 
 BLOCKS = ("baseline", "lora", "lora_minus_baseline")
 HEADLINE_KEYS = ["n"] + [f"{block}.{key}{part}" for block in BLOCKS for key, _, _ in HEADLINE
                          for part in ("", "_ci95_low", "_ci95_high")] + [
-    f"lora_minus_baseline.{key}_lora_{side}" for key in ("lpips", "clip_score", "edge_f1") for side in ("better", "worse")]
+    f"lora_minus_baseline.{key}_lora_{side}" for key, _, _ in HEADLINE if key not in SET_LEVEL
+    for side in ("better", "worse")] + [f"lora_minus_baseline.{key}_p_value" for key in PERMUTED]
 SCORE_COLUMNS = ["index", "prompt", "lpips_delta", "clip_score_delta", "edge_f1_delta"] + [
     f"{name}_{variant}" for name in ("lpips", "clip_score", "edge_precision", "edge_recall", "edge_f1")
     for variant in ("baseline", "lora")]
@@ -56,6 +61,11 @@ def read_scores(path: str, indices: list[int] | None = None) -> pd.DataFrame:
         what = f"has no column {missing[0]}" if missing else f"is not the per-sample table of these {len(indices)} eval images"
         raise StageError(f"{path}: {what}; rerun `dvc repro metrics`")
     return table.set_index(table["index"].rename(None))  # rows by eval index; the column stays
+
+
+def label(key: str, text: str, n: int) -> str:
+    """A metric's label; FID's names its n: its bias at small n makes it "FID at this n"."""
+    return f"{text} at n = {n}" if key == "fid" else text
 
 
 def direction(higher_is_better: bool) -> str:

@@ -218,9 +218,10 @@ def atomic_dir(path: str | Path):
         yield tmp
 
 
-def write_json(path: str | Path, data) -> None:
+def write_json(path: str | Path, data, finite: bool = False) -> None:
+    """`finite`: refuse NaN and Infinity (not JSON; a metrics file holds null for what is unknown)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=not finite) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | Path):

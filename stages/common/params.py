@@ -73,12 +73,12 @@ class Paths:
                        "rerun resumes; not a DVC output (git- and DVC-ignored), removed by each stage on success")
     generated_baseline: str = _doc("images from the ControlNet without LoRA")
     generated_lora: str = _doc("images from the ControlNet with the trained LoRA")
-    metrics: str = _doc("headline metrics per variant with 95% CIs, and LoRA-minus-baseline paired deltas "
-                        "(a DVC metric, in git)")
-    metrics_detail: str = _doc("edge precision and recall, KID's effective subsets, warnings, settings and the "
-                               "backbones' names behind the headline (in git)")
-    per_sample: str = _doc("per-image table: LPIPS, raw and clipped CLIP cosine, edge precision/recall/F1, deltas "
-                           "(in git)")
+    metrics: str = _doc("headline metrics per variant with 95% CIs, and LoRA-minus-baseline paired deltas with "
+                        "the FID and KID permutation p-values (a DVC metric, in git)")
+    metrics_detail: str = _doc("edge precision, recall and chance levels, PRDC, prompt colour, the per-category "
+                               "table, KID's effective subsets, warnings, settings and the backbones' names (in git)")
+    per_sample: str = _doc("per-image table: category, LPIPS, SSIM, PSNR, raw and clipped CLIP cosine, edge "
+                           "precision/recall/F1 and control with its chance levels, deltas (in git)")
     samples_grid: str = _doc("qualitative grid PNG: ground truth | edges | baseline | LoRA with prompt and scores; "
                              "seeded rows plus the best and worst by paired LPIPS (DVC-cached)")
     metrics_chart: str = _doc("bar chart: baseline vs LoRA with 95% CIs, one panel per metric (DVC-cached)")
@@ -375,11 +375,17 @@ class Metrics:
     kid_subsets: int = _doc("KID subsets (clean-fid's default is 100); one when subsets cover the whole set")
     kid_subset_size: int = _doc("max images per KID subset (clean-fid's default is 1000)")
     bootstrap_resamples: int = _doc("bootstrap resamples of the eval pairs for KID and every paired delta")
-    fid_bootstrap_resamples: int = _doc("bootstrap resamples for FID's intervals, each two covariances: about "
-                                        "1.2 s per resample on a CPU at 3000 images; 0 reports no FID interval")
+    fid_bootstrap_resamples: int = _doc("bootstrap resamples for the FID delta's interval, each three "
+                                        "covariances: about 1.1 s per resample on a CPU at 3000 images; 0: none")
+    permutations: int = _doc("paired sign-flip permutations behind the FID and KID deltas' p-values (about "
+                             "1.1 s each for FID on a CPU at 3000 images); 0 reports no p-value")
+    prdc_k: int = _doc("precision/recall/density/coverage: the k-th nearest neighbour sets each radius "
+                       "(Naeem et al. use 5)")
+    edge_chance_maps: int = _doc("edge control: other eval maps of the same category each image is also scored "
+                                 "against, its chance level (a seeded choice; all of them when fewer)")
     edge_tolerance: float = _doc("edge fidelity: pixels an edge may move and still count as kept")
     tf32: bool = _doc("let CUDA backbones use TF32 (faster, but GPU and CPU numbers then differ by ~1e-3)")
-    seed: int = _doc("seed for KID subsets and the bootstrap")
+    seed: int = _doc("seed for KID subsets, the bootstrap, the permutations and the chance maps")
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "metrics.batch_size", "must be at least 1")
@@ -388,7 +394,11 @@ class Metrics:
         _check(self.bootstrap_resamples >= 100, "metrics.bootstrap_resamples",
                "must be at least 100 (1000 or more for 95% intervals)")
         _check(self.fid_bootstrap_resamples == 0 or self.fid_bootstrap_resamples >= 20,
-               "metrics.fid_bootstrap_resamples", "must be 0 (no FID interval) or at least 20")
+               "metrics.fid_bootstrap_resamples", "must be 0 (no FID delta interval) or at least 20")
+        _check(self.permutations == 0 or self.permutations >= 19, "metrics.permutations",
+               "must be 0 (no p-values) or at least 19 (p can then reach 0.05)")
+        _check(self.prdc_k >= 1, "metrics.prdc_k", "must be at least 1")
+        _check(self.edge_chance_maps >= 1, "metrics.edge_chance_maps", "must be at least 1")
         _check(self.edge_tolerance >= 0, "metrics.edge_tolerance", "must be >= 0 pixels")
 
 
