@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     args = parse(sys.argv[1:] if argv is None else argv, params)
     check_models(params.paths)
-    image, notes = read_image(args.input, args.input, params.extract.resolution)
+    image, notes = read_image(args.input, args.input, params.extract.resolution, args.sketch)
     edges, more = edge_map(image, args.sketch, args.low, args.high, threshold_hint="lower --low/--high")
     for note in notes + more:
         log.log(note.level, "fashion-generate: %s %s", args.input, note.text)

@@ -190,7 +190,7 @@ class Studio:
             raise StageError(f"canny thresholds: low {request.low} > high {request.high}; lower the low one")
         with self.decodes.place() as turn, turn:
             image, notes = read_image(decode_upload(request.image, request.name), request.name,
-                                      self.params.extract.resolution)
+                                      self.params.extract.resolution, request.mode == "sketch")
             edges, more = edge_map(image, request.mode == "sketch", request.low, request.high)
         return edges, notes + more
 

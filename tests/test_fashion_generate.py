@@ -91,3 +91,58 @@ def test_argument_mistakes_are_one_line(finished_project):
                           (["missing.png", "--prompt", "x"], "missing.png: not found; give the path")):
         with pytest.raises(StageError, match=message):
             main(argv)
+
+
+def drawn_outline(garment, size: int, width: int) -> np.ndarray:
+    """A demo garment's outline, black on a white page, `size` px: a sketch as a person draws it."""
+    import cv2
+
+    from stages.demo.garments import IMAGE_SIZE, _silhouette
+
+    page = np.full((size, size, 3), 255, np.uint8)
+    polygons = [(p.astype(np.float64) * size / IMAGE_SIZE).round().astype(np.int32) for p in _silhouette(garment)]
+    cv2.polylines(page, polygons, True, (0, 0, 0), width, cv2.LINE_AA)
+    return page
+
+
+def sketch_edges(page: np.ndarray, resolution: int, shrunk_as_a_photo: bool = False):
+    """The sketch's edge map and notes, as fashion-generate --sketch makes them from a PNG; or,
+    shrunk as a photo, the inverted image before any threshold."""
+    import io
+
+    from fashion.sketch import edge_map, read_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(page).save(buffer, format="PNG")
+    image, notes = read_image(io.BytesIO(buffer.getvalue()), "sketch.png", resolution, not shrunk_as_a_photo)
+    if shrunk_as_a_photo:
+        return 255 - image[..., 0], []
+    edges, more = edge_map(image, True, 100, 200)
+    return np.asarray(edges)[..., 0], [note.text for note in notes + more]
+
+
+def test_a_large_sketch_keeps_its_lines_as_0_255():
+    """A 512-px sketch with 2-px lines, shrunk to the model's 64 px: the ControlNet gets 0/255
+    lines where the same outline drawn at 64 px has them, as canny gave it in training. Shrunk as
+    a photo (Lanczos), the lines fade to a haze and most are lost at mid-grey."""
+    from stages.common.edge_scores import edge_map as scored, fidelity
+    from stages.demo.garments import make_garments
+
+    for garment in make_garments(seed=1, products=6):
+        edges, _ = sketch_edges(drawn_outline(garment, 512, 2), 64)
+        reference = 255 - drawn_outline(garment, 64, 1)[..., 0] > 127  # its anti-aliased fringe left out
+        assert set(np.unique(edges)) <= {0, 255}
+        assert fidelity(scored(edges, 1), scored(reference, 1))[2] >= 0.95, garment.name()
+        haze, _ = sketch_edges(drawn_outline(garment, 512, 2), 64, shrunk_as_a_photo=True)
+        assert haze.max() < 255 and fidelity(scored(haze > 127, 1), scored(reference, 1))[2] < 0.6
+
+
+def test_a_faint_or_blank_sketch_says_so():
+    from stages.demo.garments import make_garments
+
+    pencil = drawn_outline(make_garments(seed=1, products=1)[0], 512, 2)
+    pencil[pencil < 255] = 200  # light grey lines
+    edges, notes = sketch_edges(pencil, 64)
+    assert not edges.any() and any("its lines are too faint to keep" in note for note in notes), notes
+    _, notes = sketch_edges(np.full((512, 512, 3), 255, np.uint8), 64)
+    assert any("nearly empty edge map; is it a line drawing?" in note for note in notes), notes
