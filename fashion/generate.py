@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         save_png(args.out / f"{name}-seed{seed}-baseline.png", base_image)
         save_png(args.out / f"{name}-seed{seed}-lora.png", lora_image)
     sheet = args.out / f"{name}-side-by-side.png"
-    save_png(sheet, side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)]))
+    save_png(sheet, side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)], seeds, args.prompt))
     fsync(args.out)  # their names on the disk too (save_png flushed each file before naming it)
     log.info("fashion-generate: %d seeds, baseline and LoRA; wrote %s (edges | baseline | LoRA per row)",
              len(seeds), sheet)

@@ -162,10 +162,34 @@ def draw_pair(pipe, edges: Image.Image, prompt: str, seeds: list[int], cfg, dev,
     return baseline, lora
 
 
-def side_by_side(rows: list[list[Image.Image]]) -> Image.Image:
-    width, height = rows[0][0].size
-    sheet = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
-    for r, row in enumerate(rows):
+COLUMNS = ("edges", "baseline", "LoRA")  # the side-by-side's columns, as its header names them
+TILE = 256  # px a side at least: the model's 64 px, upscaled for viewing (nearest: no pixel invented)
+LEFT, TOP = 88, 56  # the seed labels' column; the prompt's line and the column titles above the tiles
+
+
+def sheet_size(rows: int, resolution: int) -> tuple[int, int]:
+    """(width, height) of side_by_side's sheet for `rows` seeds of `resolution`-px images."""
+    tile = max(TILE, resolution)
+    return LEFT + len(COLUMNS) * tile, TOP + rows * tile
+
+
+def side_by_side(rows: list[list[Image.Image]], seeds: list[int], prompt: str) -> Image.Image:
+    """One row per seed, edges | baseline | LoRA, each tile at least TILE px, with the column
+    titles, each row's seed and the prompt written on it: a file that explains itself."""
+    from PIL import ImageDraw, ImageFont
+
+    resolution = rows[0][0].width
+    tile = max(TILE, resolution)
+    sheet = Image.new("RGB", sheet_size(len(rows), resolution), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=14)
+    shown = prompt if len(prompt) <= 110 else prompt[:109] + "…"
+    draw.text((8, 6), f"prompt: {shown}", fill="black", font=font)
+    for c, title in enumerate(COLUMNS):
+        draw.text((LEFT + c * tile + tile // 2, TOP - 8), title, fill="black", font=font, anchor="ms")
+    for r, (row, seed) in enumerate(zip(rows, seeds, strict=True)):
+        draw.text((8, TOP + r * tile + tile // 2), f"seed {seed}", fill="black", font=font, anchor="lm")
         for c, image in enumerate(row):
-            sheet.paste(image.convert("RGB"), (c * width, r * height))
+            sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST),
+                        (LEFT + c * tile, TOP + r * tile))
     return sheet

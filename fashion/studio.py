@@ -238,7 +238,7 @@ class Studio:
                 check_models(self.paths)
                 cfg = dataclasses.replace(self.params.generate, steps=request.steps, guidance_scale=request.guidance)
                 baseline, lora = draw_pair(self.pipeline(dev), edges, prompt, seeds, cfg, dev, request.lora_scale)
-        sheet = side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)])
+        sheet = side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)], seeds, prompt)
         log.info("studio: %d seeds from %d for %r (%d steps, guidance %g, LoRA scale %g)", len(seeds), seeds[0],
                  prompt, request.steps, request.guidance, request.lora_scale)
         return {"edges": png_data_url(edges), "notes": [n.text for n in notes], "sheet": png_data_url(sheet),

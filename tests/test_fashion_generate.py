@@ -8,6 +8,7 @@ from stages.common import dataset
 from stages.common.errors import StageError
 from stages.common.io import load_rgb
 from fashion.generate import main
+from fashion.sketch import LEFT, TILE, TOP, sheet_size
 from tests.conftest import image_diff
 
 
@@ -46,8 +47,14 @@ def test_a_sketch_of_another_size_is_resized_and_inverted(finished_project, capl
         for variant in dataset.VARIANTS:
             assert load_rgb(f"out/sketch-seed{seed}-{variant}.png").shape == (resolution, resolution, 3)
     assert not np.array_equal(load_rgb("out/sketch-seed5-lora.png"), load_rgb("out/sketch-seed6-lora.png"))
-    with Image.open("out/sketch-side-by-side.png") as sheet:
-        assert sheet.size == (3 * resolution, 2 * resolution)
+    with Image.open("out/sketch-side-by-side.png") as opened:
+        sheet = np.asarray(opened.convert("RGB"))
+    assert sheet.shape[:2] == sheet_size(2, resolution)[::-1]
+    tile = max(TILE, resolution)
+    # each tile is its image upscaled, nothing drawn over it; the labels are written around them
+    lora = np.asarray(Image.open("out/sketch-seed6-lora.png").resize((tile, tile), Image.Resampling.NEAREST))
+    assert np.array_equal(sheet[TOP + tile:TOP + 2 * tile, LEFT + 2 * tile:LEFT + 3 * tile], lora)
+    assert sheet[:TOP].min() < 128 and sheet[TOP:, :LEFT].min() < 128, "the prompt, titles and seeds are written"
 
 
 def test_bad_inputs_are_one_line(finished_project, tmp_path):

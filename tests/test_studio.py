@@ -25,6 +25,7 @@ from stages.common import dataset
 from stages.common.errors import StageError
 from stages.common.io import load_rgb
 from fashion import sketch, studio as studio_module
+from fashion.sketch import sheet_size
 from fashion.studio import DECODES, GENERATIONS_WAITING, MAX_BODY, Studio, app, main
 from tests.conftest import EPS, image_diff
 
@@ -101,7 +102,8 @@ def test_an_eval_photo_gives_what_the_generate_stages_gave(client, finished_proj
         assert image_diff(decode(first[variant]), load_rgb(dataset.generated_path(paths, variant, index))) <= 2
     assert not np.array_equal(decode(first["lora"]), decode(made["results"][1]["lora"])), "seeds differ"
     resolution = p.params["extract"]["resolution"]
-    assert decode(made["sheet"]).shape == (2 * resolution, 3 * resolution, 3)
+    width, height = sheet_size(2, resolution)
+    assert decode(made["sheet"]).shape == (height, width, 3)
 
     higher = client.post("/api/edges", json={**request, "low": 900, "high": 1000}).json()
     assert (decode(higher["edges"]) > 127).sum() < (decode(preview["edges"]) > 127).sum(), "the sliders move edges"
@@ -557,7 +559,7 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     assert not driver.find_element(By.ID, "error").is_displayed()
     sheet = decode(driver.find_element(By.ID, "download").get_attribute("href"))
     resolution = p.params["extract"]["resolution"]
-    assert sheet.shape == (2 * resolution, 3 * resolution, 3)
+    assert sheet.shape[:2] == sheet_size(2, resolution)[::-1]
 
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, height + 200)  # the whole page: the window's frame is not all viewport
