@@ -73,37 +73,53 @@ def with_interval(name: str, value, low, high) -> dict:
     return {name: value, f"{name}_ci95_low": low, f"{name}_ci95_high": high}
 
 
+def mean_of(draws: list[dict]) -> dict:
+    """Each variant's values averaged over the image sets of a condition's copies."""
+    return {name: np.mean([d[name] for d in draws], axis=0) for name in draws[0]}
+
+
 def set_level(gt_feats, feats: dict, gt_embeds, embeds: dict, cfg) -> tuple[dict, dict, np.ndarray]:
     """FID, KID and CMMD of each variant and LoRA minus baseline (metrics.json's blocks), KID's
     subsets (metrics_detail.json's), and the resampled eval pairs: one draw serves every interval
-    (FID's delta uses its first rows). The FID and KID deltas also get a sign-flip permutation p."""
-    n = len(gt_feats)
+    (FID's delta uses its first rows). The FID and KID deltas also get a sign-flip permutation p.
+    `feats` and `embeds` hold (copies, n, d) per variant: copy j is one image per condition, paired
+    with the ground truth as a single set is, and each number is the mean over the copies' sets
+    (with one copy, the set's own). A resample and a sign flip take all of a condition's copies."""
+    n, sets = len(gt_feats), range(len(feats["baseline"]))
     counts = statistics.resample_counts(n, max(cfg.bootstrap_resamples, cfg.fid_bootstrap_resamples), cfg.seed)
     fid_counts, counts = counts[:cfg.fid_bootstrap_resamples], counts[:cfg.bootstrap_resamples]
-    kid_boot = statistics.kid_resamples(gt_feats, feats, counts)
-    cmmd_boot = statistics.cmmd_resamples(gt_embeds, embeds, counts)
-    fid_boot = statistics.fid_resamples(gt_feats, feats, fid_counts) if len(fid_counts) else None
+    copy = [{variant: feats[variant][j] for variant in dataset.VARIANTS} for j in sets]
+    kid_boot = mean_of([statistics.kid_resamples(gt_feats, copy[j], counts) for j in sets])
+    cmmd_boot = mean_of([statistics.cmmd_resamples(gt_embeds, {v: embeds[v][j] for v in dataset.VARIANTS}, counts)
+                         for j in sets])
+    fid_boot = mean_of([statistics.fid_resamples(gt_feats, copy[j], fid_counts) for j in sets]) \
+        if len(fid_counts) else None
     results, details, fid, kid, cmmd = {"n": n}, {"n": n}, {}, {}, {}
     for variant in dataset.VARIANTS:
         # FID at this n, without an interval: its bias at small n differs between variants, so an
         # interval around one variant's FID would cover "FID at this n", not FID.
-        fid[variant] = statistics.frechet_distance(gt_feats, feats[variant])
-        kid[variant] = statistics.kernel_distance(gt_feats, feats[variant], cfg.kid_subsets, cfg.kid_subset_size,
-                                                  cfg.seed)
-        cmmd[variant] = statistics.cmmd(embeds[variant], gt_embeds)
+        fids = [statistics.frechet_distance(gt_feats, f) for f in feats[variant]]
+        kids = [statistics.kernel_distance(gt_feats, f, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+                for f in feats[variant]]
+        cmmds = [statistics.cmmd(e, gt_embeds) for e in embeds[variant]]
+        fid[variant], cmmd[variant] = float(np.mean(fids)), float(np.mean(cmmds))
+        kid[variant] = {**kids[0], "kid": float(np.mean([k["kid"] for k in kids]))}
         results[variant] = {**with_interval("fid", fid[variant], None, None),
                             **with_interval("kid", kid[variant]["kid"], *statistics.percentile_interval(kid_boot[variant])),
                             **with_interval("cmmd", cmmd[variant], *statistics.percentile_interval(cmmd_boot[variant]))}
         details[variant] = {"kid": {k: v for k, v in kid[variant].items() if k != "kid"}}
+        if len(sets) > 1:  # seed variance of the set-level numbers: one value per copy's set
+            details[variant]["per_seed_set"] = {"fid": fids, "kid": [k["kid"] for k in kids], "cmmd": cmmds}
     flips = statistics.sign_flips(n, cfg.permutations, cfg.seed) if cfg.permutations else None
+    pairs = (gt_feats, feats["baseline"], feats["lora"], flips)
     fid_delta = fid["lora"] - fid["baseline"]
     results["lora_minus_baseline"] = {
         **with_interval("fid", fid_delta, *(statistics.centred_interval(fid_delta, fid_boot["lora"] - fid_boot["baseline"])
                                             if fid_boot else (None, None))),
-        "fid_p_value": None if flips is None else statistics.fid_permutation_p(gt_feats, *feats.values(), flips),
+        "fid_p_value": None if flips is None else statistics.fid_permutation_p(*pairs),
         **with_interval("kid", kid["lora"]["kid"] - kid["baseline"]["kid"],
                         *statistics.percentile_interval(kid_boot["lora"] - kid_boot["baseline"])),
-        "kid_p_value": None if flips is None else statistics.kid_permutation_p(gt_feats, *feats.values(), flips),
+        "kid_p_value": None if flips is None else statistics.kid_permutation_p(*pairs),
         **with_interval("cmmd", cmmd["lora"] - cmmd["baseline"],
                         *statistics.percentile_interval(cmmd_boot["lora"] - cmmd_boot["baseline"]))}
     return results, details, counts
@@ -122,8 +138,8 @@ def paired_deltas(table: pd.DataFrame, compared: dict[str, bool], counts: np.nda
     return paired
 
 
-def per_category(table: pd.DataFrame, categories: list[str], means: tuple, shares: list[str]) -> dict:
-    """n and each headline per-sample metric (t intervals; Wilson for the 0/1 `shares`), for each
+def per_category(table: pd.DataFrame, categories: list[str], means: tuple, shares: list[str], share) -> dict:
+    """n and each headline per-sample metric (t intervals; `share`'s for the `shares`), for each
     variant and LoRA minus baseline, by category."""
     out = {}
     for category in sorted(set(categories)):
@@ -132,9 +148,28 @@ def per_category(table: pd.DataFrame, categories: list[str], means: tuple, share
         for block in (*dataset.VARIANTS, "lora_minus_baseline"):
             column = "delta" if block == "lora_minus_baseline" else block
             out[category][block] = {name: statistics.mean_interval(rows[f"{name}_{column}"]) for name in means}
-            out[category][block].update({name: statistics.share_interval(rows[f"{name}_{column}"])
+            out[category][block].update({name: share(rows[f"{name}_{column}"])
                                          if block != "lora_minus_baseline" else
                                          statistics.mean_interval(rows[f"{name}_{column}"]) for name in shares})
+    return out
+
+
+def seed_variance(table: pd.DataFrame, spread: dict, details: dict, copies: int) -> dict:
+    """How much of each score is the seed's: for a per-image score, the spread of a condition's
+    images (pooled over conditions), the spread of the condition means, and the seed's share of one
+    image's variance (seed / (seed + condition), the condition part being var(means) - seed/k);
+    for FID, KID and CMMD, each copy's set and their spread."""
+    out = {"images_per_condition": copies}
+    for variant in dataset.VARIANTS:
+        out[variant] = {name: {"per_seed_set": sets, "seed_sd": float(np.std(sets, ddof=1))}
+                        for name, sets in details[variant]["per_seed_set"].items()}
+        for (name, of), sd in spread.items():
+            if of != variant or np.isnan(sd).all():
+                continue
+            seed = float(np.nanmean(sd ** 2))
+            condition = max(float(np.nanvar(table[f"{name}_{variant}"], ddof=1)) - seed / copies, 0.0)
+            out[variant][name] = {"seed_sd": seed ** 0.5, "condition_sd": condition ** 0.5,
+                                  "seed_share": seed / (seed + condition) if seed + condition > 0 else None}
     return out
 
 
@@ -196,14 +231,18 @@ def main() -> None:
     n = len(indices)
     gt_files = [dataset.gt_path(paths.eval_data, i) for i in indices]
     edge_files = [dataset.edge_path(paths.edges, i) for i in indices]
-    generated = {v: [dataset.generated_path(paths, v, i) for i in indices] for v in dataset.VARIANTS}
+    copies = params.generate.images_per_condition
+    # generated[variant][j]: image j of every condition, one set paired with the ground truth
+    generated = {v: [[dataset.generated_path(paths, v, i, j) for i in indices] for j in range(copies)]
+                 for v in dataset.VARIANTS}
     backbones = read_json(require_file(Path(paths.eval_models) / dataset.BACKBONES_FILE))
     # Every input checked before any model loads: present, readable, the ground truth's size, and
     # no image from another eval set.
     check_images(gt_files, "extract")
     size = image_size(gt_files[0])
     check_images(edge_files, "canny-edges", size)
-    for variant, files in generated.items():
+    for variant, sets in generated.items():
+        files = [f for files in sets for f in files]
         check_images(files, f"generate-{variant}", size)
         check_no_strays(files, f"generate-{variant}")
 
@@ -213,33 +252,43 @@ def main() -> None:
     table = pd.DataFrame({"index": indices, "product_id": [c["product_id"] for c in configs], "prompt": prompts,
                           "category": categories})
     gt_feats = inception_features(gt_files, inception, dev, cfg.batch_size)
-    cosines, gt_embeds = clip_embeddings(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size)
-    table["clip_cosine_ground_truth"], table["clip_score_ground_truth"] = cosines, np.maximum(cosines, 0)
+    gt_cosines, gt_embeds = clip_embeddings(clip_model, clip_processor, gt_files, prompts, dev, cfg.batch_size)
     maps = [edge_map(load_rgb(e), cfg.edge_tolerance) for e in edge_files]
     chance_maps = same_category_maps([c if c != NO_CATEGORY else "" for c in categories], cfg.edge_chance_maps,
                                      cfg.seed)
-    feats, embeds = {}, {}
-    for variant, files in tqdm({"ground_truth": gt_files, **generated}.items(), desc="metrics"):
-        for name, scores in score_images(files, maps, chance_maps, params.canny, cfg.edge_tolerance).items():
-            table[f"{name}_{variant}"] = scores
-        table[f"edge_control_{variant}"] = table[f"edge_f1_{variant}"] - table[f"edge_f1_same_category_{variant}"]
-        if variant == "ground_truth":
-            continue
-        feats[variant] = inception_features(files, inception, dev, cfg.batch_size)
-        table[f"lpips_{variant}"] = lpips_scores(lpips_model, gt_files, files, dev, cfg.batch_size)
-        cosines, embeds[variant] = clip_embeddings(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
-        table[f"clip_cosine_{variant}"], table[f"clip_score_{variant}"] = cosines, np.maximum(cosines, 0)
-        table[f"ssim_{variant}"], table[f"psnr_{variant}"] = pair_scores(gt_files, files).T
-
     # The demo names one palette colour per prompt; real FashionGen prompts name others.
     colours = [colour.named_colour(p) for p in prompts]
     demo_colours = all(colours)
-    if demo_colours:
-        masks = [colour.garment_mask(load_rgb(f)) for f in gt_files]
-        for variant, files in {"ground_truth": gt_files, **generated}.items():
-            shares = [colour.colour_share(load_rgb(f), m, c) for f, m, c in zip(files, masks, colours, strict=True)]
-            table[f"colour_share_{variant}"] = shares
-            table[f"colour_match_{variant}"] = (np.array(shares) >= colour.MATCH).astype(float)
+    masks = [colour.garment_mask(load_rgb(f)) for f in gt_files] if demo_colours else None
+    feats, embeds, spread = {}, {}, {}
+    for variant, sets in tqdm({"ground_truth": [gt_files], **generated}.items(), desc="metrics"):
+        scores, feats[variant], embeds[variant] = [], [], []
+        for files in sets:
+            image = score_images(files, maps, chance_maps, params.canny, cfg.edge_tolerance)
+            image["edge_control"] = image["edge_f1"] - image["edge_f1_same_category"]
+            if variant == "ground_truth":
+                image["clip_cosine"] = gt_cosines
+            else:
+                feats[variant].append(inception_features(files, inception, dev, cfg.batch_size))
+                image["lpips"] = lpips_scores(lpips_model, gt_files, files, dev, cfg.batch_size)
+                cosines, embedded = clip_embeddings(clip_model, clip_processor, files, prompts, dev, cfg.batch_size)
+                image["clip_cosine"] = cosines
+                embeds[variant].append(embedded)
+                image["ssim"], image["psnr"] = pair_scores(gt_files, files).T
+            image["clip_score"] = np.maximum(image["clip_cosine"], 0)
+            if demo_colours:
+                image["colour_share"] = np.array([colour.colour_share(load_rgb(f), m, c)
+                                                  for f, m, c in zip(files, masks, colours, strict=True)])
+                image["colour_match"] = (image["colour_share"] >= colour.MATCH).astype(float)
+            scores.append(image)
+        # A condition's score is the mean over its images; their spread is the seed's.
+        for name in scores[0]:
+            values = np.stack([np.asarray(image[name], dtype=np.float64) for image in scores])
+            table[f"{name}_{variant}"] = values.mean(axis=0)
+            if len(values) > 1:
+                table[f"{name}_{variant}_seed_sd"] = spread[name, variant] = values.std(axis=0, ddof=1)
+    feats = {variant: np.stack(f) for variant, f in feats.items() if f}
+    embeds = {variant: np.stack(e) for variant, e in embeds.items() if e}
 
     results, details, counts = set_level(gt_feats, feats, gt_embeds, embeds, cfg)
     for variant in dataset.VARIANTS:
@@ -248,7 +297,8 @@ def main() -> None:
             results[variant].update(with_interval(name, m["mean"], m["ci95_low"], m["ci95_high"]))
         details[variant].update({name: statistics.mean_interval(table[f"{name}_{variant}"]) for name in (
             "edge_precision", "edge_recall", "edge_f1_mismatched", "edge_f1_same_category", "clip_cosine")})
-        details[variant]["prdc"] = statistics.prdc(gt_feats, feats[variant], cfg.prdc_k) if n > cfg.prdc_k else None
+        details[variant]["prdc"] = mean_of([statistics.prdc(gt_feats, f, cfg.prdc_k) for f in feats[variant]]) \
+            if n > cfg.prdc_k else None
     details["ground_truth"] = {
         **with_interval("clip_score", *statistics.t_interval(table["clip_score_ground_truth"])),
         **{name: statistics.mean_interval(table[f"{name}_ground_truth"]) for name in (*EDGE_SCORES, "edge_control")}}
@@ -259,14 +309,19 @@ def main() -> None:
         results["lora_minus_baseline"].update({**with_interval(name, d["mean"], d["ci95_low"], d["ci95_high"]),
                                                f"{name}_lora_better": d["lora_better"],
                                                f"{name}_lora_worse": d["lora_worse"]})
+    # A match is 0/1 per image (a Wilson interval); over several images per condition it is a share
+    # per condition, whose mean gets a t interval.
+    share = statistics.share_interval if copies == 1 else statistics.mean_interval
     if demo_colours:
         details["prompt_colour"] = {"match_threshold": colour.MATCH, **{
             variant: {"colour_share": statistics.mean_interval(table[f"colour_share_{variant}"]),
-                      "colour_match": statistics.share_interval(table[f"colour_match_{variant}"])}
+                      "colour_match": share(table[f"colour_match_{variant}"])}
             for variant in ("ground_truth", *dataset.VARIANTS)}}
-    details["per_category"] = per_category(table, categories, HEADLINE_SAMPLES, ["colour_match"] if demo_colours else [])
+    details["per_category"] = per_category(table, categories, HEADLINE_SAMPLES,
+                                           ["colour_match"] if demo_colours else [], share)
+    details["seed_variance"] = seed_variance(table, spread, details, copies) if copies > 1 else None
     details["warnings"] = warnings_for(n, details["baseline"]["kid"], cfg, categories, chance_maps)
-    details["settings"] = settings(cfg, params, dev)
+    details["settings"] = {**settings(cfg, params, dev), "images_per_condition": copies}
     details["backbones"] = backbones
     for note in details["warnings"]:
         log.warning("%s", note)

@@ -307,6 +307,12 @@ CASES = [
          r"params.yaml: train.processes: must divide batch_size x grad_accumulation \(4\) so that every process"),
     Case("generate-processes-zero", "generate_lora", params(generate__processes=0),
          r"params.yaml: generate.processes: must be at least 1"),
+    Case("images-per-condition-do-not-divide-the-batch", "generate_baseline",
+         params(generate__batch_size=4, generate__images_per_condition=3),
+         r"params.yaml: generate.images_per_condition: 3 does not divide generate.batch_size \(4\), and a batch draws "
+         r"whole conditions; use a batch_size that is a multiple of 3"),
+    Case("images-per-condition-zero", "generate_lora", params(generate__images_per_condition=0),
+         r"params.yaml: generate.images_per_condition: must be at least 1"),
     Case("beta1-above-one", "train_lora", params(train__adam_beta1=1.5),
          r"params.yaml: train.adam_beta1: must be in \[0, 1\)"),
     Case("beta2-one", "train_lora", params(train__adam_beta2=1.0), r"params.yaml: train.adam_beta2: must be in"),
@@ -433,7 +439,8 @@ CASES = [
          r"data/edges/000001.png: no space left on the device; free some .*then rerun "
          r"`dvc repro canny-edges`"),
     Case("disk-fault-on-fsync", "canny_edges", both(params(canny__low_threshold=50), disk_fault_on_fsync),
-         r"data/edges/000000.png: input/output error from the disk or its file system; the stage's previous outputs "
+         # the first image whose fsync fails: the writer's threads race for it
+         r"data/edges/\d{6}.png: input/output error from the disk or its file system; the stage's previous outputs "
          r"stay as they were: check the disk \(`dmesg`\), then rerun `dvc repro canny-edges`"),
     # --- images that are not what their name says
     Case("ground-truth-is-eps", "canny_edges", not_png("EPS", "data/eval/gt/000001.png"),

@@ -47,6 +47,24 @@ def test_seeded_and_independent_of_batch_size(trained_project):
     assert image_diff(single[0], single[1]) > 20, "different prompts and seeds give different images"
 
 
+def test_several_images_per_condition_each_with_its_own_seed(finished_project):
+    """generate.images_per_condition 2: image 0 of each condition is what one image per condition
+    draws (the finished run's), and image 1 is the image of seed + index + COPY_SEEDS."""
+    p = finished_project
+    single = generated(p, "baseline")
+    p.run("generate_baseline", generate__images_per_condition=2, generate__batch_size=2)
+    folder, paths = p.path("generated_baseline"), p.typed().paths
+    assert sorted(f.name for f in folder.glob("*.png")) == sorted(
+        dataset.generated_name(i, copy) for i in single for copy in (0, 1))
+    assert read_json(folder / CONFIG_FILE)["images"] == 2 * len(single)
+    seconds = {i: load_rgb(dataset.generated_path(paths, "baseline", i, 1)) for i in single}
+    assert all(image_diff(generated(p, "baseline")[i], single[i]) <= 2 for i in single), "copy 0: the same seeds"
+    assert all(image_diff(seconds[i], single[i]) > 20 for i in single), "copy 1: another seed, another image"
+    shutil.rmtree(folder)
+    p.run("generate_baseline", generate__seed=generation.COPY_SEEDS)
+    assert all(image_diff(generated(p, "baseline")[i], seconds[i]) <= 2 for i in single)
+
+
 def kill_after_images(project, monkeypatch, count: int) -> list:
     """Run generate-baseline and kill it right after its `count`-th image: the images are written
     on the writer's threads, so every write after it fails too, as if the process were gone."""

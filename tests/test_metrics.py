@@ -11,7 +11,7 @@ import torch
 from stages.common import backbones
 from stages.common import dataset, similarity
 from stages.common.errors import StageError
-from stages.common.io import read_json, write_json
+from stages.common.io import load_rgb, read_json, save_png, write_json
 from stages.common.models import load_clip
 from tests.conftest import fill_generated
 
@@ -172,3 +172,57 @@ def test_odd_eval_configs_give_text_and_lines_never_a_formula_or_nan(extracted):
     assert f"1 of {n} eval samples have no category" in warnings
     assert "KIND 0, KIND 1" in warnings and "no same-category chance level" in warnings
     assert f"PRDC: n = {n} eval images, fewer than metrics.prdc_k + 1 = 6" in warnings
+
+
+def test_several_images_per_condition_pair_by_condition(extracted):
+    """generate.images_per_condition 2: a condition's score is the mean of its two images', each set
+    number the mean of the two copies' sets, and their spread is reported as the seed's. Checked
+    against two runs of one image per condition, one on each copy."""
+    p = extracted
+    configs = dataset.load_eval_configs(p.path("eval_data"))
+    paths = p.typed().paths
+
+    def flipped(i):  # a third kind of image: the ground truth mirrored
+        return load_rgb(dataset.gt_path(p.path("eval_data"), i))[:, ::-1]
+
+    sources = [{"baseline": lambda i: load_rgb(dataset.gt_path(p.path("eval_data"), i)),
+                "lora": lambda i: load_rgb(dataset.edge_path(p.path("edges"), i))},
+               {"baseline": lambda i: load_rgb(dataset.edge_path(p.path("edges"), i)), "lora": flipped}]
+
+    def fill(copy, source):
+        for variant in dataset.VARIANTS:
+            for c in configs:
+                target = dataset.generated_path(paths, variant, c["index"], copy)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                save_png(target, source[variant](c["index"]))
+
+    single = []
+    for source in reversed(sources):  # each copy alone, as copy 0
+        fill(0, source)
+        p.run("metrics")
+        single.insert(0, (read_json(p.path("metrics")), pd.read_csv(p.path("per_sample"))))
+    fill(1, sources[1])  # copy 0 now holds sources[0]
+    p.run("metrics", generate__images_per_condition=2)
+    result, detail, table = read_json(p.path("metrics")), read_json(p.path("metrics_detail")), pd.read_csv(
+        p.path("per_sample"))
+    assert result["n"] == len(configs) == len(table), "n counts conditions, not images"
+    for variant in dataset.VARIANTS:
+        for name in ("lpips", "ssim", "clip_score", "edge_f1", "edge_control", "colour_share"):
+            column = f"{name}_{variant}"
+            pair = np.stack([s[1][column] for s in single])
+            np.testing.assert_allclose(table[column], pair.mean(axis=0), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(table[f"{column}_seed_sd"], pair.std(axis=0, ddof=1), rtol=1e-9, atol=1e-12)
+        for name in ("fid", "kid", "cmmd"):
+            sets = [s[0][variant][name] for s in single]
+            assert result[variant][name] == pytest.approx(np.mean(sets), rel=1e-9)
+            spread = detail["seed_variance"][variant][name]
+            assert spread["per_seed_set"] == pytest.approx(sets, rel=1e-9)
+            assert spread["seed_sd"] == pytest.approx(np.std(sets, ddof=1), rel=1e-9)
+        lpips = detail["seed_variance"][variant]["lpips"]
+        assert lpips["seed_sd"] > 0 and 0 < lpips["seed_share"] <= 1
+    delta = result["lora_minus_baseline"]
+    assert delta["ssim"] == pytest.approx(np.mean([s[0]["lora_minus_baseline"]["ssim"] for s in single]), rel=1e-9)
+    assert 0 < delta["fid_p_value"] <= 1 and 0 < delta["kid_p_value"] <= 1
+    assert detail["settings"]["images_per_condition"] == 2
+    assert not table.filter(like="ground_truth_seed_sd").columns.size, "the ground truth is one image per condition"
+    assert not single[0][1].filter(like="seed_sd").columns.size, "one image per condition: no seed spread"

@@ -212,7 +212,9 @@ STAGE_SECTIONS = {"demo-data": ["demo"], "fetch-models": ["models"], "extract": 
                   "train-lora": ["train"], "generate-baseline": ["generate"], "generate-lora": ["generate"],
                   "metrics": ["metrics"], "plots": ["plots"]}
 CANNY = {"canny.low_threshold", "canny.high_threshold"}  # metrics and plots redraw generated images' edges
-EXTRA = {"train-lora": {"extract.resolution"} | CANNY, "metrics": CANNY, "plots": CANNY,
+# metrics: which generated files there are and how they pair
+EXTRA = {"train-lora": {"extract.resolution"} | CANNY, "metrics": CANNY | {"generate.images_per_condition"},
+         "plots": CANNY,
          "fetch-models": {"extract.resolution"} | CANNY}  # tiny mode pretrains on the demo's own edges
 NOT_A_PARAM = {"extract.h5",  # a dep (interpolated path), not a param
                "generate.lora_scale@generate-baseline"}

@@ -202,3 +202,26 @@ def test_stand_in_backbones_get_numbers_but_no_verdict(finished_project):
     verdicts = headline_verdicts(page)
     assert "stand-in" not in page and all("verdict" not in v for v in verdicts.values()), verdicts
     assert all(v in ("LoRA clearly better", "LoRA clearly worse", "no clear difference") for v in verdicts.values())
+
+
+def test_several_images_per_condition_show_their_seed_variance(finished_project):
+    """generate.images_per_condition 2: the page says so and shows each number's seed spread, every
+    value metrics_detail.json's; with one image per condition there is no such table."""
+    import shutil
+    from stages.common import dataset
+    p = finished_project
+    assert "id=seeds" not in p.path("report").read_text(encoding="utf-8")
+    paths = p.typed().paths
+    for c in dataset.load_eval_configs(p.path("eval_data")):  # a second image per condition: the other variant's
+        for variant, other in zip(dataset.VARIANTS, reversed(dataset.VARIANTS), strict=True):
+            shutil.copy(dataset.generated_path(paths, other, c["index"]),
+                        dataset.generated_path(paths, variant, c["index"], 1))
+    p.run("metrics", generate__images_per_condition=2)
+    p.run("report", generate__images_per_condition=2)
+    text = p.path("report").read_text(encoding="utf-8")
+    assert "id=seeds" in text and "2 seeds (images per condition)" in text
+    page, values = Page(text), shown(p)
+    for variant in dataset.VARIANTS:
+        for name in ("fid", "kid", "cmmd", "lpips", "ssim", "edge_control"):
+            key = f"detail.seed_variance.{variant}.{name}.seed_sd"
+            assert page.values[key] == values[key] > 0, key

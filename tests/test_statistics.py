@@ -411,3 +411,30 @@ def test_p_is_not_small_under_the_null(test):
     """Baseline and LoRA from one distribution: p spreads over (0, 1], p < 0.05 about 1 in 20."""
     ps = np.array([test(*paired_sets(seed), statistics.sign_flips(40, 99, seed=seed)) for seed in range(20)])
     assert (ps < 0.05).sum() <= 3 and 0.3 < ps.mean() < 0.7, ps
+
+
+@pytest.mark.parametrize("name", ["fid", "kid"])
+def test_several_images_per_condition_permute_as_one_pair(name):
+    """With two images per condition, the p-value is that of the mean over copies of each copy's
+    difference, a flip swapping both copies of a condition: checked by brute force against the
+    swapped sets' own FID / KID. Two identical copies give the single set's p."""
+    gt, base0, lora0 = paired_sets(4, shift=0.05)
+    _, base1, lora1 = paired_sets(5, shift=0.05)
+    flips = statistics.sign_flips(40, 49, seed=2)
+    test = getattr(statistics, f"{name}_permutation_p")
+
+    def distance(x):
+        if name == "fid":
+            return statistics.frechet_distance(gt, x)
+        return statistics._mmd(statistics.kernel(x, x), statistics.kernel(gt, gt), statistics.kernel(x, gt))
+
+    def statistic(flip):
+        return np.mean([distance(lo) - distance(base) for base, lo in
+                        (swapped(b, l, flip) for b, l in ((base0, lora0), (base1, lora1)))])
+
+    observed = statistic(np.zeros(40, bool))
+    permuted = np.array([statistic(flip) for flip in flips])
+    expected = (1 + (np.abs(permuted) >= abs(observed) - 1e-9).sum()) / (1 + len(flips))
+    assert test(gt, np.stack([base0, base1]), np.stack([lora0, lora1]), flips) == pytest.approx(expected)
+    assert 1 / 50 < expected < 0.9, "a p-value between the extremes, so the check can tell"
+    assert test(gt, np.stack([base0, base0]), np.stack([lora0, lora0]), flips) == test(gt, base0, lora0, flips)

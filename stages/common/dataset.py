@@ -7,6 +7,8 @@ folders are written here and nowhere else (the folders themselves are `paths:` i
     <eval_data>/eval_configs.json   [{"index", "image", "prompt", "product_id", "row", ...}]
     <edges>/000000.png              canny edges of gt/000000.png
     <generated_baseline>/000000.png, <generated_lora>/000000.png
+                                    000000_1.png, ...: the further images of a condition
+                                    (generate.images_per_condition)
     <eval_models>/backbones.json    names of the metric backbones, reported beside every number
     <eval_models>/inception/inception-2015-12-05.pt   clean-fid's Inception (TorchScript)
     <eval_models>/lpips/alexnet.pth  torchvision AlexNet state dict, the LPIPS backbone
@@ -87,5 +89,11 @@ def generated_dir(paths, variant: str) -> Path:
     return Path(getattr(paths, f"generated_{variant}"))
 
 
-def generated_path(paths, variant: str, index: int) -> Path:
-    return generated_dir(paths, variant) / index_name(index)
+def generated_name(index: int, copy: int = 0) -> str:
+    """Image `copy` of eval condition `index`: 000042.png for the first, 000042_1.png for the next,
+    so a run of one image per condition is named as it always was."""
+    return index_name(index) if copy == 0 else index_name(index, f"_{copy}.png")
+
+
+def generated_path(paths, variant: str, index: int, copy: int = 0) -> Path:
+    return generated_dir(paths, variant) / generated_name(index, copy)

@@ -1,7 +1,8 @@
 """ControlNet generation over the eval set, shared by generate-baseline and generate-lora.
 
 Image i is drawn with its own generator seeded `generate.seed + i`, so it does not depend on
-the batch size or on which images were already done. Images are drawn into a resume folder under
+the batch size or on which images were already done. With `generate.images_per_condition` k > 1,
+condition i also gets images 1 .. k-1 (000042_1.png, ...), seeded COPY_SEEDS further apart each. Images are drawn into a resume folder under
 `paths.resume` and moved into the output folder whole at the end. A rerun after a crash skips the
 images already drawn; a rerun after any input changed (its fingerprint, which hashes the code too,
 is resume state: it never enters the output) starts afresh, but only once the models and the LoRA
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from stages.common import dataset, distributed
 from stages.common.cli import log, setup_logging
 from stages.common.errors import StageError
-from stages.common.io import (ImageWriter, atomic_dir, check_images, fingerprint, index_name, load_rgb, read_json,
+from stages.common.io import (ImageWriter, atomic_dir, check_images, fingerprint, load_rgb, read_json,
                               remove_temps, source_files, write_json)
 from stages.common.model_layouts import check_folder
 from stages.common.models import check_lora, load_controlnet_pipeline
@@ -32,6 +33,10 @@ from stages.common.params import load_params, what_keys
 from stages.common.runtime import compiled, device, free_cached_memory, inference_dtype, is_oom, peak_memory
 
 CONFIG_FILE = "generation_config.json"
+# Copy j of condition i is seeded generate.seed + i + j * COPY_SEEDS: no two images of an eval set
+# (FashionGen's validation split has 32,528 products) share a seed, and copy 0 draws what a run of one
+# image per condition draws.
+COPY_SEEDS = 1_000_000
 FINGERPRINT_FILE = "fingerprint.json"  # in resume state: what the images there were made from
 
 
@@ -74,7 +79,12 @@ def run(variant: str) -> None:
     # Images are made in a resume folder outside the DVC output and moved in whole at the end.
     work = dataset.resume_dir(paths, f"generate-{variant}")
     resumable = previous_fingerprint(work / FINGERPRINT_FILE) == expected
-    todo = [c for c in configs if not (resumable and (work / index_name(c["index"])).is_file())]
+    if configs and max(c["index"] for c in configs) >= COPY_SEEDS:
+        raise StageError(f"{paths.eval_data}: eval index {max(c['index'] for c in configs)} >= {COPY_SEEDS:,}, so "
+                         "two images would share a seed; evaluate fewer products (extract.eval_products)")
+    images = [(c, copy) for c in configs for copy in range(cfg.images_per_condition)]
+    todo = [(c, copy) for c, copy in images
+            if not (resumable and (work / dataset.generated_name(c["index"], copy)).is_file())]
     if todo:  # models and LoRA load (and fail, if they must) before any earlier work is dropped
         pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, cfg.scheduler, dtype, dev,
                                         lora=paths.lora if variant == "lora" else None)
@@ -93,12 +103,12 @@ def run(variant: str) -> None:
         remove_temps(work)  # half-written images of a killed run
         write_json(work / FINGERPRINT_FILE, {"fingerprint": expected})
         write_json(work / CONFIG_FILE, {"variant": variant, "generate": settings, "dtype": str(dtype),
-                                        "images": len(configs)})
+                                        "images": len(images)})
     distributed.barrier()
     # Process r draws every processes-th batch: the same batches as one process draws, so the same
     # images to the bit, and the one writer moves them all into the output.
     batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
-    mine = [config for batch in batches[rank::processes] for config in batch]
+    mine = [image for batch in batches[rank::processes] for image in batch]
     if mine:
         generate(pipe, mine, cfg, variant, dev, paths, work)
     distributed.barrier()
@@ -112,8 +122,8 @@ def run(variant: str) -> None:
                 except OSError:  # paths.resume on another file system
                     shutil.copy2(done, tmp / done.name)
         shutil.rmtree(work)
-        log.info("generate-%s: %d images in %s (%d made now, %d by an earlier run)", variant, len(configs),
-                 out_dir, len(todo), len(configs) - len(todo))
+        log.info("generate-%s: %d images in %s (%d made now, %d by an earlier run)", variant, len(images),
+                 out_dir, len(todo), len(images) - len(todo))
     distributed.finish()
 
 
@@ -132,8 +142,12 @@ def draw(pipe, edges: list[Image.Image], prompts: list[str], seeds: list[int], c
     ).images
 
 
-def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> None:
-    """Draw `todo` in batches, each image with its own seeded generator, into `work`.
+def image_seed(cfg, index: int, copy: int) -> int:
+    return cfg.seed + index + copy * COPY_SEEDS
+
+
+def generate(pipe, todo: list[tuple[dict, int]], cfg, variant: str, dev, paths, work) -> None:
+    """Draw `todo` (eval config, copy) in batches, each image with its own seeded generator, into `work`.
     `generate.batch_size` is a ceiling: a batch the GPU cannot hold is halved and drawn again
     (an image does not depend on its batch), so a T4 gets through a preset sized for an H100."""
     started, size, done = time.perf_counter(), cfg.batch_size, 0
@@ -142,11 +156,11 @@ def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> Non
     with ImageWriter(in_flight=max(16, 2 * cfg.batch_size)) as writer:  # a whole batch queues without waiting
         while done < len(todo):
             batch = todo[done:done + size]
-            edges = [Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c in batch]
+            maps = {c["index"]: Image.fromarray(load_rgb(dataset.edge_path(paths.edges, c["index"]))) for c, _ in batch}
             images = None
             try:
-                images = draw(pipe, edges, [c["prompt"] for c in batch], [cfg.seed + c["index"] for c in batch],
-                              cfg, dev)
+                images = draw(pipe, [maps[c["index"]] for c, _ in batch], [c["prompt"] for c, _ in batch],
+                              [image_seed(cfg, c["index"], copy) for c, copy in batch], cfg, dev)
             except RuntimeError as err:  # torch's OutOfMemoryError, or cuBLAS's and cuDNN's allocation failures
                 if not is_oom(err):
                     raise
@@ -159,8 +173,8 @@ def generate(pipe, todo: list[dict], cfg, variant: str, dev, paths, work) -> Non
                 log.warning("generate-%s: a batch of %d does not fit in the GPU's memory; drawing %d at a time",
                             variant, len(batch), size)
                 continue
-            for config, image in zip(batch, images, strict=True):
-                writer.submit(work / index_name(config["index"]), image)
+            for (config, copy), image in zip(batch, images, strict=True):
+                writer.submit(work / dataset.generated_name(config["index"], copy), image)
             done += len(batch)
             progress.update(len(batch))
     progress.close()

@@ -355,12 +355,19 @@ class Generate:
     compile: Literal["none", "default", "reduce-overhead"] = _doc(
         "torch.compile the UNet and the ControlNet (see train.compile); pays off over many batches", how=True)
     seed: int = _doc("image i uses seed + i, so results do not depend on batch size")
+    images_per_condition: int = _doc(
+        "images per eval condition (edge map and prompt), the further ones with seed + i + 1,000,000 x copy: the "
+        "metrics then measure seed variance and pair LoRA with baseline by condition; must divide batch_size")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _doc("auto: fp16 on CUDA, fp32 on CPU")
 
     def __post_init__(self):
         _check(self.steps >= 1, "generate.steps", "must be at least 1")
         _check(self.batch_size >= 1, "generate.batch_size", "must be at least 1")
         _check(self.processes >= 1, "generate.processes", "must be at least 1")
+        _check(self.images_per_condition >= 1, "generate.images_per_condition", "must be at least 1")
+        _check(self.batch_size % self.images_per_condition == 0, "generate.images_per_condition",
+               f"{self.images_per_condition} does not divide generate.batch_size ({self.batch_size}), and a batch "
+               f"draws whole conditions; use a batch_size that is a multiple of {self.images_per_condition}")
         _check(self.guidance_scale >= 0, "generate.guidance_scale", "must be >= 0")
         # Without guidance PNDM keeps the UNet's raw outputs across steps, and CUDA graphs reuse
         # that memory at the next step's replay: torch would stop with its overwritten-output error.

@@ -346,12 +346,23 @@ def _fid_differences(gt: np.ndarray, baseline: np.ndarray, lora: np.ndarray, fli
     return out
 
 
-def fid_permutation_p(gt: np.ndarray, baseline: np.ndarray, lora: np.ndarray, flips: np.ndarray) -> float:
+def copies(feats) -> np.ndarray:
+    """(copies, n, d) from one (n, d) set of generated features or several: copy j holds image j of
+    every condition (generate.images_per_condition)."""
+    feats = np.asarray(feats)
+    return feats[None] if feats.ndim == 2 else feats
+
+
+def fid_permutation_p(gt: np.ndarray, baseline, lora, flips: np.ndarray) -> float:
     """Two-sided sign-flip permutation p of FID(gt, lora) - FID(gt, baseline), over the rows of
     flips (sign_flips). The observed difference is computed as the permuted ones are (exact=False),
-    so ties are ties. Each permutation factors two covariances."""
-    differences = _fid_differences(gt, baseline, lora, np.vstack([np.zeros(len(gt), bool), flips]))
-    scale = sum(float(x.var(axis=0, ddof=1, dtype=np.float64).sum()) for x in (gt, baseline, lora))  # tr cov
+    so ties are ties. Each permutation factors two covariances. With several images per condition
+    (`copies`) the statistic is the mean over copies of their FID difference, and a flip swaps all
+    of a condition's images: the condition is the pair."""
+    rows = np.vstack([np.zeros(len(gt), bool), flips])
+    baseline, lora = copies(baseline), copies(lora)
+    differences = np.mean([_fid_differences(gt, b, l, rows) for b, l in zip(baseline, lora, strict=True)], axis=0)
+    scale = sum(float(x.var(axis=0, ddof=1, dtype=np.float64).sum()) for x in (gt, baseline[0], lora[0]))  # tr cov
     return _permutation_p(differences[0], differences[1:], scale)
 
 
@@ -373,10 +384,12 @@ def _kid_pair_terms(gt: np.ndarray, baseline: np.ndarray, lora: np.ndarray) -> t
     return w / (n * (n - 1)), scale
 
 
-def kid_permutation_p(gt: np.ndarray, baseline: np.ndarray, lora: np.ndarray, flips: np.ndarray) -> float:
+def kid_permutation_p(gt: np.ndarray, baseline, lora, flips: np.ndarray) -> float:
     """Two-sided sign-flip permutation p of KID(gt, lora) - KID(gt, baseline), full-set unbiased
     KID (kernel_distance at subset_size >= n; kid_resamples with all-ones counts), over the rows of
     flips (sign_flips). The difference is a sum of per-pair terms whose signs the swaps flip
-    (_kid_pair_terms), so every permutation is one product with precomputed kernel sums."""
-    w, scale = _kid_pair_terms(gt, baseline, lora)
+    (_kid_pair_terms), so every permutation is one product with precomputed kernel sums. Several
+    images per condition (`copies`): the mean over copies, which is linear in the same signs."""
+    terms = [_kid_pair_terms(gt, b, l) for b, l in zip(copies(baseline), copies(lora), strict=True)]
+    w, scale = np.mean([t[0] for t in terms], axis=0), max(t[1] for t in terms)
     return _permutation_p(w.sum(), (1 - 2 * flips.astype(np.float64)) @ w, scale)
