@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 # 3.10 is left out: diffusers 0.42 (the project's floor) needs Python 3.11 or newer.
 PYTHONS ?= 3.11 3.12
 
-.PHONY: demo demo-kit test test-fullsize bench-extract bench-metrics bench-gpu gpu-check wheelhouse bundle studio install
+.PHONY: demo demo-kit test test-fullsize bench-extract bench-metrics bench-gpu gpu-check wheelhouse plots-template bundle studio install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,10 @@ bench-metrics: $(VENV)/.installed
 
 bench-gpu: $(VENV)/.installed-fullsize
 	$(BIN)/python -m bench.gpu
+
+# Rebuilds .dvc/plots/offline.html (vega inlined, so `dvc plots` pages draw offline); needs the npm registry.
+plots-template: $(VENV)/.installed
+	$(BIN)/python -m tools.offline_plots
 
 wheelhouse: $(VENV)/.installed
 	$(BIN)/python -m tools.wheelhouse --out dist/wheelhouse --python $(PYTHONS)
