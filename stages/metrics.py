@@ -35,9 +35,11 @@ edge maps, and how sure we can be, with LoRA compared to the baseline pair by pa
   this n": its small-n bias does not cancel between variants, so a variant's FID gets no
   interval, and the FID and KID deltas get a paired sign-flip permutation p-value
   (`metrics.permutations`). Backbones run in full fp32 unless `metrics.tf32`.
-Writes metrics.json (headline numbers with intervals and paired deltas: `dvc metrics show`),
-metrics_detail.json (edge precision, recall and chance levels, prompt colour, PRDC, the per-category
-table, KID's effective subsets, warnings, settings, backbones) and a per-image table.
+Writes metrics.json (a terminal view for `dvc exp show` and `dvc metrics diff`: at most eight
+numbers for baseline, LoRA and their delta), metrics_detail.json (the headline numbers with their
+intervals, shares and p-values; edge precision, recall and chance levels, prompt colour, PRDC, the
+per-category table, seed variance, KID's effective subsets, warnings, settings, backbones) and a
+per-image table.
 """
 
 import dataclasses
@@ -62,8 +64,13 @@ from stages.common.similarity import pair_scores
 # Per-sample scores compared pair by pair, and which way is better.
 HIGHER_IS_BETTER = {"lpips": False, "clip_score": True, "ssim": True, "psnr": True, "edge_f1": True,
                     "edge_control": True, "edge_precision": True, "edge_recall": True}
-# Per-sample scores in metrics.json's headline blocks, each with its interval.
+# Per-sample scores in the headline blocks (metrics_detail.json's `headline`), each with its interval.
 HEADLINE_SAMPLES = ("lpips", "clip_score", "ssim", "psnr", "edge_f1", "edge_control")
+# metrics.json, the terminal view: what `dvc exp show` and `dvc metrics diff` print for each block,
+# at most eight numbers, no intervals. KID is multiplied by 1000 (its values are about 1e-5 on the
+# demo, which DVC's 5 decimals print as 0.0); the demo adds its prompt colour match.
+TERMINAL = ("fid", "kid", "cmmd", "lpips", "ssim", "clip_score", "edge_control")
+TERMINAL_BLOCKS = {"baseline": "baseline", "lora": "lora", "lora_minus_baseline": "delta"}
 NO_CATEGORY = "(no category)"
 FID_DIMS = 2048  # Inception pool features: below this many images each covariance is rank-deficient
 
@@ -79,7 +86,7 @@ def mean_of(draws: list[dict]) -> dict:
 
 
 def set_level(gt_feats, feats: dict, gt_embeds, embeds: dict, cfg) -> tuple[dict, dict, np.ndarray]:
-    """FID, KID and CMMD of each variant and LoRA minus baseline (metrics.json's blocks), KID's
+    """FID, KID and CMMD of each variant and LoRA minus baseline (the headline blocks), KID's
     subsets (metrics_detail.json's), and the resampled eval pairs: one draw serves every interval
     (FID's delta uses its first rows). The FID and KID deltas also get a sign-flip permutation p.
     `feats` and `embeds` hold (copies, n, d) per variant: copy j is one image per condition, paired
@@ -170,6 +177,21 @@ def seed_variance(table: pd.DataFrame, spread: dict, details: dict, copies: int)
             condition = max(float(np.nanvar(table[f"{name}_{variant}"], ddof=1)) - seed / copies, 0.0)
             out[variant][name] = {"seed_sd": seed ** 0.5, "condition_sd": condition ** 0.5,
                                   "seed_share": seed / (seed + condition) if seed + condition > 0 else None}
+    return out
+
+
+def terminal_view(details: dict) -> dict:
+    """metrics.json: n, and for baseline, LoRA and their paired delta the TERMINAL numbers (KID as
+    kid_x1e3), plus the demo's prompt colour match. Everything else, intervals first, is in
+    metrics_detail.json; the report and the charts read it there."""
+    out = {"n": details["n"]}
+    for block, name in TERMINAL_BLOCKS.items():
+        values = details["headline"][block]
+        out[name] = {("kid_x1e3" if key == "kid" else key): values[key] * 1000 if key == "kid" else values[key]
+                     for key in TERMINAL}
+        if "prompt_colour" in details:
+            colour = details["lora_minus_baseline"] if block == "lora_minus_baseline" else details["prompt_colour"][block]
+            out[name]["colour_match"] = colour["colour_match"]["mean"]
     return out
 
 
@@ -330,8 +352,9 @@ def main() -> None:
         # full precision: every float round-trips; dataset text cannot become a spreadsheet formula
         table.assign(prompt=table["prompt"].map(csv_text), category=table["category"].map(csv_text)).to_csv(
             tmp, index=False)
+    details = {"n": n, "headline": results, **{k: v for k, v in details.items() if k != "n"}}
     write_json(paths.metrics_detail, details, finite=True)
-    write_json(paths.metrics, results, finite=True)
+    write_json(paths.metrics, terminal_view(details), finite=True)
     delta = results["lora_minus_baseline"]
     log.info("metrics: n=%d; LoRA - baseline: FID %+.3g (p = %s), LPIPS %+.3g [%.3g, %.3g] (better on %.0f%%), "
              "SSIM %+.3g, CLIP %+.3g, edge F1 %+.3g, edge control %s%s; wrote %s", n, delta["fid"],

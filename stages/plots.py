@@ -170,7 +170,7 @@ def main() -> None:
     if not Path(paths.loss_log).is_file():
         raise StageError(f"{paths.loss_log}: not found; run `dvc repro train-lora`")
     table = read_scores(paths.per_sample, indices)
-    metrics = read_results(paths.metrics, HEADLINE_KEYS)
+    metrics = read_results(paths.metrics_detail, HEADLINE_KEYS)["headline"]
     rows = choose_rows(table, cfg)
     overlaid = [i for i, _ in rows][:cfg.overlay_samples]
     gt_of = image_columns(paths)[0][2]

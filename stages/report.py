@@ -24,7 +24,7 @@ from stages.common.errors import StageError
 from stages.common.figures import (HEADLINE, HEADLINE_KEYS, PERMUTED, SET_LEVEL, direction, label, png_bytes,
                                    read_results, read_scores)
 from stages.common.io import atomic_file
-from stages.common.page import STYLE, cell, detail_cell, figure, number, p_value, shares, verdict
+from stages.common.page import HEADLINE as HEADLINE_KEY, STYLE, cell, detail_cell, figure, number, p_value, shares, verdict
 from stages.common.params import load_params
 
 # The params sections shown on the page: dvc.yaml lists the same ones, so editing any reruns it.
@@ -34,7 +34,7 @@ PAIRED = ("lpips", "clip_score", "edge_f1", "edge_precision", "edge_recall")
 # The backbone (backbones.json's key) behind each headline metric; SSIM, PSNR, edge F1 and control
 # and prompt colour use none.
 BACKBONE_OF = {"fid": "fid", "kid": "fid", "cmmd": "clip", "lpips": "lpips", "clip_score": "clip"}
-# The controllability table: (metrics_detail.json's key, label); edge F1 and control come from metrics.json.
+# The controllability table: (metrics_detail.json's key, label); edge F1 and control are headline numbers.
 EDGE_ROWS = [("edge_f1_same_category", "edge F1 on other maps of its category (chance level)"),
              ("edge_f1_mismatched", "edge F1 on the next sample's map"),
              ("edge_precision", "edge precision"), ("edge_recall", "edge recall")]
@@ -87,7 +87,7 @@ def headline_table(metrics: dict, detail: dict) -> str:
     for key, text, higher in HEADLINE:
         sides = [f"{key}_lora_better", f"{key}_lora_worse"]
         won = ("<td>set-level</td>" if key in SET_LEVEL else
-               shares(*(delta[side] for side in sides), tuple(f"lora_minus_baseline.{side}" for side in sides))
+               shares(*(delta[side] for side in sides), tuple(f"{HEADLINE_KEY}lora_minus_baseline.{side}" for side in sides))
                if delta[sides[0]] is not None else "<td>n/a</td>")
         change = cell(metrics, "lora_minus_baseline", key)
         if key in PERMUTED:
@@ -133,8 +133,8 @@ def control_table(metrics: dict, detail: dict) -> str:
     if perfect and perfect > 0 and None not in gains:
         share = (f"<p>A perfect follower (the ground truth's own edges) scores "
                  f"{number(perfect, 'detail.ground_truth.edge_control.mean')} higher on its own map than on other maps "
-                 f"of its category; the baseline gains {number(gains[0], 'baseline.edge_control')} "
-                 f"({100 * gains[0] / perfect:.0f}% of that), the LoRA {number(gains[1], 'lora.edge_control')} "
+                 f"of its category; the baseline gains {number(gains[0], HEADLINE_KEY + 'baseline.edge_control')} "
+                 f"({100 * gains[0] / perfect:.0f}% of that), the LoRA {number(gains[1], HEADLINE_KEY + 'lora.edge_control')} "
                  f"({100 * gains[1] / perfect:.0f}%). The next sample's map, often another kind of garment, is a lower "
                  "bar and overstates control.</p>")
     return ("<table id=control><tr><th></th><th>ground truth</th><th>baseline</th><th>LoRA</th>"
@@ -288,12 +288,12 @@ def main() -> None:
     setup_logging()
     params = load_params()
     paths = params.paths
-    metrics = read_results(paths.metrics, HEADLINE_KEYS)
-    detail = read_results(paths.metrics_detail, DETAIL_KEYS)
+    detail = read_results(paths.metrics_detail, DETAIL_KEYS + HEADLINE_KEYS)
+    metrics = detail["headline"]
     table = read_scores(paths.per_sample)
     summary = read_results(paths.train_summary, SUMMARY_KEYS, "train-lora")
     if not metrics["n"] == detail["n"] == len(table):
-        raise StageError(f"{paths.metrics}, {paths.metrics_detail} and {paths.per_sample} disagree on n; "
+        raise StageError(f"{paths.metrics_detail} and {paths.per_sample} disagree on n; "
                          "rerun `dvc repro metrics`")
     charts = [("Headline metrics", paths.metrics_chart, "baseline vs LoRA with 95% intervals"),
               ("Paired deltas", paths.deltas_chart, "LoRA minus baseline with 95% intervals"),

@@ -83,9 +83,13 @@ def small_image(rel: str):
 
 
 def drop_key(rel: str, block: str, key: str):
+    """Delete `key` from the JSON file's dotted `block`."""
     def setup(p, mp):
         data = json.loads((p.root / rel).read_text())
-        del data[block][key]
+        node = data
+        for part in block.split("."):
+            node = node[part]
+        del node[key]
         (p.root / rel).write_text(json.dumps(data))
     return setup
 
@@ -421,13 +425,14 @@ CASES = [
          r"metrics/per_sample.csv: not found; run `dvc repro metrics`"),
     Case("per-sample-other-eval-set", "plots", drop_first_row("metrics/per_sample.csv"),
          r"metrics/per_sample.csv: is not the per-sample table of these \d+ eval images; rerun `dvc repro metrics`"),
-    Case("metrics-from-an-older-stage-report", "report", drop_key("metrics/metrics.json", "lora", "edge_f1_ci95_low"),
-         r"metrics/metrics.json: has no lora.edge_f1_ci95_low \(an older metrics stage wrote it\?\); rerun "
-         r"`dvc repro metrics`"),
+    Case("metrics-from-an-older-stage-report", "report",
+         drop_key("metrics/metrics_detail.json", "headline.lora", "edge_f1_ci95_low"),
+         r"metrics/metrics_detail.json: has no headline.lora.edge_f1_ci95_low \(an older metrics stage wrote it\?\); "
+         r"rerun `dvc repro metrics`"),
     Case("generated-wrong-size-plots", "plots", small_image("data/generated/lora/000000.png"),
          r"data/generated/lora/000000.png: 32x32 px, but the ground truth is 64x64; rerun `dvc repro generate-lora`"),
-    Case("metrics-missing-report", "report", delete("metrics/metrics.json"),
-         r"metrics/metrics.json: not found; run `dvc repro metrics`"),
+    Case("metrics-missing-report", "report", delete("metrics/metrics_detail.json"),
+         r"metrics/metrics_detail.json: not found; run `dvc repro metrics`"),
     Case("chart-missing-report", "report", delete("plots/deltas.png"),
          r"plots/deltas.png: not found; run `dvc repro plots`"),
     Case("loss-log-missing", "plots", delete("metrics/train_loss.csv"),

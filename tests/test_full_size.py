@@ -105,7 +105,7 @@ def check_outputs(p: Project) -> None:
             assert image.shape == (256, 256, 3) and image.std() > 0, "not blank: no NaN turned black"
     metrics = json.loads(p.path("metrics").read_text())
     for variant in dataset.VARIANTS:
-        assert all(np.isfinite(metrics[variant][k]) for k in ("fid", "kid", "lpips", "clip_score"))
+        assert all(np.isfinite(metrics[variant][k]) for k in ("fid", "kid_x1e3", "lpips", "clip_score"))
     detail = json.loads(p.path("metrics_detail").read_text())
     assert detail["backbones"]["clip"].startswith("openai/clip-vit-base-patch32 (weights sha256")
 

@@ -20,9 +20,9 @@ def test_identical_images_score_perfectly(extracted):
     p = extracted
     fill_generated(p, lambda i: dataset.gt_path(p.path("eval_data"), i))
     p.run("metrics", metrics__prdc_k=2)  # k below n: PRDC exists
-    result = read_json(p.path("metrics"))
     n = p.params["extract"]["eval_products"]
     detail = read_json(p.path("metrics_detail"))
+    result = detail["headline"]
     assert result["n"] == detail["n"] == n and detail["backbones"]["clip"] == "tiny-random-clip"
     for variant in dataset.VARIANTS:
         r = result[variant]
@@ -62,6 +62,28 @@ def test_identical_images_score_perfectly(extracted):
     assert (table["colour_share_lora"] == table["colour_share_ground_truth"]).all()
 
 
+def test_metrics_json_is_a_terminal_view_of_the_headline(extracted):
+    """metrics.json: n and, for baseline, LoRA and their delta, eight numbers each (seven off the
+    demo), exactly the detail file's headline values, KID x 1000; no intervals, so `dvc exp show`
+    and `dvc metrics diff` print what a person compares."""
+    p = extracted
+    fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
+    p.run("metrics")
+    terminal, detail = read_json(p.path("metrics")), read_json(p.path("metrics_detail"))
+    assert list(terminal) == ["n", "baseline", "lora", "delta"] and terminal["n"] == detail["n"]
+    for block, name in (("baseline", "baseline"), ("lora", "lora"), ("lora_minus_baseline", "delta")):
+        numbers, headline = terminal[name], detail["headline"][block]
+        assert list(numbers) == ["fid", "kid_x1e3", "cmmd", "lpips", "ssim", "clip_score", "edge_control",
+                                 "colour_match"], "the demo's prompt colour is a headline number"
+        assert numbers["kid_x1e3"] == pytest.approx(1000 * headline["kid"], rel=1e-12)
+        assert 1e-3 < abs(numbers["kid_x1e3"]) < 1e3 or block == "lora_minus_baseline", "prints at 5 decimals"
+        for key in ("fid", "cmmd", "lpips", "ssim", "clip_score", "edge_control"):
+            assert numbers[key] == headline[key], key
+    colour = detail["prompt_colour"]
+    assert terminal["lora"]["colour_match"] == colour["lora"]["colour_match"]["mean"]
+    assert terminal["delta"]["colour_match"] == detail["lora_minus_baseline"]["colour_match"]["mean"]
+
+
 def test_the_same_inputs_give_the_same_bytes(extracted):
     p = extracted
     fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
@@ -77,7 +99,7 @@ def test_different_images_score_worse(extracted):
     p = extracted
     fill_generated(p, lambda i: dataset.edge_path(p.path("edges"), i))
     p.run("metrics")
-    result = read_json(p.path("metrics"))
+    result = read_json(p.path("metrics_detail"))["headline"]
     for variant in dataset.VARIANTS:
         r = result[variant]
         assert r["fid"] > 0.01 and r["lpips"] > 0.05
@@ -160,10 +182,11 @@ def test_odd_eval_configs_give_text_and_lines_never_a_formula_or_nan(extracted):
     assert cells[:3] == ["'" + text for text in hostile]
     assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells)
 
-    result, detail = strict_json(p.path("metrics")), strict_json(p.path("metrics_detail"))
-    n = len(configs)
+    terminal, detail = strict_json(p.path("metrics")), strict_json(p.path("metrics_detail"))
+    result, n = detail["headline"], len(configs)
     for block in ("baseline", "lora", "lora_minus_baseline"):
         assert result[block]["edge_control"] is None and result[block]["edge_control_ci95_low"] is None
+    assert terminal["delta"]["edge_control"] is None
     assert result["lora_minus_baseline"]["edge_control_lora_better"] is None
     assert detail["baseline"]["prdc"] is None and detail["ground_truth"]["edge_control"]["mean"] is None
     assert detail["per_category"]["(no category)"]["n"] == 1
@@ -200,11 +223,11 @@ def test_several_images_per_condition_pair_by_condition(extracted):
     for source in reversed(sources):  # each copy alone, as copy 0
         fill(0, source)
         p.run("metrics")
-        single.insert(0, (read_json(p.path("metrics")), pd.read_csv(p.path("per_sample"))))
+        single.insert(0, (read_json(p.path("metrics_detail"))["headline"], pd.read_csv(p.path("per_sample"))))
     fill(1, sources[1])  # copy 0 now holds sources[0]
     p.run("metrics", generate__images_per_condition=2)
-    result, detail, table = read_json(p.path("metrics")), read_json(p.path("metrics_detail")), pd.read_csv(
-        p.path("per_sample"))
+    detail, table = read_json(p.path("metrics_detail")), pd.read_csv(p.path("per_sample"))
+    result = detail["headline"]
     assert result["n"] == len(configs) == len(table), "n counts conditions, not images"
     for variant in dataset.VARIANTS:
         for name in ("lpips", "ssim", "clip_score", "edge_f1", "edge_control", "colour_share"):

@@ -3,6 +3,7 @@ exactly what a param change touches (here and in test_remotes.py). Every test go
 copy of the suite's one reproduced repo (conftest.reproduced)."""
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -103,11 +104,23 @@ def test_a_queued_sweep_reuses_its_lora_and_its_experiments_compare(repo, tmp_pa
     assert "Stage 'train-lora' is cached - skipping run" in second and "Running stage 'train-lora'" not in second
     assert "Running stage 'generate-lora'" in second
 
-    shown = dvc("exp", "show", "--only-changed", "--csv")  # every interval is a column: too wide for 80 columns
+    shown = dvc("exp", "show", "--only-changed", "--csv")
     assert "demo" in shown and "steps-6" in shown, "each experiment named after what made it"
     diff = dvc("metrics", "diff", "demo", "steps-6")
-    assert "lora.fid" in diff and "lora_minus_baseline.lpips_ci95_low" in diff, "intervals and paired deltas"
+    assert "lora.fid" in diff and "delta.lpips" in diff and "delta.kid_x1e3" in diff, "the terminal view's numbers"
+    assert "_ci95_" not in diff, "intervals live in metrics_detail.json"
     assert max(map(len, diff.splitlines())) <= 100, "fits a terminal"
+    # The README's `dvc exp show` recipe, run as written, at 120 columns: every column it keeps is
+    # printed whole (rich cuts a column that does not fit to "…"), sorted by the prompt colour delta.
+    recipe = next(line for line in (tmp_path / "README.md").read_text().splitlines()
+                  if line.startswith("dvc exp show --drop"))
+    table = run_ok(["bash", "-c", recipe], env={**os.environ, "COLUMNS": "120"})
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 120 and "…" not in table, table
+    for name in ("Experiment", "delta.lpips", "delta.edge_control", "delta.colour_match", "train.rank",
+                 "train.learning_rate"):
+        assert name in table, (name, table)
+    assert "demo" in table and "steps-6" in table, table
     dvc("plots", "diff", "demo", "steps-6", "-o", str(tmp_path / "plots_diff"))
     assert (tmp_path / "plots_diff" / "index.html").is_file()
 
@@ -116,8 +129,8 @@ def dvc(*args: str) -> str:
     return run_ok(["dvc", *args])
 
 
-def run_ok(cmd: list[str]) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def run_ok(cmd: list[str], env: dict | None = None) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 

@@ -69,7 +69,7 @@ def test_what_was_not_measured_is_drawn_and_reported_as_such(finished_project):
         config["category"] = f"KIND {i}"
     write_json(p.path("eval_data") / dataset.EVAL_CONFIGS, configs)
     p.run("metrics", metrics__fid_bootstrap_resamples=0)
-    metrics = read_json(p.path("metrics"))
+    metrics = read_json(p.path("metrics_detail"))["headline"]
     assert metrics["lora"]["fid_ci95_low"] is None and metrics["lora_minus_baseline"]["fid_ci95_high"] is None
     assert metrics["lora"]["kid_ci95_low"] is not None and metrics["lora"]["edge_control"] is None
     p.run("plots")

@@ -1,4 +1,4 @@
-"""report: one self-contained page whose numbers are metrics.json's, checked by parsing the HTML
+"""report: one self-contained page whose numbers are metrics_detail.json's, checked by parsing the HTML
 (fast, always) and in headless Chromium (every image loaded, the numbers as rendered)."""
 
 from __future__ import annotations
@@ -72,17 +72,17 @@ def test_report_is_self_contained_and_shows_metrics_json(finished_project):
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
             assert image.format == "PNG" and image.width > 200
-    metrics, values = read_json(p.path("metrics")), shown(p)
+    metrics, values = read_json(p.path("metrics_detail"))["headline"], shown(p)
     assert page.values.pop("n") == metrics["n"]
     summary = read_json(p.path("train_summary"))
     for key in ("denoising_loss_base", "denoising_loss_lora"):
         assert page.values.pop(f"train.{key}") == summary[key], key  # train-lora's, exactly
     assert page.values, "the headline numbers carry their exact values"
     for key, value in page.values.items():
-        assert value == values[key], key  # repr round-trips: exactly metrics.json's float
+        assert value == values[key], key  # repr round-trips: exactly metrics_detail.json's float
     for block in ("baseline", "lora", "lora_minus_baseline"):
         for name in ("fid", "kid", "lpips", "clip_score", "edge_f1"):
-            assert f"{block}.{name}" in page.values
+            assert f"detail.headline.{block}.{name}" in page.values
     printed = yaml.safe_load(page.pre)
     assert list(printed) == list(report.SECTIONS)
     assert printed["train"]["max_steps"] == p.params["train"]["max_steps"]
@@ -118,7 +118,7 @@ def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_pat
         ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")
     values = shown(p)
     # the control delta against the same-category chance level, with its interval, as rendered
-    assert {f"{block}.edge_control{part}" for block in ("baseline", "lora", "lora_minus_baseline")
+    assert {f"detail.headline.{block}.edge_control{part}" for block in ("baseline", "lora", "lora_minus_baseline")
             for part in ("", "_ci95_low", "_ci95_high")} <= {key for key, _, _ in rendered}
     for key, value, text in rendered:
         assert float(value) == values[key] and text.strip(), key
@@ -192,7 +192,7 @@ def test_stand_in_backbones_get_numbers_but_no_verdict(finished_project):
     keys = Page(page).values
     for name in ("edge_precision", "edge_recall"):  # every delta on the page has its interval
         assert {f"detail.lora_minus_baseline.{name}.{k}" for k in ("mean", "ci95_low", "ci95_high")} <= set(keys), name
-    assert "lora_minus_baseline.fid_p_value" in keys and "lora_minus_baseline.kid_p_value" in keys
+    assert {f"detail.headline.lora_minus_baseline.{k}_p_value" for k in ("fid", "kid")} <= set(keys)
 
     detail["backbones"] = {"fid": "clean-fid inception-2015-12-05 (sha256 f58cb9b6ec32)",
                            "lpips": "lpips v0.1 alex", "clip": "openai/clip-vit-base-patch32@3d74acf9"}

@@ -15,7 +15,7 @@ from stages.common.io import csv_text_read, read_json
 VARIANT_COLORS = {"baseline": "#7f7f7f", "lora": "#1f77b4"}
 DPI = 100  # figure inches * DPI = pixels
 TILE_INCHES = 2.72  # tight_layout takes a little: tiles come out at about 256 px
-# Which metrics the charts show, as (key in metrics.json, label, higher is better). Edge control:
+# Which metrics the charts show, as (key in the headline blocks, label, higher is better). Edge control:
 # edge F1 on the image's own map minus on other maps of its category (its chance level).
 HEADLINE = [("fid", "FID", False), ("kid", "KID", False), ("cmmd", "CMMD", False), ("lpips", "LPIPS", False),
             ("ssim", "SSIM", True), ("psnr", "PSNR (dB)", True), ("clip_score", "CLIP score", True),
@@ -25,10 +25,12 @@ PERMUTED = ("fid", "kid")  # deltas with a sign-flip permutation p-value (<key>_
 
 
 BLOCKS = ("baseline", "lora", "lora_minus_baseline")
-HEADLINE_KEYS = ["n"] + [f"{block}.{key}{part}" for block in BLOCKS for key, _, _ in HEADLINE
-                         for part in ("", "_ci95_low", "_ci95_high")] + [
-    f"lora_minus_baseline.{key}_lora_{side}" for key, _, _ in HEADLINE if key not in SET_LEVEL
-    for side in ("better", "worse")] + [f"lora_minus_baseline.{key}_p_value" for key in PERMUTED]
+# What the charts and the page read from metrics_detail.json's `headline` (metrics.json is the
+# terminal view, without intervals).
+HEADLINE_KEYS = ["headline.n"] + [f"headline.{block}.{key}{part}" for block in BLOCKS for key, _, _ in HEADLINE
+                                  for part in ("", "_ci95_low", "_ci95_high")] + [
+    f"headline.lora_minus_baseline.{key}_lora_{side}" for key, _, _ in HEADLINE if key not in SET_LEVEL
+    for side in ("better", "worse")] + [f"headline.lora_minus_baseline.{key}_p_value" for key in PERMUTED]
 SCORE_COLUMNS = ["index", "prompt", "lpips_delta", "clip_score_delta", "edge_f1_delta"] + [
     f"{name}_{variant}" for name in ("lpips", "clip_score", "edge_precision", "edge_recall", "edge_f1")
     for variant in ("baseline", "lora")]

@@ -36,9 +36,13 @@ def interval(value, low, high, keys: tuple[str, str, str]) -> str:
             f"{number(high, keys[2])}]</span></td>")
 
 
+HEADLINE = "detail.headline."  # the data-key prefix of metrics_detail.json's headline numbers
+
+
 def cell(metrics: dict, block: str, key: str) -> str:
+    """A headline number and its interval: `metrics` is metrics_detail.json's `headline`."""
     m, names = metrics[block], (key, f"{key}_ci95_low", f"{key}_ci95_high")
-    return interval(*(m[name] for name in names), tuple(f"{block}.{name}" for name in names))
+    return interval(*(m[name] for name in names), tuple(f"{HEADLINE}{block}.{name}" for name in names))
 
 
 def detail_cell(entry: dict, key: str) -> str:
@@ -71,7 +75,7 @@ def p_value(delta: dict, key: str) -> str:
     value = delta.get(f"{key}_p_value")
     if value is None:
         return ""
-    return f"<br><span class=ci>p = {number(value, f'lora_minus_baseline.{key}_p_value')}</span>"
+    return f"<br><span class=ci>p = {number(value, f'{HEADLINE}lora_minus_baseline.{key}_p_value')}</span>"
 
 
 def figure(title: str, png: bytes, alt: str) -> str:
