@@ -28,7 +28,8 @@ from stages.common.io import fsync, save_png
 from stages.common.models import SCHEDULERS
 from stages.common.params import load_params
 from stages.common.runtime import device
-from fashion.sketch import ACCEPTED, check_models, draw_pair, edge_map, load_pipeline, read_image, side_by_side
+from fashion.sketch import (ACCEPTED, check_models, draw_pair, edge_map, load_pipeline, prompt_notes, read_image,
+                           side_by_side)
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds or [args.seed + k for k in range(args.count)]
     dev = device()
     pipe = load_pipeline(params.paths, cfg, args.scheduler, dev)
+    for note in prompt_notes(args.prompt, pipe.tokenizer):
+        log.log(note.level, "fashion-generate: --prompt %s", note.text)
     baseline, lora = draw_pair(pipe, edges, args.prompt, seeds, cfg, dev, args.lora_scale)
 
     name = args.input.stem

@@ -141,6 +141,19 @@ def check_models(paths) -> None:
             raise ModelsMissing(f"{folder}: not found; run `make demo` (tiny models) or `dvc pull` first")
 
 
+def prompt_notes(prompt: str, tokenizer) -> list[Note]:
+    """The pipeline's CLIP text encoder reads 77 tokens (BOS and EOS included) and drops the rest
+    without a word: say so, and what is dropped."""
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose: no warning of its own
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return []
+    dropped = tokenizer.decode(ids[limit - 1:-1]).strip()
+    shown = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+    return [Note(logging.WARNING, f"is {len(ids) - 2} tokens, but CLIP reads the first {limit - 2}: the rest "
+                                  f"({shown!r}) is ignored; shorten the prompt")]
+
+
 def load_pipeline(paths, cfg, scheduler: str, dev):
     """The ControlNet pipeline with the LoRA loaded; `draw_pair` switches it off for the baseline."""
     check_models(paths)

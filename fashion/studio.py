@@ -49,8 +49,8 @@ from stages.common.errors import StageError
 from stages.common.io import load_rgb
 from stages.common.params import PARAMS_FILE, is_loopback, load_params
 from stages.common.runtime import device
-from fashion.sketch import (ACCEPTED, ModelsMissing, check_models, draw_pair, edge_map, load_pipeline, read_image,
-                           side_by_side)
+from fashion.sketch import (ACCEPTED, ModelsMissing, Note, check_models, draw_pair, edge_map, load_pipeline,
+                           prompt_notes, read_image, side_by_side)
 
 PAGE = Path(__file__).with_name("studio.html")
 MAX_UPLOAD = 20 * 2 ** 20  # bytes of image; a phone photo is a few MB
@@ -237,7 +237,9 @@ class Studio:
                 self.refresh()
                 check_models(self.paths)
                 cfg = dataclasses.replace(self.params.generate, steps=request.steps, guidance_scale=request.guidance)
-                baseline, lora = draw_pair(self.pipeline(dev), edges, prompt, seeds, cfg, dev, request.lora_scale)
+                pipe = self.pipeline(dev)
+                notes += [Note(n.level, f"prompt {n.text}") for n in prompt_notes(prompt, pipe.tokenizer)]
+                baseline, lora = draw_pair(pipe, edges, prompt, seeds, cfg, dev, request.lora_scale)
         sheet = side_by_side([[edges, b, l] for b, l in zip(baseline, lora, strict=True)], seeds, prompt)
         log.info("studio: %d seeds from %d for %r (%d steps, guidance %g, LoRA scale %g)", len(seeds), seeds[0],
                  prompt, request.steps, request.guidance, request.lora_scale)

@@ -1,5 +1,7 @@
 """fashion-generate: new photos and sketches through the generate stages' own code."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,6 +32,19 @@ def test_a_photo_gives_what_the_generate_stages_gave(finished_project, caplog):
         # the stage drew it in a batch of 4: batching is not bit-exact on CPU, so +-2 on uint8
         assert image_diff(made, staged) <= 2, variant
     assert "resized" not in caplog.text
+    assert "tokens, but CLIP reads" not in caplog.text, "a prompt that fits says nothing"
+
+
+def test_a_prompt_past_77_tokens_is_said_to_be_cut(finished_project, caplog):
+    """CLIP reads 77 tokens with BOS and EOS and the pipeline drops the rest: the CLI says so, with
+    the count and what is dropped, in one line of its own."""
+    caplog.set_level("INFO", logger="stages")
+    p = finished_project
+    prompt = "Mini skirt in navy, " + "a" * 55 + " with long pleats"
+    main([str(dataset.gt_path(p.path("eval_data"), 0)), "--prompt", prompt, "--steps", "1", "--out", "out"])
+    said = re.search(r"fashion-generate: --prompt is (\d+) tokens, but CLIP reads the first 75: the rest "
+                     r"\('(.+)'\) is ignored; shorten the prompt", caplog.text)
+    assert said and int(said[1]) > 75 and prompt.endswith(said[2]), caplog.text
 
 
 def test_a_sketch_of_another_size_is_resized_and_inverted(finished_project, caplog):

@@ -166,6 +166,17 @@ def test_the_knobs_reach_the_pipeline(client, finished_project):
         assert image_diff(decode(other["baseline"]), decode(made[0]["baseline"])) > 2, knob
 
 
+def test_a_prompt_past_77_tokens_gets_a_note(client, finished_project):
+    p = finished_project
+    request = {"image": data_url(dataset.gt_path(p.path("eval_data"), 0)), "count": 1, "steps": 1,
+               "prompt": "Mini skirt in navy, " + "a" * 55 + " with long pleats"}
+    notes = client.post("/api/generate", json=request).json()["notes"]
+    assert any(n.startswith("prompt is ") and "tokens, but CLIP reads the first 75" in n and "long pleats" in n
+               for n in notes), notes
+    short = client.post("/api/generate", json={**request, "prompt": "Mini skirt in navy"}).json()["notes"]
+    assert not any("CLIP reads" in n for n in short), short
+
+
 def test_models_reload_when_the_lora_changes(client, finished_project, monkeypatch):
     from fashion import studio
 
