@@ -36,6 +36,7 @@ import random
 import secrets
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -181,6 +182,7 @@ class Studio:
                     presets.append(config["prompt"])
         return {"resolution": self.params.extract.resolution, "presets": presets[:PRESETS],
                 "samples": len(presets) > 0, "models_problem": self.models_problem(),
+                "models_loaded": self.pipe is not None and self.pipe_key == self.models_key(),
                 "defaults": {"low": c.low_threshold, "high": c.high_threshold, "steps": g.steps,
                              "guidance": g.guidance_scale, "seed": g.seed, "count": 1, "lora_scale": g.lora_scale},
                 "limits": {"count": MAX_IMAGES}}
@@ -208,12 +210,16 @@ class Studio:
         return {"index": config["index"], "prompt": config["prompt"], "image": png_data_url(photo),
                 "name": f"eval {config['index']:06d}", "seed": self.params.generate.seed + config["index"]}
 
+    def models_key(self) -> tuple:
+        """What the loaded pipeline was made from: a few dozen stat() calls, nothing next to a generation."""
+        g = self.params.generate
+        return (g.scheduler, g.precision, *(f.stat().st_mtime_ns for folder in (
+            self.paths.base_model, self.paths.controlnet, self.paths.lora) for f in sorted(Path(folder).rglob("*"))))
+
     def pipeline(self, dev):
         """Loaded once, and again when the models, the LoRA or the generate params changed (a new
-        `dvc repro`). A few dozen stat() calls: nothing next to a generation."""
-        g = self.params.generate
-        key = (g.scheduler, g.precision, *(f.stat().st_mtime_ns for folder in (
-            self.paths.base_model, self.paths.controlnet, self.paths.lora) for f in sorted(Path(folder).rglob("*"))))
+        `dvc repro`)."""
+        key = self.models_key()
         if self.pipe is None or key != self.pipe_key:
             self.pipe = None  # freed before the new one loads: two pipelines may not fit a small GPU
             gc.collect()
@@ -221,9 +227,20 @@ class Studio:
                 torch.cuda.empty_cache()
             log.info("studio: loading the models from %s, %s and %s", self.paths.base_model, self.paths.controlnet,
                      self.paths.lora)
+            g = self.params.generate
             self.pipe = load_pipeline(self.paths, g, g.scheduler, dev)
             self.pipe_key = key
         return self.pipe
+
+    def load(self) -> dict:
+        """The models loaded ahead of a generation, so the page can say that the first one waits
+        for them: the seconds it took (0 when they were loaded already)."""
+        with self.generations.place() as turn, turn:
+            self.refresh()
+            check_models(self.paths)
+            started = time.perf_counter()
+            self.pipeline(device())
+            return {"seconds": time.perf_counter() - started}
 
     def generate(self, request: GenerateRequest) -> dict:
         prompt = request.prompt.strip()
@@ -382,6 +399,10 @@ def app(studio: Studio | None = None, allow_hosts: list[str] = (), token: str | 
     @api.get("/api/sample")
     def sample(seed: int | None = None):
         return studio.sample(seed)
+
+    @api.post("/api/load")
+    def load():
+        return studio.load()
 
     @api.post("/api/generate")
     def generate(request: GenerateRequest):

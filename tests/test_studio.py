@@ -354,8 +354,13 @@ def test_a_full_generation_line_is_429(finished_project, monkeypatch):
         return [edges] * len(seeds), [edges] * len(seeds)
 
     monkeypatch.setattr(studio_module, "draw_pair", held_pair)
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
     studio = Studio()
-    monkeypatch.setattr(studio, "pipeline", lambda dev: None)
+    tokenizer = CLIPTokenizer.from_pretrained(finished_project.path("base_model") / dataset.TOKENIZER_DIR)
+    monkeypatch.setattr(studio, "pipeline", lambda dev: SimpleNamespace(tokenizer=tokenizer))  # the prompt's note
     client = local_client(app(studio))
     request = {"image": data_url(dataset.gt_path(finished_project.path("eval_data"), 0)), "prompt": "Dress"}
     answers = []
@@ -526,18 +531,35 @@ def server(finished_project):
         yield url
 
 
+VISIBLE_IMAGES = ("return Array.from(document.images).filter(i => i.offsetParent !== null)"
+                  ".map(i => [i.id || i.alt, i.complete && i.naturalWidth > 0])")
+
+
 @pytest.mark.browser
-def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_path):
+def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_path, monkeypatch):
+    """The page through a user's first visit: no broken image before any input, the first
+    generation saying it waits for the models and how long they took, results with "2 seeds",
+    nothing stale under an error, and the eval sample shown as the input in the tabs."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver, p = chromium, finished_project
-    wait = WebDriverWait(driver, 120)
+    wait = WebDriverWait(driver, 120, poll_frequency=0.05)
+    real = Studio.pipeline
+
+    def slow_first_load(self, dev):  # the tiny models load in a blink; real ones take seconds
+        if self.pipe is None:
+            time.sleep(1.5)
+        return real(self, dev)
+
+    monkeypatch.setattr(Studio, "pipeline", slow_first_load)
     photo = tmp_path / "photo.png"  # an eval photo at 4x, as a user's larger upload
     Image.open(dataset.gt_path(p.path("eval_data"), 1)).resize((256, 256), Image.Resampling.LANCZOS).save(photo)
     driver.set_window_size(1280, 900)
     driver.get(server)
     wait.until(lambda d: d.find_element(By.ID, "steps").get_attribute("value"))
+    assert driver.execute_script(VISIBLE_IMAGES) == [], "before any input: empty boxes, no broken images"
+    assert "no input yet" in driver.find_element(By.CSS_SELECTOR, ".preview").text
 
     driver.find_element(By.ID, "generate").click()  # nothing uploaded yet: said in the page
     assert "upload a photo or sketch" in driver.find_element(By.ID, "error").text
@@ -546,12 +568,7 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     wait.until(lambda d: d.execute_script("const i = document.getElementById('edge-preview');"
                                           "return i.complete && i.naturalWidth > 0"))
     assert "resized to the model's" in driver.find_element(By.ID, "notes").text
-
-    driver.find_element(By.ID, "generate").click()  # an empty prompt: the server's one line, in the page
-    wait.until(lambda d: d.find_element(By.ID, "error").text)
-    assert driver.find_element(By.ID, "error").text.startswith("prompt: empty")
-
-    from selenium.webdriver.support.ui import Select
+    assert all(ok for _, ok in driver.execute_script(VISIBLE_IMAGES))
 
     presets = Select(driver.find_element(By.ID, "presets"))
     presets.select_by_index(1)
@@ -560,14 +577,16 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     count.clear()
     count.send_keys("2")
     driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "loading models (first time only)…")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results img.generated")) == 4
                or d.find_element(By.ID, "error").is_displayed())
     assert not driver.find_element(By.ID, "error").is_displayed(), driver.find_element(By.ID, "error").text
+    status = driver.find_element(By.ID, "status").text
+    assert re.fullmatch(r"models loaded in \d+\.\d s \(first time only\); 2 seeds in \d+\.\d s", status), status
     loaded = driver.execute_script("return Array.from(document.querySelectorAll('#results img.generated'))"
                                    ".map(i => [i.complete && i.naturalWidth, i.alt])")
     assert all(width for width, _ in loaded), loaded
     assert [alt for _, alt in loaded][:2] == ["baseline, seed 0", "LoRA, seed 0"]
-    assert not driver.find_element(By.ID, "error").is_displayed()
     sheet = decode(driver.find_element(By.ID, "download").get_attribute("href"))
     resolution = p.params["extract"]["resolution"]
     assert sheet.shape[:2] == sheet_size(2, resolution)[::-1]
@@ -576,16 +595,37 @@ def test_studio_in_headless_chromium(server, chromium, finished_project, tmp_pat
     driver.set_window_size(1280, height + 200)  # the whole page: the window's frame is not all viewport
     wait.until(lambda d: d.execute_script("return window.innerHeight") >= height)
     driver.execute_script("window.scrollTo(0, 0)")
-    screenshot = os.environ.get("FASHION_STUDIO_SCREENSHOT", str(tmp_path / "studio.png"))
-    assert driver.save_screenshot(screenshot)
+    screenshot = tmp_path / "studio.png"
+    assert driver.save_screenshot(str(screenshot))
     with Image.open(screenshot) as shot:
         assert shot.width >= 1200 and np.asarray(shot.convert("L")).std() > 20, "the page is not blank"
 
+    count.clear()
+    count.send_keys("1")
+    driver.find_element(By.ID, "generate").click()  # the models are in: no loading step now
+    wait.until(lambda d: re.fullmatch(r"1 seed in \d+\.\d s", d.find_element(By.ID, "status").text))
+    driver.find_element(By.ID, "prompt").clear()
+    driver.find_element(By.ID, "generate").click()  # an empty prompt: the server's one line, in the page
+    wait.until(lambda d: d.find_element(By.ID, "error").text)
+    assert driver.find_element(By.ID, "error").text.startswith("prompt: empty")
+    assert driver.find_elements(By.CSS_SELECTOR, "#results > *") == [], "no stale results under the error"
+    assert not driver.find_element(By.ID, "download-row").is_displayed()
+
+    def selected():
+        return [b.text for b in driver.find_elements(By.CSS_SELECTOR, ".tabs [aria-selected=true]")]
+
+    assert selected() == ["Photo"]
     driver.find_element(By.ID, "sample").click()  # an eval sample: its prompt and the stages' seed for it
-    wait.until(lambda d: d.execute_script("return document.getElementById('file').value") == "")  # the upload gone
+    wait.until(lambda d: d.find_element(By.ID, "source").is_displayed())
+    assert selected() == ["Eval sample"] and not driver.find_element(By.ID, "file").is_displayed()
     configs = {c["prompt"]: c["index"] for c in dataset.load_eval_configs(p.path("eval_data"))}
     index = configs[driver.find_element(By.ID, "prompt").get_attribute("value")]
+    assert driver.find_element(By.ID, "source").text.startswith(f"eval {index:06d}")
     assert int(driver.find_element(By.ID, "seed").get_attribute("value")) == p.params["generate"]["seed"] + index
+    wait.until(lambda d: len(d.execute_script(VISIBLE_IMAGES)) == 2)
+    driver.find_element(By.CSS_SELECTOR, ".tabs [data-mode=photo]").click()  # back to uploads: the sample goes
+    assert selected() == ["Photo"] and driver.find_element(By.ID, "file").is_displayed()
+    assert driver.execute_script(VISIBLE_IMAGES) == [] and not driver.find_element(By.ID, "source").is_displayed()
 
 
 @pytest.mark.browser
