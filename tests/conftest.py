@@ -37,6 +37,7 @@ SMALL = {
     "models.pretrain.text_steps": 2,
     "models.pretrain.vae_steps": 2,
     "models.pretrain.steps": 2,
+    "models.pretrain.decoder_steps": 2,
     "models.pretrain.batch_size": 4,
     "extract.train_products": 10,
     "extract.eval_products": 4,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -114,13 +115,14 @@ def test_pretraining_teaches_each_part_and_is_recorded(tmp_path):
 
     cfg = Project(tmp_path).set({"models.pretrain.products": 4, "models.pretrain.text_steps": 30,
                                  "models.pretrain.vae_steps": 30, "models.pretrain.steps": 30,
+                                 "models.pretrain.decoder_steps": 30,
                                  "models.pretrain.batch_size": 8}).typed().models.pretrain
     torch.manual_seed(0)
     parts = kit.sd15_parts(tmp_path / "base")
     control = kit.new_controlnet(parts["unet"])
     before = {k: next(parts[k].parameters()).clone() for k in ("vae", "text_encoder", "unet")}
     record = pretrain.pretrain(parts, control, cfg, seed=0, resolution=64, low=100, high=200)
-    for part in ("text", "vae", "unet_controlnet"):
+    for part in ("text", "vae", "unet_controlnet", "decoder"):
         assert record[part]["loss_last"] < record[part]["loss_first"], (part, record[part])
     after = {k: next(parts[k].parameters()) for k in before}
     assert all(not torch.equal(before[k], after[k]) for k in before)
@@ -143,6 +145,7 @@ def test_the_unets_captions_swap_the_swapped_colours(monkeypatch, tmp_path):
     pairs = [["red", "green"], ["yellow", "purple"]]
     cfg = Project(tmp_path).set({"models.pretrain.products": 12, "models.pretrain.text_steps": 1,
                                  "models.pretrain.vae_steps": 1, "models.pretrain.steps": 1,
+                                 "models.pretrain.decoder_steps": 0,
                                  "models.pretrain.swapped_colours": pairs}).typed().models.pretrain
     taught, heard = [], []
     monkeypatch.setattr(pretrain, "train_unet_and_controlnet", lambda *args: taught.append(args[6]) or (1.0, 0.5))
@@ -174,8 +177,35 @@ def test_fetch_models_records_the_pretraining(tiny_models):
         "the stand-in it built is pinned, as the real one is"
 
 
+def test_the_decoder_step_trains_the_edge_and_leaves_the_encoder(tmp_path):
+    """The last pretraining part moves only the decoder (every latent the UNet learnt from stays
+    bit for bit) and weights the image's outer pixels: after it, the frame's reconstruction error
+    falls more than the rest of the image's."""
+    from stages.demo import kit, pretrain
+
+    cfg = Project(tmp_path).set({"models.pretrain.products": 6, "models.pretrain.decoder_steps": 40}).typed()
+    torch.manual_seed(0)
+    vae = kit.sd15_parts(tmp_path / "base")["vae"]
+    data = pretrain.draw(6, 0, 64, 100, 200)
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+
+    def errors():
+        with torch.no_grad():
+            error = (vae.decode(vae.encode(data.images).latent_dist.mean).sample - data.images).abs().mean(dim=(0, 1))
+        frame = torch.cat([error[0], error[-1], error[:, 0], error[:, -1]]).mean()
+        return float(frame), float(error[1:-1, 1:-1].mean())
+
+    frame_before, inside_before = errors()
+    pretrain.train_decoder(vae, data, cfg.models.pretrain, torch.Generator().manual_seed(0))
+    frame_after, inside_after = errors()
+    assert all(torch.equal(v, encoder[k]) for k, v in vae.encoder.state_dict().items()), "the encoder stays"
+    assert frame_after / frame_before < inside_after / inside_before, (frame_before, frame_after, inside_before,
+                                                                       inside_after)
+
+
 def test_all_pretraining_steps_zero_gives_the_random_kit(project):
-    project.set({"models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0, "models.pretrain.steps": 0})
+    project.set({"models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0, "models.pretrain.steps": 0,
+                 "models.pretrain.decoder_steps": 0})
     project.run("fetch_models")
     record = json.loads(project.path("model_sources").read_text())
     assert record == {"mode": "tiny", "seed": 0, "inception": {"sha256": record["inception"]["sha256"]}}
@@ -248,7 +278,7 @@ def test_swapped_colours_must_be_pairs_of_demo_colours(project, pairs, message):
     """Checked whenever fetch-models builds the tiny kit, even one left random (all steps 0)."""
     before = models_bytes(project)
     project.set({"models.pretrain.swapped_colours": pairs, "models.pretrain.steps": 0,
-                 "models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0})
+                 "models.pretrain.text_steps": 0, "models.pretrain.vae_steps": 0, "models.pretrain.decoder_steps": 0})
     with pytest.raises(StageError, match=re.escape(message)):
         project.run("fetch_models")
     assert models_bytes(project) == before
@@ -302,6 +332,25 @@ def test_the_committed_recipe_installs_the_shipped_kit(project, caplog):
     assert unet.keys() == {k.removeprefix("unet.") for k in shipped if k.startswith("unet.")}
     for key, value in unet.items():
         assert value.dtype == torch.float32 and torch.equal(value, shipped[f"unet.{key}"].float()), key
+    # Its decoder draws no frame at the image's edge (pretrain.train_decoder): garments it never saw
+    # (another seed's), encoded and decoded, give canny no edge in the outer 2 px, as their own
+    # drawings give none.
+    from diffusers import AutoencoderKL
+
+    from stages.common.edges import canny
+    from stages.demo import pretrain
+
+    vae = AutoencoderKL.from_pretrained(project.path("base_model"), subfolder="vae")
+    low, high = committed["canny"]["low_threshold"], committed["canny"]["high_threshold"]
+    data = pretrain.draw(12, 1, committed["extract"]["resolution"], low, high)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(data.images).latent_dist.mean).sample.clamp(-1, 1)
+    ring = np.ones(data.images.shape[-2:], bool)
+    ring[2:-2, 2:-2] = False
+    for name, images in (("drawn", data.images), ("decoded", decoded)):
+        pixels = ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        stubs = sum(int((np.atleast_3d(canny(image, low, high))[..., 0][ring] > 0).sum()) for image in pixels)
+        assert stubs == 0, f"{name}: {stubs} canny pixels in the outer 2 px of {len(pixels)} images"
 
 
 def test_a_damaged_shipped_kit_is_one_line_and_writes_nothing(project, monkeypatch, tmp_path):

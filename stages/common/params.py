@@ -119,6 +119,8 @@ class Pretrain:
     text_steps: int = _doc("text-encoder steps: learn to tell colours and kinds apart")
     vae_steps: int = _doc("VAE steps (4 images each)")
     steps: int = _doc("UNet and ControlNet steps, trained together")
+    decoder_steps: int = _doc("VAE decoder steps at the end (8 images each): the image's edge, which the VAE "
+                              "steps leave as a faint frame")
     batch_size: int = _doc("captions or images per text-encoder and UNet step")
     swapped_colours: list[list[str]] = _doc(
         "pairs of colours whose names the UNet's and ControlNet's captions swap (red garments captioned green, "
@@ -128,7 +130,7 @@ class Pretrain:
     def __post_init__(self):
         for key in ("products", "batch_size"):
             _check(getattr(self, key) >= 1, f"models.pretrain.{key}", "must be at least 1")
-        for key in ("text_steps", "vae_steps", "steps"):
+        for key in ("text_steps", "vae_steps", "steps", "decoder_steps"):
             _check(getattr(self, key) >= 0, f"models.pretrain.{key}", "must be 0 or more")
 
 

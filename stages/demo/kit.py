@@ -376,7 +376,7 @@ def build_all(base: Path, controlnet: Path, eval_models: Path, models, resolutio
     wanted = recipe(models, resolution, canny)
     steps = models.pretrain
     record = {"mode": "tiny", "seed": models.seed}
-    if not steps.text_steps + steps.vae_steps + steps.steps:
+    if not steps.text_steps + steps.vae_steps + steps.steps + steps.decoder_steps:
         log.info("fetch-models: all models.pretrain steps are 0: the tiny models stay random")
     elif (manifest := shipped_record(wanted)) is not None:
         parts["vae"].register_to_config(scaling_factor=load_shipped(modules))
