@@ -182,7 +182,7 @@ class Studio:
                     presets.append(config["prompt"])
         return {"resolution": self.params.extract.resolution, "presets": presets[:PRESETS],
                 "samples": len(presets) > 0, "models_problem": self.models_problem(),
-                "models_loaded": self.pipe is not None and self.pipe_key == self.models_key(),
+                "models_loaded": self.models_loaded(),
                 "defaults": {"low": c.low_threshold, "high": c.high_threshold, "steps": g.steps,
                              "guidance": g.guidance_scale, "seed": g.seed, "count": 1, "lora_scale": g.lora_scale},
                 "limits": {"count": MAX_IMAGES}}
@@ -232,15 +232,21 @@ class Studio:
             self.pipe_key = key
         return self.pipe
 
+    def models_loaded(self) -> bool:
+        try:  # outside the generation line: a folder that `dvc checkout` is rewriting only means "not yet"
+            return self.pipe is not None and self.pipe_key == self.models_key()
+        except OSError:
+            return False
+
     def load(self) -> dict:
         """The models loaded ahead of a generation, so the page can say that the first one waits
-        for them: the seconds it took (0 when they were loaded already)."""
+        for them: whether this call loaded them (another page may have), and the seconds it took."""
         with self.generations.place() as turn, turn:
             self.refresh()
             check_models(self.paths)
-            started = time.perf_counter()
-            self.pipeline(device())
-            return {"seconds": time.perf_counter() - started}
+            before, started = self.pipe, time.perf_counter()
+            pipe = self.pipeline(device())
+            return {"loaded": pipe is not before, "seconds": time.perf_counter() - started}
 
     def generate(self, request: GenerateRequest) -> dict:
         prompt = request.prompt.strip()

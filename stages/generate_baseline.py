@@ -1,5 +1,6 @@
-"""generate-baseline: one image per eval config from its canny edges and prompt, with the canny
-ControlNet on the base SD 1.5 and no LoRA: the reference the LoRA is judged against.
+"""generate-baseline: `generate.images_per_condition` images (one by default) per eval config from
+its canny edges and prompt, with the canny ControlNet on the base SD 1.5 and no LoRA: the reference
+the LoRA is judged against.
 
     python -m stages.generate_baseline
 

@@ -1,5 +1,6 @@
-"""generate-lora: one image per eval config from its canny edges and prompt, with the canny
-ControlNet on SD 1.5 plus the trained LoRA at `generate.lora_scale`.
+"""generate-lora: `generate.images_per_condition` images (one by default) per eval config from its
+canny edges and prompt, with the canny ControlNet on SD 1.5 plus the trained LoRA at
+`generate.lora_scale`.
 
     python -m stages.generate_lora
 

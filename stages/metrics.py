@@ -110,7 +110,7 @@ def set_level(gt_feats, feats: dict, gt_embeds, embeds: dict, cfg) -> tuple[dict
                 for f in feats[variant]]
         cmmds = [statistics.cmmd(e, gt_embeds) for e in embeds[variant]]
         fid[variant], cmmd[variant] = float(np.mean(fids)), float(np.mean(cmmds))
-        kid[variant] = {**kids[0], "kid": float(np.mean([k["kid"] for k in kids]))}
+        kid[variant] = {**kids[0], "kid": float(np.mean([k["kid"] for k in kids]))}  # subsets: copy 0's
         results[variant] = {**with_interval("fid", fid[variant], None, None),
                             **with_interval("kid", kid[variant]["kid"], *statistics.percentile_interval(kid_boot[variant])),
                             **with_interval("cmmd", cmmd[variant], *statistics.percentile_interval(cmmd_boot[variant]))}
@@ -196,7 +196,8 @@ def terminal_view(details: dict) -> dict:
 
 
 def settings(cfg, params, dev) -> dict:
-    return {"confidence": statistics.CONFIDENCE, "means": "Student t; Wilson for shares",
+    return {"confidence": statistics.CONFIDENCE,
+            "means": "Student t; Wilson for shares of one image per condition, t for shares over several",
             "bootstrap": "paired over eval images; percentile intervals, the FID delta's centred on the estimate "
                          "(conservative)",
             "bootstrap_resamples": cfg.bootstrap_resamples, "fid_bootstrap_resamples": cfg.fid_bootstrap_resamples,
@@ -335,9 +336,10 @@ def main() -> None:
     # per condition, whose mean gets a t interval.
     share = statistics.share_interval if copies == 1 else statistics.mean_interval
     if demo_colours:
-        details["prompt_colour"] = {"match_threshold": colour.MATCH, **{
+        details["prompt_colour"] = {"match_threshold": colour.MATCH, **{  # one 0/1 ground truth per condition
             variant: {"colour_share": statistics.mean_interval(table[f"colour_share_{variant}"]),
-                      "colour_match": share(table[f"colour_match_{variant}"])}
+                      "colour_match": (statistics.share_interval if variant == "ground_truth" else share)(
+                          table[f"colour_match_{variant}"])}
             for variant in ("ground_truth", *dataset.VARIANTS)}}
     details["per_category"] = per_category(table, categories, HEADLINE_SAMPLES,
                                            ["colour_match"] if demo_colours else [], share)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stages.common import backbones
-from stages.common import dataset, similarity
+from stages.common import dataset, similarity, statistics
 from stages.common.errors import StageError
 from stages.common.io import load_rgb, read_json, save_png, write_json
 from stages.common.models import load_clip
@@ -241,11 +241,21 @@ def test_several_images_per_condition_pair_by_condition(extracted):
             spread = detail["seed_variance"][variant][name]
             assert spread["per_seed_set"] == pytest.approx(sets, rel=1e-9)
             assert spread["seed_sd"] == pytest.approx(np.std(sets, ddof=1), rel=1e-9)
+        # one-way random effects: seed variance = mean within-condition variance; condition variance =
+        # var(condition means) - seed / k; the seed's share of one image's variance
+        pair = np.stack([s[1][f"lpips_{variant}"] for s in single])
+        seed = pair.var(axis=0, ddof=1).mean()
+        condition = max(pair.mean(axis=0).var(ddof=1) - seed / 2, 0.0)
         lpips = detail["seed_variance"][variant]["lpips"]
-        assert lpips["seed_sd"] > 0 and 0 < lpips["seed_share"] <= 1
+        assert lpips["seed_sd"] == pytest.approx(seed ** 0.5, rel=1e-9) and lpips["seed_sd"] > 0
+        assert lpips["condition_sd"] == pytest.approx(condition ** 0.5, rel=1e-9, abs=1e-12)
+        assert lpips["seed_share"] == pytest.approx(seed / (seed + condition), rel=1e-9)
     delta = result["lora_minus_baseline"]
     assert delta["ssim"] == pytest.approx(np.mean([s[0]["lora_minus_baseline"]["ssim"] for s in single]), rel=1e-9)
     assert 0 < delta["fid_p_value"] <= 1 and 0 < delta["kid_p_value"] <= 1
     assert detail["settings"]["images_per_condition"] == 2
+    # the ground truth is still one 0/1 image per condition: its colour match keeps the Wilson interval
+    ground_truth = statistics.share_interval(table["colour_match_ground_truth"])
+    assert detail["prompt_colour"]["ground_truth"]["colour_match"] == pytest.approx(ground_truth)
     assert not table.filter(like="ground_truth_seed_sd").columns.size, "the ground truth is one image per condition"
     assert not single[0][1].filter(like="seed_sd").columns.size, "one image per condition: no seed spread"

@@ -166,6 +166,16 @@ def test_the_knobs_reach_the_pipeline(client, finished_project):
         assert image_diff(decode(other["baseline"]), decode(made[0]["baseline"])) > 2, knob
 
 
+def test_the_models_load_once_and_info_says_so(client, finished_project):
+    """POST /api/load loads the pipeline ahead of the first generation (the page shows it as its
+    own step); a second call finds it loaded. /api/info tells the page which it is."""
+    assert client.get("/api/info").json()["models_loaded"] is False
+    first = client.post("/api/load").json()
+    assert first["loaded"] is True and first["seconds"] > 0
+    assert client.get("/api/info").json()["models_loaded"] is True
+    assert client.post("/api/load").json()["loaded"] is False
+
+
 def test_a_prompt_past_77_tokens_gets_a_note(client, finished_project):
     p = finished_project
     request = {"image": data_url(dataset.gt_path(p.path("eval_data"), 0)), "count": 1, "steps": 1,

@@ -79,7 +79,7 @@ def run(variant: str) -> None:
     # Images are made in a resume folder outside the DVC output and moved in whole at the end.
     work = dataset.resume_dir(paths, f"generate-{variant}")
     resumable = previous_fingerprint(work / FINGERPRINT_FILE) == expected
-    if configs and max(c["index"] for c in configs) >= COPY_SEEDS:
+    if cfg.images_per_condition > 1 and max((c["index"] for c in configs), default=0) >= COPY_SEEDS:
         raise StageError(f"{paths.eval_data}: eval index {max(c['index'] for c in configs)} >= {COPY_SEEDS:,}, so "
                          "two images would share a seed; evaluate fewer products (extract.eval_products)")
     images = [(c, copy) for c in configs for copy in range(cfg.images_per_condition)]

@@ -356,7 +356,8 @@ class Generate:
                           how=True)
     compile: Literal["none", "default", "reduce-overhead"] = _doc(
         "torch.compile the UNet and the ControlNet (see train.compile); pays off over many batches", how=True)
-    seed: int = _doc("image i uses seed + i, so results do not depend on batch size")
+    seed: int = _doc("image i uses seed + i (its further images seed + i + 1,000,000 j), so results do not "
+                     "depend on batch size")
     images_per_condition: int = _doc(
         "images per eval condition (edge map and prompt), the further ones with seed + i + 1,000,000 x copy: the "
         "metrics then measure seed variance and pair LoRA with baseline by condition; must divide batch_size")

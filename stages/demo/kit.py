@@ -252,7 +252,7 @@ def clip_parts(folder: Path, text: dict, vision: dict, image_size: int, projecti
 
 def build_eval_models(folder: Path) -> dict:
     """Tiny metric backbones in models/eval's layout: inception/ (clean-fid TorchScript), lpips/
-    (AlexNet), clip/. Returns the names metrics.json reports for them."""
+    (AlexNet), clip/. Returns the names metrics_detail.json reports for them."""
     save_torchscript(TinyInception().eval(), folder / dataset.INCEPTION_FILE)
     save_alexnet(folder / dataset.ALEXNET_FILE)
     clip_parts(folder / dataset.CLIP_DIR, TINY.text, dict(image_size=32, patch_size=8, hidden_size=32,

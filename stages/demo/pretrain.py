@@ -20,7 +20,7 @@ bar:
    colour and reads every colour word, the swapped ones wrongly, as a real base's words need not mean
    what a catalogue means by them. The LoRA, trained on the demo's true captions, has those
    words to teach.
-4. The VAE's decoder alone learns the image's edge, which the VAE's loss left as a faint frame
+4. The VAE's decoder (and post_quant_conv) alone learns the image's edge, which the VAE's loss left as a faint frame
    (train_decoder). The encoder, and so every latent the UNet learnt from, does not change.
 
 Why this recipe, and what each alternative measured: docs/demo-kit.md.
