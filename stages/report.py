@@ -25,6 +25,7 @@ from stages.common.figures import (HEADLINE, HEADLINE_KEYS, PERMUTED, SET_LEVEL,
                                    read_results, read_scores)
 from stages.common.io import atomic_file
 from stages.common.page import HEADLINE as HEADLINE_KEY, STYLE, cell, detail_cell, figure, number, p_value, shares, verdict
+from stages.common.detail_tables import category_table, prdc_table, seed_table
 from stages.common.params import load_params
 
 # The params sections shown on the page: dvc.yaml lists the same ones, so editing any reruns it.
@@ -38,13 +39,6 @@ BACKBONE_OF = {"fid": "fid", "kid": "fid", "cmmd": "clip", "lpips": "lpips", "cl
 EDGE_ROWS = [("edge_f1_same_category", "edge F1 on other maps of its category (chance level)"),
              ("edge_f1_mismatched", "edge F1 on the next sample's map"),
              ("edge_precision", "edge precision"), ("edge_recall", "edge recall")]
-PRDC = ("precision", "recall", "density", "coverage")
-# The per-category table's columns: (per-sample metric, label, higher is better).
-CATEGORY_COLUMNS = [("edge_control", "edge control", True), ("edge_f1", "edge F1", True), ("ssim", "SSIM", True),
-                    ("lpips", "LPIPS", False), ("colour_match", "prompt colour match", True)]
-# The seed-variance table's per-image scores (set-level FID, KID and CMMD come first), and labels.
-SEED_SCORES = ("lpips", "ssim", "clip_score", "edge_control", "colour_share")
-TEXT = {**{key: text for key, text, _ in HEADLINE}, "colour_share": "prompt colour share"}
 DETAIL_KEYS = (["n", "warnings", "backbones", "per_category", "seed_variance"]
                + [f"settings.{k}" for k in ("images_per_condition", "bootstrap_resamples", "fid_bootstrap_resamples", "permutations",
                                             "prdc_k", "edge_chance_maps", "seed", "edge_tolerance_px", "tf32",
@@ -139,63 +133,6 @@ def control_table(metrics: dict, detail: dict) -> str:
                  "bar and overstates control.</p>")
     return ("<table id=control><tr><th></th><th>ground truth</th><th>baseline</th><th>LoRA</th>"
             "<th>LoRA − baseline</th></tr>" + "".join(rows) + "</table>" + share)
-
-
-def prdc_table(detail: dict, stand_in: bool) -> str:
-    """Precision and density (fidelity), recall and coverage (diversity), per variant; set-level."""
-    rows = "".join(f"<tr><th>{v}</th>" + "".join(
-        f"<td>{number(detail[v]['prdc'][k] if detail[v]['prdc'] else None, f'detail.{v}.prdc.{k}')}</td>" for k in PRDC)
-        + "</tr>" for v in dataset.VARIANTS)
-    note = (" The Inception here is a random stand-in: these numbers show the code runs, nothing more."
-            if stand_in else "")
-    return (f"<table id=prdc><tr><th></th>{''.join(f'<th>{k}</th>' for k in PRDC)}</tr>{rows}</table>"
-            f"<p class=ci>Naeem et al. (2020) on the Inception features, k = {detail['settings']['prdc_k']}: precision "
-            "and density say how much of the generated set looks real, recall and coverage how much of the real set "
-            f"it reaches.{note}</p>")
-
-
-def category_table(detail: dict) -> str:
-    """Each category's n, its edge control per variant, and LoRA minus baseline per metric."""
-    groups = detail["per_category"]
-    columns = [c for c in CATEGORY_COLUMNS if c[0] in next(iter(groups.values()))["lora_minus_baseline"]]
-    head = ("<tr><th class=text>category</th><th>n</th><th>edge control baseline</th><th>edge control LoRA</th>"
-            + "".join(f"<th>Δ {text} <span class=ci>({direction(higher)})</span></th>" for _, text, higher in columns)
-            + "</tr>")
-    body = "".join(
-        f"<tr><td class=text>{html.escape(category)}</td><td>{number(entry['n'], f'detail.per_category.{category}.n')}</td>"
-        + "".join(detail_cell(entry[v]["edge_control"], f"per_category.{category}.{v}.edge_control")
-                  for v in dataset.VARIANTS)
-        + "".join(detail_cell(entry["lora_minus_baseline"][name], f"per_category.{category}.lora_minus_baseline.{name}")
-                  for name, _, _ in columns) + "</tr>"
-        for category, entry in groups.items())
-    return f"<table id=categories>{head}{body}</table>"
-
-
-def seed_table(detail: dict) -> str:
-    """With several images per condition: how far each number moves with the seed alone."""
-    seeds = detail["seed_variance"]
-    if seeds is None:
-        return ""
-    scores = [name for name in SEED_SCORES if name in seeds["baseline"]]
-    head = ("<tr><th></th>" + "".join(f"<th>{label(name, TEXT[name], detail['n'])}<br><span class=ci>sd over seed sets</span></th>"
-                                      for name in SET_LEVEL)
-            + "".join(f"<th>{TEXT[name]}<br><span class=ci>seed sd (share)</span></th>" for name in scores) + "</tr>")
-    rows = "".join(
-        f"<tr><th>{v}</th>"
-        + "".join(f"<td>{number(seeds[v][name]['seed_sd'], f'detail.seed_variance.{v}.{name}.seed_sd')}</td>"
-                  for name in SET_LEVEL)
-        + "".join(f"<td>{number(seeds[v][name]['seed_sd'], f'detail.seed_variance.{v}.{name}.seed_sd')} "
-                  f"({shown_share(seeds[v][name]['seed_share'])})</td>" for name in scores) + "</tr>"
-        for v in dataset.VARIANTS)
-    return (f"<h2>Seed variance</h2><table id=seeds>{head}{rows}</table><p class=ci>Each condition was drawn with "
-            f"{seeds['images_per_condition']} seeds by both variants. Set-level numbers are the mean over the seed sets "
-            "(one image per condition each); per-image scores are averaged per condition, and every interval and "
-            "delta pairs by condition. Seed sd: the spread of one condition's images; share: the seed's part of one "
-            "image's variance, the rest being the condition's.</p>")
-
-
-def shown_share(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def cases_table(table: pd.DataFrame, ascending: bool) -> str:

@@ -35,27 +35,21 @@ def test_a_photo_gives_what_the_generate_stages_gave(finished_project, caplog):
     assert "tokens, but CLIP reads" not in caplog.text, "a prompt that fits says nothing"
 
 
-def test_a_prompt_past_77_tokens_is_said_to_be_cut(finished_project, caplog):
-    """CLIP reads 77 tokens with BOS and EOS and the pipeline drops the rest: the CLI says so, with
-    the count and what is dropped, in one line of its own."""
-    caplog.set_level("INFO", logger="stages")
-    p = finished_project
-    prompt = "Mini skirt in navy, " + "a" * 55 + " with long pleats"
-    main([str(dataset.gt_path(p.path("eval_data"), 0)), "--prompt", prompt, "--steps", "1", "--out", "out"])
-    said = re.search(r"fashion-generate: --prompt is (\d+) tokens, but CLIP reads the first 75: the rest "
-                     r"\('(.+)'\) is ignored; shorten the prompt", caplog.text)
-    assert said and int(said[1]) > 75 and prompt.endswith(said[2]), caplog.text
-
-
 def test_a_sketch_of_another_size_is_resized_and_inverted(finished_project, caplog):
+    """Also: a prompt past CLIP's 77 tokens (BOS and EOS included), which the pipeline cuts, gets one
+    line of its own with the count and what is dropped."""
     caplog.set_level("INFO", logger="stages")
     p = finished_project
     resolution = p.params["extract"]["resolution"]
     sketch = np.full((90, 120, 3), 255, np.uint8)  # black lines on white, not square
     sketch[20:70, 40] = sketch[20:70, 80] = sketch[20, 40:81] = 0
     Image.fromarray(sketch).save("sketch.png")
-    main(["sketch.png", "--sketch", "--prompt", "Mini skirt in navy", "--count", "2", "--seed", "5", "--out", "out"])
+    prompt = "Mini skirt in navy, " + "a" * 55 + " with long pleats"
+    main(["sketch.png", "--sketch", "--prompt", prompt, "--count", "2", "--seed", "5", "--out", "out"])
     assert "is 120x90; centre-cropped and resized to the model's" in caplog.text and "inverted" in caplog.text
+    said = re.search(r"fashion-generate: --prompt is (\d+) tokens, but CLIP reads the first 75: the rest "
+                     r"\('(.+)'\) is ignored; shorten the prompt", caplog.text)
+    assert said and int(said[1]) > 75 and prompt.endswith(said[2]), caplog.text
     edges = load_rgb("out/sketch-edges.png")
     assert edges.shape == (resolution, resolution, 3) and edges.mean() < 127, "white lines on black"
     for seed in (5, 6):

@@ -183,7 +183,7 @@ def test_the_decoder_step_trains_the_edge_and_leaves_the_encoder(tmp_path):
     falls more than the rest of the image's."""
     from stages.demo import kit, pretrain
 
-    cfg = Project(tmp_path).set({"models.pretrain.products": 6, "models.pretrain.decoder_steps": 40}).typed()
+    cfg = Project(tmp_path).set({"models.pretrain.products": 6, "models.pretrain.decoder_steps": 20}).typed()
     torch.manual_seed(0)
     vae = kit.sd15_parts(tmp_path / "base")["vae"]
     data = pretrain.draw(6, 0, 64, 100, 200)
