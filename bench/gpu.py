@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the seed recipe's LoRA, not the demo's (rank 16, lr 5e-3)
     train_cfg = dataclasses.replace(params.train, mixed_precision="auto", cache_latents=True, grad_accumulation=1,
                                     batch_size=4, warmup_steps=0, num_workers=-1, rank=4, alpha=4,
-                                    learning_rate=1e-4, controlnet=False)
+                                    learning_rate=1e-4, controlnet=False, validate_every=0)
     started = time.perf_counter()
     workdir = None
     if args.models:

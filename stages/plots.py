@@ -8,11 +8,10 @@
 - `metrics_chart`: baseline vs LoRA for each headline metric, with its 95% interval.
 - `deltas_chart`: LoRA minus baseline for each metric, with its paired 95% interval.
 - `edge_overlays`: the input edge map and the generated image's canny edges on one image.
-Also copies train-lora's loss log to `paths.loss_curve` (in git), which DVC draws (`dvc plots
-show`, `dvc plots diff`). The report stage puts all of them on one page.
+The report stage puts all of them on one page. DVC draws train-lora's own curves from its
+DVCLive folder (`dvc plots show`).
 """
 
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from matplotlib.figure import Figure
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
-from stages.common.errors import StageError
 from stages.common.edges import canny
 from stages.common.figures import (HEADLINE, HEADLINE_KEYS, TILE_INCHES, VARIANT_COLORS, direction, label,
                                    png_bytes, read_results, read_scores)
@@ -167,8 +165,6 @@ def main() -> None:
     params = load_params()
     paths, cfg = params.paths, params.plots
     indices = [c["index"] for c in dataset.load_eval_configs(paths.eval_data)]
-    if not Path(paths.loss_log).is_file():
-        raise StageError(f"{paths.loss_log}: not found; run `dvc repro train-lora`")
     table = read_scores(paths.per_sample, indices)
     metrics = read_results(paths.metrics_detail, HEADLINE_KEYS)["headline"]
     rows = choose_rows(table, cfg)
@@ -186,9 +182,7 @@ def main() -> None:
     for path, png in pngs.items():
         with atomic_file(path) as tmp:
             tmp.write_bytes(png)
-    with atomic_file(paths.loss_curve) as tmp:
-        shutil.copyfile(paths.loss_log, tmp)
-    log.info("plots: wrote %s and %s (`dvc plots show` draws it)", ", ".join(figures), paths.loss_curve)
+    log.info("plots: wrote %s", ", ".join(figures))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     python -m stages.report
 
 `paths.report` holds the headline table (each variant with its 95% interval, and the paired
-LoRA-minus-baseline deltas), the warnings behind the numbers, the charts, the loss curve and
-train-lora's fixed-sample loss with and without the LoRA, the qualitative grid, the edge
-overlays, the worst and best samples, the params that made the run, the metric backbones and n.
+LoRA-minus-baseline deltas), the warnings behind the numbers, the charts, the training and
+held-out loss, train-lora's fixed-sample loss with and without the LoRA, the validation images
+over steps, the qualitative grid, the edge overlays, the worst and best samples, the params that
+made the run, the metric backbones and n.
 Images are embedded as data URIs: it opens offline, from anywhere, and the same inputs give the
 same bytes.
 """
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from matplotlib.figure import Figure
 
 from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
@@ -27,6 +27,7 @@ from stages.common.io import atomic_file
 from stages.common.page import HEADLINE as HEADLINE_KEY, STYLE, cell, detail_cell, figure, number, p_value, shares, verdict
 from stages.common.detail_tables import category_table, prdc_table, seed_table
 from stages.common.params import load_params
+from stages.common.train_figures import loss_figure, validation_strip
 
 # The params sections shown on the page: dvc.yaml lists the same ones, so editing any reruns it.
 SECTIONS = ("models", "extract", "canny", "train", "generate", "metrics", "plots")
@@ -146,18 +147,6 @@ def cases_table(table: pd.DataFrame, ascending: bool) -> str:
             "<th>edge F1 baseline</th><th>edge F1 LoRA</th><th>Δ CLIP</th></tr>" + body + "</table>")
 
 
-def loss_figure(loss_log: Path) -> Figure:
-    log_table = pd.read_csv(loss_log)
-    fig = Figure(figsize=(7.5, 3.2))
-    ax = fig.subplots()
-    ax.plot(log_table["step"], log_table["loss"], color="#1f77b4", linewidth=1)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
 def learned(summary: dict) -> str:
     """train-lora's answer to "did training learn?", beside the loss curve that cannot give it."""
     values = "".join(f'<span data-key="train.{key}" data-value="{summary[key]!r}"></span>'
@@ -165,14 +154,16 @@ def learned(summary: dict) -> str:
     return (f"<p>Did training learn? The denoising loss of the run's first {summary['fixed_samples']} samples "
             f"(their own images, noise and timesteps) is {summary['denoising_loss_base']:.4f} with the base UNet and "
             f"{summary['denoising_loss_lora']:.4f} with the LoRA ({100 * summary['denoising_loss_change']:+.1f}%). "
-            f"The curve above is noisier than that: each step draws new timesteps.{values}</p>")
+            f"The training loss above is noisier than that: each step draws new timesteps; the held-out loss "
+            f"keeps its images, noise and timesteps, so only the weights move it.{values}</p>")
 
 
 def seeds_text(copies: int) -> str:
     return "seed" if copies == 1 else f"{copies} seeds (images per condition)"
 
 
-def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list[str], summary: dict) -> str:
+def page(params, metrics: dict, detail: dict, table: pd.DataFrame, figures: list[str], summary: dict,
+         strip: str) -> str:
     backbones = ", ".join(f"{k}: {html.escape(v)}" for k, v in detail["backbones"].items())
     warnings = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in detail["warnings"])
     settings = detail["settings"]
@@ -208,6 +199,7 @@ TF32: {'on' if settings['tf32'] else 'off'}; metrics device: {settings['device']
 {figures[1]}
 {figures[2]}
 {learned(summary)}
+{strip}
 <h2>Samples</h2>
 {figures[3]}
 {figures[4]}
@@ -234,14 +226,22 @@ def main() -> None:
                          "rerun `dvc repro metrics`")
     charts = [("Headline metrics", paths.metrics_chart, "baseline vs LoRA with 95% intervals"),
               ("Paired deltas", paths.deltas_chart, "LoRA minus baseline with 95% intervals"),
-              ("Training loss", None, "training loss per optimiser step"),
+              ("Training and held-out loss", None, "training loss per optimiser step, held-out loss per validation"),
               ("Samples: seeded choice, then LoRA's best and worst", paths.samples_grid,
                "ground truth, edges, baseline, LoRA"),
               ("Edge overlays", paths.edge_overlays, "input edges and generated edges")]
-    figures = [figure(title, png_bytes(loss_figure(require(paths.loss_log, "train-lora"))) if path is None
+    figures = [figure(title, png_bytes(loss_figure(paths.train_log)) if path is None
                       else require(path, "plots").read_bytes(), alt) for title, path, alt in charts]
+    prompts = {c["index"]: c["prompt"] for c in dataset.load_eval_configs(paths.eval_data)}
+    drawn = validation_strip(paths.train_log, prompts)
+    strip = "" if drawn is None else figure(
+        "Validation while training", png_bytes(drawn),
+        f"the LoRA at each validated step (train.validate_every: {params.train.validate_every}) on fixed eval "
+        "conditions; step 0 is the base") + (f"<p>Each row: one eval condition (edge map, prompt and seed), drawn "
+        f"by the LoRA as it stood at each step, with {params.train.validation_steps} UniPC steps at guidance "
+        f"{params.train.validation_guidance:g}; step 0 is the base model.</p>")
     with atomic_file(paths.report) as tmp:
-        Path(tmp).write_text(page(params, metrics, detail, table, figures, summary), encoding="utf-8")
+        Path(tmp).write_text(page(params, metrics, detail, table, figures, summary, strip), encoding="utf-8")
     log.info("report: wrote %s (%.1f MB, self-contained; open it in any browser)", paths.report,
              Path(paths.report).stat().st_size / 1e6)
 

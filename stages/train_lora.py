@@ -26,14 +26,15 @@ The step itself lives in stages/common/training.py, shared with bench/gpu.py. Ch
 `paths.resume` (not a DVC output, so DVC's run-cache can restore this stage's outputs) and
 deleted once the run has finished. Writes to `paths.lora` pytorch_lora_weights.safetensors
 (diffusers key names, the adapter config with its alpha in the metadata), the same weights as
-fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; one loss row per
-optimiser step to `paths.loss_log`; and to `paths.train_summary` (a DVC metric) whether training
+fashion_lora_kohya.safetensors (A1111, ComfyUI) and training_config.json; to `paths.train_log`
+(DVCLive, read live by `dvc exp show` and `dvc plots show`) the loss, learning rate and gradient
+norm of every step, and every `train.validate_every` steps the held-out loss and validation
+images (stages/common/validation.py); and to `paths.train_summary` (a DVC metric) whether training
 learned: the denoising loss of the run's first `train.fixed_samples` samples (training images with the run's own
 noise and timesteps: in-sample; under the ControlNet if trained so) with the base UNet and with
 the LoRA. The training loss curve is too noisy to say so: each step draws new timesteps.
 """
 
-import csv
 import hashlib
 import json
 import pickle
@@ -55,11 +56,12 @@ from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS
-from stages.common.params import load_params, model_keys
+from stages.common.params import load_params, model_keys, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
+from stages.common.train_log import TrainLog
 from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss, read_rows
+from stages.common.validation import Validator, check_counts
 
-LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")
 # Reading a loss waits for the GPU to finish its step, and the next step cannot be queued meanwhile:
 # read every few steps, a few milliseconds apart on an H100.
 READ_EVERY = 10
@@ -144,15 +146,21 @@ def main() -> None:
     if per_step % processes:
         raise StageError(f"train.batch_size x train.grad_accumulation = {per_step} does not split between "
                          f"{processes} processes; make it a multiple of {processes}")
+    if cfg.validate_every:
+        check_counts(cfg, paths.eval_data)  # before any work, on every process
     distributed.init(dev)
     t = Trainer(paths, cfg, dtype, dev)
     m, optimizer, lr_scheduler, scaler = t.m, t.optimizer, t.lr_scheduler, t.scaler
 
     checkpoints = dataset.resume_dir(paths, "train-lora")
     edges = (params.canny.low_threshold, params.canny.high_threshold) if cfg.controlnet else None
-    settings = {**model_keys(cfg), "resolution": params.extract.resolution, "dtype": str(dtype), "edges": edges}
+    # The validation keys too: a resumed run's log must hold what an unbroken one's would.
+    validation = {k: v for k, v in what_keys(cfg).items() if k.startswith("valid")}
+    settings = {**model_keys(cfg), **validation, "resolution": params.extract.resolution, "dtype": str(dtype),
+                "edges": edges, "canny": [params.canny.low_threshold, params.canny.high_threshold]}
     expected = fingerprint(settings, paths.train_data, paths.base_model,
-                           *([paths.controlnet] if cfg.controlnet else []), *source_files())
+                           *([paths.controlnet] if t.m.controlnet is not None else []),
+                           *([paths.eval_data] if cfg.validate_every else []), *source_files())
     if writer:
         checkpoints.mkdir(parents=True, exist_ok=True)
         remove_temps(checkpoints)  # a checkpoint half-written when a run was killed
@@ -160,33 +168,53 @@ def main() -> None:
     distributed.barrier()
     if not writer:
         state = latest_checkpoint(checkpoints, expected, delete=False)
-    start_step, loss_log = 0, []
+    start_step, loss_log, validations = 0, [], []
     if state is not None:
         set_peft_model_state_dict(m.unet, state["lora"])
         t.load_state(state)
-        start_step, loss_log = state["step"], state["loss_log"]
+        start_step, loss_log, validations = state["step"], state["loss_log"], state["validations"]
         log.info("train-lora: resuming from step %d", start_step)
+    # Process 0 alone logs and validates. The log first: a logger that cannot start stops the run here.
+    train_log = TrainLog(paths, cfg.report_to, loss_log, validations) if writer else None
 
     samples = TrainSamples(images, prompts, m.tokenizer, cfg.random_flip, cfg.seed, t.latent_shape(resolution),
                            m.noise_scheduler.config.num_train_timesteps, edges)
     if cfg.cache_latents:  # the whole run's pairs, so that a resumed run finds the same files
         cached_latents(m.vae, samples, range(cfg.max_steps * per_step), dtype, dev, checkpoints, expected)
+    validator = None
+    if writer and cfg.validate_every:
+        validator = Validator(m, cfg, params.canny, paths.eval_data, resolution, t.latent_shape(resolution),
+                              dtype, dev)
+        if start_step == 0:  # the base, before any step: the strip's first column
+            validations.append(validator(0))
+            train_log.validation(validations[-1])
     batches = t.loader(samples, start_step, cfg.max_steps)
     started, progress = time.perf_counter(), tqdm(range(start_step, cfg.max_steps), initial=start_step,
                                                   total=cfg.max_steps, desc="train-lora", disable=not writer)
-    pending = []  # rows whose loss is still on the device: read every READ_EVERY steps, not every step
+    pending, read_at = [], started  # rows whose loss is still on the device: read every READ_EVERY steps
+    validated = validator.seconds if validator else 0.0  # step 0's: outside the loop's time
     for step in progress:
         pending.append(t.step(step, batches, samples))
         checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps
-        if len(pending) == READ_EVERY or checkpoint:
-            loss_log += read_rows(pending)
-            pending = []
-            progress.set_postfix(loss=f"{loss_log[-1]['loss']:.4f}")
+        validate = validator is not None and (step + 1) % cfg.validate_every == 0
+        if len(pending) == READ_EVERY or checkpoint or validate:
+            rows, pending = read_rows(pending), []
+            loss_log += rows
+            now = time.perf_counter()
+            speed = len(rows) * per_step / (now - read_at)
+            if writer:
+                train_log.rows(rows, speed)
+            read_at = now
+            progress.set_postfix(loss=f"{loss_log[-1]['loss']:.4f}", samples_per_s=f"{speed:.1f}")
+        if validate:
+            validations.append(validator(step + 1))
+            train_log.validation(validations[-1])
+            read_at = time.perf_counter()  # samples/s counts training alone
         if writer and checkpoint:
             save_checkpoint(checkpoints, {
-                "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "scaler": scaler.state_dict(),
-                "lora": get_peft_model_state_dict(m.unet), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict()})
+                "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "validations": validations,
+                "scaler": scaler.state_dict(), "lora": get_peft_model_state_dict(m.unet),
+                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()})
     if not writer:  # the LoRA is the same in every process: one writes it
         distributed.finish()
         return
@@ -234,17 +262,17 @@ def main() -> None:
             "canny": list(edges) if edges else None,
             "train_images": len(images), "dtype": str(dtype),
             "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
-    with atomic_file(paths.loss_log) as tmp, tmp.open("w", newline="") as f:
-        table = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
-        table.writeheader()
-        table.writerows(loss_log)
     write_json(paths.train_summary, summary)
+    train_log.close()
     shutil.rmtree(checkpoints)  # the outputs are whole: DVC's cache keeps them from here
     # Throughput and resume point go to the log, not to training_config.json: anything that
     # varies between otherwise identical runs would make every downstream stage rerun.
-    log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s%s, final loss %.4f; wrote %s/%s",
-             cfg.max_steps, start_step, dev, dtype, trained * per_step / elapsed if trained else 0.0,
-             peak_memory(dev), loss_log[-1]["loss"], paths.lora, LORA_WEIGHTS)
+    total = validator.seconds if validator else 0.0
+    in_loop = total - validated
+    log.info("train-lora: %d steps (%d resumed) on %s/%s at %.1f samples/s%s, final loss %.4f; validation took "
+             "%.1f s (%.0f%% of training); wrote %s/%s", cfg.max_steps, start_step, dev, dtype,
+             trained * per_step / (elapsed - in_loop) if trained else 0.0, peak_memory(dev), loss_log[-1]["loss"],
+             total, 100 * total / max(elapsed - in_loop, 1e-9), paths.lora, LORA_WEIGHTS)
     distributed.finish()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from stages.common.train_log import read_history
 from stages.common import dataset
 from stages.common.io import load_rgb, read_json
 from stages.common.models import LORA_WEIGHTS
@@ -77,9 +78,9 @@ def test_cuda_graphs_train_the_seeds_two_micro_batches_under_the_controlnet(on_c
     one (bf16 or fp16 rounding apart)."""
     p = on_cuda
     p.run("train_lora", train__batch_size=2, train__grad_accumulation=2, train__controlnet=True, train__max_steps=6)
-    eager = pd.read_csv(p.path("loss_log"))
+    eager = read_history(p.path("train_log"))
     p.run("train_lora", train__compile="reduce-overhead")
-    graphed = pd.read_csv(p.path("loss_log"))
+    graphed = read_history(p.path("train_log"))
     assert np.isfinite(graphed["loss"]).all() and len(graphed) == 6
     np.testing.assert_allclose(graphed["loss"], eager["loss"], rtol=0.05)
     weights = load_file(p.path("lora") / LORA_WEIGHTS)
@@ -131,7 +132,7 @@ def test_two_gpus_train_as_one_over_nccl(on_cuda, monkeypatch):
     with FASHION_DEVICE=cuda too), one writer; the loss curve follows the one-GPU run's."""
     p = on_cuda
     p.run("train_lora", train__max_steps=6)
-    one = pd.read_csv(p.path("loss_log"))
+    one = read_history(p.path("train_log"))
     p.run("train_lora", train__processes=2)
-    two = pd.read_csv(p.path("loss_log"))
+    two = read_history(p.path("train_log"))
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=0.05)

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from stages.common.train_log import read_history
 from stages.common import dataset
 from stages.common.io import load_rgb
 from stages.common.models import LORA_WEIGHTS
@@ -91,7 +92,7 @@ def check_outputs(p: Project) -> None:
     # the real UNet's widths: the first down block's attention works on 320 channels
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"
     assert weights[key].shape == (4, 320)
-    loss = pd.read_csv(p.path("loss_log"))
+    loss = read_history(p.path("train_log"))
     assert np.isfinite(loss["loss"]).all() and len(loss) == p.params["train"]["max_steps"]
     summary = json.loads(p.path("split_summary").read_text())
     configs = dataset.load_eval_configs(p.path("eval_data"))

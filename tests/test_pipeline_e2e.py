@@ -43,8 +43,8 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(repo, tmp_path):
     p = params["paths"]
     for key in ("demo_h5", "base_model", "controlnet", "eval_models", "model_sources", "train_data", "eval_data",
                 "split_summary", "edges", "lora",
-                "loss_log", "train_summary", "generated_baseline", "generated_lora", "metrics", "metrics_detail", "per_sample",
-                "samples_grid", "metrics_chart", "deltas_chart", "edge_overlays", "loss_curve", "report"):
+                "train_log", "train_summary", "generated_baseline", "generated_lora", "metrics", "metrics_detail",
+                "per_sample", "samples_grid", "metrics_chart", "deltas_chart", "edge_overlays", "report"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / p["generated_lora"]).glob("*.png"))) == SMALL["extract.eval_products"]
@@ -141,7 +141,7 @@ def repro_log(root: Path) -> str:
 
 
 # train-lora's and generate-lora's outputs, and files that neither stage lists as a dep
-OUTPUT_KEYS = ("lora", "loss_log", "train_summary", "generated_lora")
+OUTPUT_KEYS = ("lora", "train_log", "train_summary", "generated_lora")
 NOT_THEIR_DEPS = ("fashion/studio.py", "stages/report.py", "stages/demo/kit.py", "stages/common/figures.py")
 
 

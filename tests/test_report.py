@@ -69,7 +69,7 @@ def test_report_is_self_contained_and_shows_metrics_detail(finished_project):
     p.path("report").unlink()
     p.run("report")
     page = Page(p.path("report").read_text(encoding="utf-8"))
-    assert len(page.images) == 5 and page.links == [], "charts, loss curve, grid, overlays; nothing fetched"
+    assert len(page.images) == 6 and page.links == [], "charts, loss, validation strip, grid, overlays; nothing fetched"
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
@@ -114,7 +114,7 @@ def test_report_renders_in_headless_chromium(finished_project, chromium, tmp_pat
     driver.get(p.path("report").resolve().as_uri())
     images = driver.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
-    assert len(images) == 5 and all(done and width > 0 for done, width, _ in images), images
+    assert len(images) == 6 and all(done and width > 0 for done, width, _ in images), images
     rendered = driver.execute_script(
         "return Array.from(document.querySelectorAll('#headline [data-key], #control [data-key], #categories [data-key]'))"
         ".map(e => [e.dataset.key, e.dataset.value, e.textContent])")

@@ -7,14 +7,22 @@ import shutil
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from stages.common import train_log
+from stages.common.generation import draw
+from stages.common.io import load_rgb
+from stages.common.train_log import read_history
+from stages.common.validation import Validator
+from tests.conftest import image_diff
 from stages import train_lora
 from stages.common import dataset, models, runtime, training
 from stages.common.errors import StageError
@@ -36,7 +44,7 @@ def test_output_is_diffusers_format_with_a_loss_log(trained_project):
     assert all(v.dtype == torch.float32 for v in weights.values())
     down = next(v for k, v in weights.items() if k.endswith("lora.down.weight"))
     assert down.shape[0] == p.params["train"]["rank"]
-    log = pd.read_csv(p.path("loss_log"))
+    log = read_history(p.path("train_log"))
     assert log["step"].tolist() == list(range(1, p.params["train"]["max_steps"] + 1))
     assert log["loss"].between(0, 10).all()
     assert log["lr"].max() == pytest.approx(p.params["train"]["learning_rate"])  # the lr each step used
@@ -44,6 +52,89 @@ def test_output_is_diffusers_format_with_a_loss_log(trained_project):
     assert config["train"]["max_steps"] == p.params["train"]["max_steps"] and config["lora_tensors"] == 256
     # up weights start at zero; training moved them
     assert any(v.abs().sum() > 0 for k, v in weights.items() if k.endswith("lora.up.weight"))
+
+
+def log_files(project) -> dict:
+    """Every file of the DVCLive folder, by relative path: its bytes."""
+    folder = project.path("train_log")
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_the_log_is_live_and_validates(trained_project, monkeypatch):
+    """Read while the run lasts (at its step-2 checkpoint), the DVCLive folder already holds every
+    step so far, samples/s and validations at steps 0 and 2; the finished one holds steps 1..4,
+    validations at 0, 2, 4 and no samples/s (it would differ between identical runs)."""
+    p = trained_project
+    folder, finished = p.path("train_log"), log_files(p)
+    seen, real_save = {}, train_lora.save_checkpoint
+
+    def save_and_look(where, state):
+        real_save(where, state)
+        if state["step"] == 2:
+            seen["summary"] = json.loads((folder / train_log.SUMMARY_FILE).read_text())
+            seen["history"] = train_log.read_history(folder)
+            seen["heldout"] = train_log.read_heldout(folder)
+            seen["images"] = train_log.validation_images(folder)
+
+    # what another run (other params) left: replaced, never appended to
+    (folder / "plots/metrics/loss.tsv").write_text("step\tloss\n9\t0.5\n")
+    stray = folder / train_log.IMAGES_DIR / train_log.validation_image(99, 7)
+    stray.parent.mkdir(parents=True)
+    shutil.copy(next(folder.rglob("*.png")), stray)
+    monkeypatch.setattr(train_lora, "save_checkpoint", save_and_look)
+    p.run("train_lora")
+    assert seen["summary"]["step"] == 2 and seen["summary"]["samples_per_s"] > 0
+    assert seen["history"]["step"].tolist() == [1, 2] and seen["heldout"]["step"].tolist() == [0, 2]
+    assert {i: sorted(steps) for i, steps in seen["images"].items()} == {0: [0, 2], 1: [0, 2]}
+    summary = json.loads((folder / train_log.SUMMARY_FILE).read_text())
+    history = read_history(folder)
+    assert summary == {"grad_norm": history["grad_norm"].iloc[-1], "heldout_loss": summary["heldout_loss"],
+                       "loss": history["loss"].iloc[-1], "lr": history["lr"].iloc[-1], "step": 4}
+    assert train_log.read_heldout(folder)["step"].tolist() == [0, 2, 4]
+    assert log_files(p) == finished, "the same inputs write the same log, byte for byte"
+    assert not (folder / "dvc.yaml").exists(), "the pipeline's dvc.yaml declares the files: DVCLive writes none"
+
+
+def test_validation_draws_what_generate_draws_and_a_fixed_heldout_loss(trained_project):
+    """The step-4 validation image is what the generate stages' pipeline draws with the saved LoRA
+    on that edge map, prompt and seed; step 0's is the base's. The held-out loss at step 0 is the
+    base UNet's on the same fixed inputs: only the weights move it."""
+    p = trained_project
+    params = p.typed()
+    cfg, paths = params.train, params.paths
+    sampler = SimpleNamespace(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
+                              controlnet_scale=1.0, negative_prompt="")
+    configs = dataset.load_eval_configs(paths.eval_data)[:cfg.validation_samples]
+    edges = [Image.open(dataset.edge_path(paths.edges, c["index"])).convert("RGB") for c in configs]
+    prompts, seeds = [c["prompt"] for c in configs], [cfg.seed + c["index"] for c in configs]
+    drawn = train_log.validation_images(paths.train_log)
+    cpu = torch.device("cpu")
+    for lora, step in ((None, 0), (paths.lora, cfg.max_steps)):
+        pipe = models.load_controlnet_pipeline(paths.base_model, paths.controlnet, "unipc", torch.float32, cpu, lora=lora)
+        images = draw(pipe, edges, prompts, seeds, sampler, cpu, lora_scale=1.0 if lora else None)
+        for c, image in zip(configs, images):
+            assert image_diff(np.asarray(image), load_rgb(drawn[c["index"]][step])) <= 2, (c["index"], step)
+    m = models.load_training_models(paths.base_model, torch.float32, paths.controlnet)
+    latent = (m.vae.config.latent_channels, params.extract.resolution // 8, params.extract.resolution // 8)
+    base = Validator(m, cfg, params.canny, paths.eval_data, params.extract.resolution, latent, torch.float32, cpu)
+    heldout = train_log.read_heldout(paths.train_log).set_index("step")["heldout_loss"]
+    assert base.heldout_loss() == pytest.approx(heldout[0], rel=1e-6)
+    assert heldout[cfg.max_steps] != pytest.approx(heldout[0], rel=1e-4), "training moved it"
+
+
+def test_tensorboard_logs_the_same_scalars(trained_project):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    p = trained_project
+    p.run("train_lora", train__report_to=["tensorboard"])
+    events = EventAccumulator(str(p.path("tensorboard")), size_guidance={"images": 0}).Reload()
+    history = read_history(p.path("train_log"))
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == history["step"].tolist()
+    np.testing.assert_allclose([e.value for e in logged], history["loss"], rtol=1e-6)
+    assert [e.step for e in events.Scalars("validation/heldout_loss")] == [0, 2, 4]
+    assert len(events.Scalars("train/samples_per_s")) >= 1
+    assert sorted(events.Tags()["images"]) == ["validation/000000", "validation/000001"]
 
 
 def checkpoints(project):
@@ -68,7 +159,7 @@ def kill_after_step(project, monkeypatch, kill_at: int = 2) -> None:
 def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     """Kill the run right after its step-2 checkpoint, rerun: the result equals an unbroken run."""
     p = trained_project
-    unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    unbroken, unbroken_log = lora_weights(p), log_files(p)
     assert not checkpoints(p).exists(), "a finished run leaves no resume state"
     kill_after_step(p, monkeypatch)
     assert sorted(c.name for c in checkpoints(p).glob("*.pt")) == ["checkpoint-000002.pt", "latents-0-of-1.pt"]
@@ -80,7 +171,8 @@ def test_resume_continues_exactly(trained_project, monkeypatch, caplog):
     resumed = lora_weights(p)
     for key, value in unbroken.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
-    pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log)
+    # The step axis goes on from the checkpoint: the log (scalars, validations, images) is an unbroken run's
+    assert log_files(p) == unbroken_log
     assert not checkpoints(p).exists()
 
 
@@ -169,13 +261,13 @@ def test_training_with_and_without_the_controlnet(trained_project):
     """train.controlnet: false is the seed recipe (the UNet alone): another loss curve from the
     same draws. Canny thresholds that find no edge feed the ControlNet blank maps: a third curve."""
     p = trained_project
-    under = pd.read_csv(p.path("loss_log"))["loss"].to_numpy()
+    under = read_history(p.path("train_log"))["loss"].to_numpy()
     p.run("train_lora", train__controlnet=False)
-    alone = pd.read_csv(p.path("loss_log"))["loss"].to_numpy()
+    alone = read_history(p.path("train_log"))["loss"].to_numpy()
     # The same draws, so any difference is the ControlNet's (small on the suite's 2-step kit).
     assert len(alone) == len(under) and not np.array_equal(alone, under)
     p.run("train_lora", train__controlnet=True, canny__low_threshold=5000, canny__high_threshold=5000)
-    blank = pd.read_csv(p.path("loss_log"))["loss"].to_numpy()
+    blank = read_history(p.path("train_log"))["loss"].to_numpy()
     assert not np.array_equal(blank, under) and not np.array_equal(blank, alone), "blank maps, not none"
 
 
@@ -184,26 +276,26 @@ def test_cached_latents_train_as_the_seed_recipe_does(trained_project):
     random draws: loss curve and LoRA equal the VAE-every-step loop's to float noise (fp32)."""
     p = trained_project
     p.run("train_lora", train__cache_latents=False)
-    recipe, recipe_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    recipe, recipe_log = lora_weights(p), read_history(p.path("train_log"))
     p.run("train_lora", train__cache_latents=True)
-    cached, cached_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    cached, cached_log = lora_weights(p), read_history(p.path("train_log"))
     assert len(recipe_log) == p.params["train"]["max_steps"]
     np.testing.assert_allclose(cached_log["loss"], recipe_log["loss"], rtol=1e-5)
     np.testing.assert_allclose(cached_log["grad_norm"], recipe_log["grad_norm"], rtol=1e-4)
     for key, value in recipe.items():
         torch.testing.assert_close(cached[key], value, rtol=1e-4, atol=1e-5, msg=key)  # weights reach 0.7
     p.run("train_lora", train__cache_latents=True, train__random_flip=False)
-    assert not np.allclose(pd.read_csv(p.path("loss_log"))["loss"], cached_log["loss"]), "flips are drawn"
+    assert not np.allclose(read_history(p.path("train_log"))["loss"], cached_log["loss"]), "flips are drawn"
 
 
 def test_a_compiled_unet_trains_as_the_eager_one(trained_project, monkeypatch):
     """train.compile goes through torch.compile (traced by dynamo and AOTAutograd; inductor's
     code generation would take minutes on a CPU) and trains the same LoRA."""
     p = trained_project
-    eager, eager_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    eager, eager_log = lora_weights(p), read_history(p.path("train_log"))
     monkeypatch.setenv("FASHION_COMPILE_BACKEND", "aot_eager")
     p.run("train_lora", train__compile="reduce-overhead")
-    np.testing.assert_allclose(pd.read_csv(p.path("loss_log"))["loss"], eager_log["loss"], rtol=1e-5)
+    np.testing.assert_allclose(read_history(p.path("train_log"))["loss"], eager_log["loss"], rtol=1e-5)
     for key, value in eager.items():
         torch.testing.assert_close(lora_weights(p)[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
@@ -267,7 +359,7 @@ def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
     runs = []
     for batch, accumulation, micro in ((2, 2, 0), (4, 1, 0), (1, 4, 0), (2, 2, 4)):
         p.run("train_lora", train__batch_size=batch, train__grad_accumulation=accumulation, train__micro_batch=micro)
-        runs.append((lora_weights(p), pd.read_csv(p.path("loss_log"))))
+        runs.append((lora_weights(p), read_history(p.path("train_log"))))
     for weights, losses in runs[1:]:
         np.testing.assert_allclose(losses["loss"], runs[0][1]["loss"], rtol=1e-5)
         for key, value in runs[0][0].items():  # the ControlNet's residuals round too: a few 1e-5
@@ -281,7 +373,7 @@ def test_two_machines_train_as_one_process_and_resume_its_checkpoint(trained_pro
     train.processes: 2 is the same launch with other flags: test_generate runs it.)"""
     p = trained_project
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    unbroken, unbroken_log = lora_weights(p), pd.read_csv(p.path("loss_log"))
+    unbroken, unbroken_log = lora_weights(p), read_history(p.path("train_log"))
     kill_after_step(p, monkeypatch)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -298,7 +390,7 @@ def test_two_machines_train_as_one_process_and_resume_its_checkpoint(trained_pro
     assert "machine 1 of 2: waiting for machine 0 at 127.0.0.1" in err and "--machine_rank 1" in err
     assert err.count("resuming from step 2") == 2, "both processes resume"
     assert err.count("wrote models/lora") == 1, "one writer"
-    pd.testing.assert_frame_equal(pd.read_csv(p.path("loss_log")), unbroken_log, rtol=1e-5, check_exact=False)
+    pd.testing.assert_frame_equal(read_history(p.path("train_log")), unbroken_log, rtol=1e-5, check_exact=False)
     for key, value in unbroken.items():
         torch.testing.assert_close(lora_weights(p)[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert not checkpoints(p).exists()
@@ -310,12 +402,12 @@ def test_gradients_are_really_clipped(trained_project):
     p = trained_project
 
     def up_norm(**overrides):
-        p.run("train_lora", train__max_steps=1, train__warmup_steps=0, train__adam_weight_decay=0.0, **overrides)
+        p.run("train_lora", train__max_steps=1, train__validate_every=0, train__warmup_steps=0, train__adam_weight_decay=0.0, **overrides)
         return sum(v.norm() for k, v in lora_weights(p).items() if k.endswith("lora.up.weight"))
 
     clipped, free = up_norm(train__max_grad_norm=1e-12), up_norm(train__max_grad_norm=0.0)
     assert clipped < 0.05 * free
-    assert pd.read_csv(p.path("loss_log"))["grad_norm"].iloc[0] > 1e-12  # logged before clipping
+    assert read_history(p.path("train_log"))["grad_norm"].iloc[0] > 1e-12  # logged before clipping
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),

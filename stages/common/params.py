@@ -66,7 +66,10 @@ class Paths:
                               "(a DVC metric)")
     edges: str = _doc("canny edge PNGs, one per eval image")
     lora: str = _doc("trained LoRA weights and the resolved training config")
-    loss_log: str = _doc("training loss per optimiser step (CSV, DVC-cached, a `dvc plots` source)")
+    train_log: str = _doc("train-lora's DVCLive folder: loss, learning rate and gradient norm per step, the "
+                          "held-out loss and validation images every train.validate_every steps; read live by "
+                          "`dvc exp show` and `dvc plots show` (scalars in git, images DVC-cached)")
+    tensorboard: str = _doc("TensorBoard event files, when train.report_to lists tensorboard (git-ignored)")
     train_summary: str = _doc("did training learn: the denoising loss of fixed samples with the base UNet and "
                               "with the LoRA (a DVC metric)")
     resume: str = _doc("what killed train-lora and generate runs had finished (checkpoints, images), so a "
@@ -84,7 +87,6 @@ class Paths:
     metrics_chart: str = _doc("bar chart: baseline vs LoRA with 95% CIs, one panel per metric (DVC-cached)")
     deltas_chart: str = _doc("chart of the paired deltas, LoRA minus baseline, with 95% CIs (DVC-cached)")
     edge_overlays: str = _doc("input edges and generated edges in two colours on one image (DVC-cached)")
-    loss_curve: str = _doc("the loss log as a DVC plot (`dvc plots show`); in git, so `dvc plots diff` needs no cache")
     report: str = _doc("one self-contained HTML page (numbers, charts, grids, params): the file to hand on")
     bundle: str = _doc("zip written by `make bundle`: report, metrics, LoRA weights, resolved params, dvc.lock")
 
@@ -318,11 +320,31 @@ class Train:
     fixed_samples: int = _doc("the run's first samples (images, noise, timesteps) whose denoising loss is "
                               "measured with the base UNet and with the LoRA when training ends "
                               "(metrics/train_summary.json); 2 UNet passes each", measure=True)
+    validate_every: int = _doc("steps between validations (and one at step 0, the base): validation images and "
+                               "the held-out loss, logged to paths.train_log; 0: none", measure=True)
+    validation_samples: int = _doc("eval conditions (edge map, prompt, seed train.seed + index) drawn with the "
+                                   "current LoRA at each validation; the report shows them as a strip over steps",
+                                   measure=True)
+    validation_loss_samples: int = _doc("eval images in the held-out denoising loss, each with fixed noise and a "
+                                        "fixed timestep, spread over the schedule: only the weights move it",
+                                        measure=True)
+    validation_steps: int = _doc("sampler steps (UniPC) of the validation images", measure=True)
+    validation_guidance: float = _doc("classifier-free guidance scale of the validation images", measure=True)
+    report_to: list[Literal["tensorboard"]] = _doc(
+        "loggers beside DVCLive, which always logs: tensorboard writes the same scalars and images to "
+        "paths.tensorboard", how=True)
     seed: int = _doc("seed for data order, augmentation, noise and timesteps")
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accumulation", "rank", "checkpoint_every", "fixed_samples"):
+        for name in ("max_steps", "batch_size", "grad_accumulation", "rank", "checkpoint_every", "fixed_samples",
+                     "validation_loss_samples", "validation_steps"):
             _check(getattr(self, name) >= 1, f"train.{name}", "must be at least 1")
+        _check(self.validation_samples >= 0, "train.validation_samples", "must be >= 0 (0: no images)")
+        _check(self.validation_guidance >= 1, "train.validation_guidance", "must be >= 1 (1: no guidance)")
+        _check(self.validate_every >= 0, "train.validate_every", "must be >= 0 (0: no validation)")
+        _check(self.validate_every <= self.max_steps, "train.validate_every",
+               f"{self.validate_every} is above train.max_steps ({self.max_steps}), so no validation would run "
+               f"after step 0; use at most {self.max_steps}, or 0 to turn validation off")
         _check(self.learning_rate > 0, "train.learning_rate", "must be positive")
         _check(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps",
                f"must be >= 0 and <= train.max_steps ({self.max_steps})")

@@ -201,7 +201,10 @@ class Trainer:
     def __init__(self, paths, cfg, dtype: torch.dtype, dev: torch.device):
         self.cfg, self.dtype, self.dev = cfg, dtype, dev
         self.rank, self.processes = distributed.rank(), distributed.world_size()
-        self.m = m = load_training_models(paths.base_model, dtype, paths.controlnet if cfg.controlnet else None)
+        # The ControlNet trains under the LoRA (train.controlnet), or draws the validation images.
+        drawn = cfg.validate_every and cfg.validation_samples
+        self.m = m = load_training_models(paths.base_model, dtype,
+                                          paths.controlnet if cfg.controlnet or drawn else None)
         check_target_modules(m.unet, cfg.target_modules)
         m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                       target_modules=list(cfg.target_modules)))
