@@ -22,7 +22,7 @@ from stages.common import dataset
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.figures import (HEADLINE, HEADLINE_KEYS, PERMUTED, SET_LEVEL, direction, label, png_bytes,
-                                   read_results, read_scores)
+                                   read_results, read_scores, stand_ins)
 from stages.common.io import atomic_file
 from stages.common.page import HEADLINE as HEADLINE_KEY, STYLE, cell, detail_cell, figure, number, p_value, shares, verdict
 from stages.common.detail_tables import category_table, prdc_table, seed_table
@@ -33,9 +33,6 @@ from stages.common.train_figures import loss_figure, validation_strip
 SECTIONS = ("models", "extract", "canny", "train", "generate", "metrics", "plots")
 CASES = 5  # rows in each of the worst and best tables
 PAIRED = ("lpips", "clip_score", "edge_f1", "edge_precision", "edge_recall")
-# The backbone (backbones.json's key) behind each headline metric; SSIM, PSNR, edge F1 and control
-# and prompt colour use none.
-BACKBONE_OF = {"fid": "fid", "kid": "fid", "cmmd": "clip", "lpips": "lpips", "clip_score": "clip"}
 # The controllability table: (metrics_detail.json's key, label); edge F1 and control are headline numbers.
 EDGE_ROWS = [("edge_f1_same_category", "edge F1 on other maps of its category (chance level)"),
              ("edge_f1_mismatched", "edge F1 on the next sample's map"),
@@ -57,11 +54,6 @@ def require(path: str, stage: str) -> Path:
     if not Path(path).is_file():
         raise StageError(f"{path}: not found; run `dvc repro {stage}`")
     return Path(path)
-
-
-def stand_ins(backbones: dict) -> list[str]:
-    """The headline metrics whose backbone is one of the demo's random networks."""
-    return [key for key, backbone in BACKBONE_OF.items() if backbones.get(backbone, "").startswith(dataset.STAND_IN)]
 
 
 def colour_row(detail: dict) -> str:

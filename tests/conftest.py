@@ -213,7 +213,7 @@ def finished(trained, tmp_path_factory, worker_id) -> Path:
     """A project where every stage has run (the last good run of each output), once per test run."""
     def build(root):
         shutil.copytree(trained, root, dirs_exist_ok=True)
-        run_in(root, "generate_baseline", "generate_lora", "metrics", "plots", "report")
+        run_in(root, "generate_baseline", "generate_lora", "metrics", "plots", "report", "model_card")
     return shared(tmp_path_factory, worker_id, "finished", build)
 
 

@@ -25,6 +25,7 @@ class Repo:
     sha: str = ""
     token: str | None = None  # requests must carry it (a private or gated repo)
     gated: bool = False
+    tags: list[str] = field(default_factory=list)  # e.g. license:creativeml-openrail-m, as the hub tags a repo
 
     def __post_init__(self):
         if not self.sha:
@@ -96,7 +97,8 @@ class StandIn:
                 return self.error(h, 404, "RevisionNotFound")
             if verb == "revision":
                 body = {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": bool(repo.token),
-                        "gated": repo.gated, "disabled": False, "siblings": [{"rfilename": f} for f in repo.files]}
+                        "gated": repo.gated, "disabled": False, "tags": repo.tags,
+                        "siblings": [{"rfilename": f} for f in repo.files]}
                 return self.send_json(h, head, body)
             if verb == "tree":
                 return self.send_json(h, head, self.tree(repo))

@@ -12,7 +12,7 @@ import torch._inductor  # the pipeline calls cudagraph_mark_step_begin through i
 
 from stages.common import dataset, generation, io
 from stages.common.errors import StageError
-from stages.common.generation import CONFIG_FILE
+from stages.common.dataset import GENERATION_CONFIG as CONFIG_FILE
 from stages.common.io import load_rgb, read_json
 from tests.conftest import image_diff
 

@@ -76,7 +76,8 @@ def hub_repos(models_root: Path) -> dict[str, Repo]:
     # openai's main branch has CLIP's weights only as pytorch_model.bin, beside TF and Flax files.
     cl = {"README.md": b"# CLIP", "tf_model.h5": JUNK, "flax_model.msgpack": JUNK,
           "pytorch_model.bin": _bin(load_file(clip / "model.safetensors")), **_configs(clip, "")}
-    return {SD15: Repo(sd), CONTROLNET: Repo(cn), CLIP: Repo(cl)}
+    return {SD15: Repo(sd, tags=["diffusers", "text-to-image", "license:creativeml-openrail-m"]),
+            CONTROLNET: Repo(cn, tags=["license:openrail"]), CLIP: Repo(cl)}
 
 
 def backbone_files(models_root: Path) -> dict[str, bytes]:
@@ -93,7 +94,7 @@ def hub_content(tiny_models):
 @pytest.fixture
 def hub(hub_content):
     repos, urls = hub_content
-    standin = StandIn(repos={k: Repo(dict(r.files)) for k, r in repos.items()}, urls=dict(urls))
+    standin = StandIn(repos={k: Repo(dict(r.files), tags=r.tags) for k, r in repos.items()}, urls=dict(urls))
     standin.url = standin.start()
     yield standin
     standin.stop()
@@ -191,6 +192,8 @@ def test_hub_fetches_exactly_what_the_stages_load(hub_project, hub, tiny_models)
     assert all(torch.equal(unet[k], v) for k, v in load(sd.files["unet/diffusion_pytorch_model.fp16.safetensors"]).items())
     record = json.loads(hub_project.path("model_sources").read_text())
     assert record["base"]["commit"] == sd.sha and record["mode"] == "hub"
+    # the license the LoRA's model card inherits, from the repo's tags
+    assert (record["base"]["license"], record["controlnet"]["license"]) == ("creativeml-openrail-m", "openrail")
     lfs = record["base"]["files"]["unet/diffusion_pytorch_model.safetensors"]
     assert lfs["from"] == "unet/diffusion_pytorch_model.fp16.safetensors"
     assert lfs["sha256"] == hashlib.sha256(sd.files[lfs["from"]]).hexdigest()

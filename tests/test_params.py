@@ -246,7 +246,7 @@ def test_each_stage_lists_exactly_the_params_it_uses():
 def test_a_stage_that_reads_a_whole_section_lists_the_section():
     params = load_params(REPO / "params.yaml")
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
-        listed = set(stage["params"])
+        listed = set(stage.get("params", []))
         for section in {key.split(".")[0] for key in listed if "." in key}:
             every = {f"{section}.{f.name}" for f in dataclasses.fields(getattr(params, section))}
             assert not every <= listed, f"{name} lists every key of {section}: list `{section}` instead"

@@ -9,6 +9,7 @@ folders are written here and nowhere else (the folders themselves are `paths:` i
     <generated_baseline>/000000.png, <generated_lora>/000000.png
                                     000000_1.png, ...: the further images of a condition
                                     (generate.images_per_condition)
+    <generated_*>/generation_config.json   the generate params that drew them
     <eval_models>/backbones.json    names of the metric backbones, reported beside every number
     <eval_models>/inception/inception-2015-12-05.pt   clean-fid's Inception (TorchScript)
     <eval_models>/lpips/alexnet.pth  torchvision AlexNet state dict, the LPIPS backbone
@@ -27,6 +28,7 @@ from stages.common.io import index_name, read_json
 TRAIN_IMAGES = "images.npy"
 TRAIN_CAPTIONS = "captions.json"
 EVAL_CONFIGS = "eval_configs.json"
+GENERATION_CONFIG = "generation_config.json"  # in each generated folder: how its images were drawn
 GT_DIR = "gt"
 VARIANTS = ("baseline", "lora")
 BACKBONES_FILE = "backbones.json"

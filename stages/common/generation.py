@@ -32,7 +32,6 @@ from stages.common.models import check_lora, load_controlnet_pipeline
 from stages.common.params import load_params, what_keys
 from stages.common.runtime import compiled, device, free_cached_memory, inference_dtype, is_oom, peak_memory
 
-CONFIG_FILE = "generation_config.json"
 # Copy j of condition i is seeded generate.seed + i + j * COPY_SEEDS: no two images of an eval set
 # (FashionGen's validation split has 32,528 products) share a seed, and copy 0 draws what a run of one
 # image per condition draws.
@@ -64,13 +63,12 @@ def run(variant: str) -> None:
     check_images([dataset.edge_path(paths.edges, c["index"]) for c in configs], "canny-edges")
     check_folder(paths.base_model, "base")
     check_folder(paths.controlnet, "controlnet")
-    if variant == "lora":
-        check_lora(paths.lora)
     settings = what_keys(cfg)
-    # Every input, code included, so a resumed folder never mixes images of old and new inputs.
+    # Every input, code included, so a resumed folder never mixes images of old and new inputs. The
+    # LoRA's weights file, not its folder: the model card written there later changes no image.
     inputs = [paths.eval_data, paths.edges, paths.base_model, paths.controlnet, *source_files()]
     if variant == "lora":
-        inputs.append(paths.lora)
+        inputs.append(check_lora(paths.lora))
     else:
         settings.pop("lora_scale")
     # The device type too: CPU and CUDA generators draw different noise from the same seed, so a
@@ -102,7 +100,7 @@ def run(variant: str) -> None:
             shutil.rmtree(work)
         remove_temps(work)  # half-written images of a killed run
         write_json(work / FINGERPRINT_FILE, {"fingerprint": expected})
-        write_json(work / CONFIG_FILE, {"variant": variant, "generate": settings, "dtype": str(dtype),
+        write_json(work / dataset.GENERATION_CONFIG, {"variant": variant, "generate": settings, "dtype": str(dtype),
                                         "images": len(images)})
     distributed.barrier()
     # Process r draws every processes-th batch: the same batches as one process draws, so the same

@@ -190,7 +190,8 @@ def from_hub(repo_id: str, revision: str, layout: Layout, variant: str, key: str
 
     api = HfApi()
     with hub_errors(repo_id, revision, key):
-        commit = api.model_info(repo_id, revision=revision).sha
+        info = api.model_info(repo_id, revision=revision)
+        commit = info.sha
         tree = {f.path: f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
                 if isinstance(f, RepoFile)}
         chosen, missing = select(layout, list(tree), variant)
@@ -215,7 +216,9 @@ def from_hub(repo_id: str, revision: str, layout: Layout, variant: str, key: str
     for name, entry in files.items():
         if tree[entry["from"]].lfs is not None:
             entry["sha256"] = tree[entry["from"]].lfs.sha256
-    return {"id": repo_id, "revision": revision, "commit": commit, "files": files,
+    # The repo's license tag, which the LoRA's model card inherits (SD 1.5: creativeml-openrail-m)
+    licence = next((tag.split(":", 1)[1] for tag in info.tags or [] if tag.startswith("license:")), None)
+    return {"id": repo_id, "revision": revision, "commit": commit, "license": licence, "files": files,
             "downloaded_bytes": total - cached}
 
 
