@@ -73,16 +73,17 @@ def members(paths) -> dict[str, Path]:
     return dict(sorted(entries.items()))
 
 
-def check_up_to_date() -> None:
+def check_up_to_date(consequence: str = "so the bundle would mix runs", override: str | None = "--allow-stale") -> None:
+    """Refuse while `dvc status` lists a stage: `consequence` says why, `override` the option that packs anyway."""
+    escape = f", or pass {override}" if override else ""
     # this interpreter's dvc: the console script may run without the venv's bin on PATH
     done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StageError(f"dvc status failed ({last}); run it here to see why, or pass --allow-stale")
+        raise StageError(f"dvc status failed ({last}); run it here to see why{escape}")
     stale = [name.split(":")[-1] for name in yaml.safe_load(done.stdout or "{}") or {}]
     if stale:
-        raise StageError(f"dvc status: {', '.join(stale)} not up to date, so the bundle would mix runs; run "
-                         "`dvc repro` first, or pass --allow-stale")
+        raise StageError(f"dvc status: {', '.join(stale)} not up to date, {consequence}; run `dvc repro` first{escape}")
 
 
 def write_zip(target: Path, files: dict[str, Path], resolved: str) -> None:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from stages.common import dataset, distributed
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
-from stages.common.io import (atomic_dir, atomic_file, fingerprint, remove_temps,
+from stages.common.io import (atomic_file, fingerprint, remove_temps,
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.lora_formats import CONFIG_FILE, KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.models import LORA_WEIGHTS
@@ -225,43 +225,45 @@ def main() -> None:
              "LoRA (%+.1f%%)", summary["fixed_samples"], summary["denoising_loss_base"],
              summary["denoising_loss_lora"], 100 * summary["denoising_loss_change"])
 
-    with atomic_dir(paths.lora) as out:
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
-        # The adapter config (rank, alpha, target modules) goes into the file's metadata where
-        # diffusers' loaders look for it: without it every loader assumes alpha = rank, and a LoRA
-        # trained with alpha != rank comes back scaled by rank / alpha. Beside it, what made it.
-        # Only the fields that define the adapter: diffusers rebuilds LoraConfig(**metadata), and a
-        # field an older peft does not know would make the file unloadable there.
-        config = m.unet.peft_config["default"]
-        adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
-                   "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
-                   "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights}
-        # The params' digest, not the resume fingerprint: that one also hashes the code, so the
-        # weights file would change with every edit to any stage.
-        # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.
-        # Under train.controlnet the LoRA fits that ControlNet fed those edges: the thresholds too.
-        train_params = json.dumps({**model_keys(cfg), "resolution": params.extract.resolution,
-                                   **({"canny": list(edges)} if edges else {})}, sort_keys=True)
-        params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
-        sources = Path(paths.model_sources)
-        base_model = base_model_name(read_json(sources) if sources.is_file() else None)
-        metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
-                        {f"unet.{k}": v for k, v in adapter.items()}, sort_keys=True),  # keyed as diffusers packs it
-                    "fashion.train": train_params, "fashion.train_sha256": params_digest,
-                    "fashion.base_model": base_model}
-        StableDiffusionPipeline.save_lora_weights(
-            out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
-            save_function=lambda weights, filename: save_safetensors(filename, weights, metadata))
-        # The same weights for A1111, ComfyUI and kohya's tools
-        save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
-                         kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
-                                        base_model))
-        write_json(out / CONFIG_FILE, {
-            "train": model_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
-            "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
-            "canny": list(edges) if edges else None,
-            "train_images": len(images), "dtype": str(dtype),
-            "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
+    # File by file, each written whole: the folder also holds model-card's card and DVC's .gitignore
+    out = Path(paths.lora)
+    out.mkdir(parents=True, exist_ok=True)
+    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
+    # The adapter config (rank, alpha, target modules) goes into the file's metadata where
+    # diffusers' loaders look for it: without it every loader assumes alpha = rank, and a LoRA
+    # trained with alpha != rank comes back scaled by rank / alpha. Beside it, what made it.
+    # Only the fields that define the adapter: diffusers rebuilds LoraConfig(**metadata), and a
+    # field an older peft does not know would make the file unloadable there.
+    config = m.unet.peft_config["default"]
+    adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+               "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+               "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights}
+    # The params' digest, not the resume fingerprint: that one also hashes the code, so the
+    # weights file would change with every edit to any stage.
+    # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.
+    # Under train.controlnet the LoRA fits that ControlNet fed those edges: the thresholds too.
+    train_params = json.dumps({**model_keys(cfg), "resolution": params.extract.resolution,
+                               **({"canny": list(edges)} if edges else {})}, sort_keys=True)
+    params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
+    sources = Path(paths.model_sources)
+    base_model = base_model_name(read_json(sources) if sources.is_file() else None)
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
+                    {f"unet.{k}": v for k, v in adapter.items()}, sort_keys=True),  # keyed as diffusers packs it
+                "fashion.train": train_params, "fashion.train_sha256": params_digest,
+                "fashion.base_model": base_model}
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
+        save_function=lambda weights, filename: save_safetensors(filename, weights, metadata))
+    # The same weights for A1111, ComfyUI and kohya's tools
+    save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
+                     kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
+                                    base_model))
+    write_json(out / CONFIG_FILE, {
+        "train": model_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
+        "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
+        "canny": list(edges) if edges else None,
+        "train_images": len(images), "dtype": str(dtype),
+        "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
     write_json(paths.train_summary, summary)
     train_log.close()
     shutil.rmtree(checkpoints)  # the outputs are whole: DVC's cache keeps them from here

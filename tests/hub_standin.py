@@ -5,10 +5,17 @@ ask (repo info, the recursive tree with LFS sha256s, HEAD and ranged GET of `res
 hub's error headers (`X-Error-Code: RepoNotFound | GatedRepo | RevisionNotFound`), so tests run
 the real download code against repos laid out file for file like the real ones. It logs every
 request, and can cut a download off at a byte offset or serve a corrupted file.
+
+Uploads take the hub's HTTP protocol, as `create_repo`, `create_branch` and `create_commit` speak
+it with hf_xet turned off (HF_HUB_DISABLE_XET; the real hub takes both): repo creation, README
+validation, preupload (LFS or regular per file), the LFS batch API with a basic PUT per object,
+and the NDJSON commit, which is the one step that changes a repo. Every upload needs
+`write_token`; `cut_uploads` drops each LFS PUT's connection halfway.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -26,6 +33,9 @@ class Repo:
     token: str | None = None  # requests must carry it (a private or gated repo)
     gated: bool = False
     tags: list[str] = field(default_factory=list)  # e.g. license:creativeml-openrail-m, as the hub tags a repo
+    private: bool = False
+    branches: dict[str, dict[str, bytes]] = field(default_factory=dict)  # other than main, which is `files`
+    commits: list[str] = field(default_factory=list)  # commit messages, oldest first
 
     def __post_init__(self):
         if not self.sha:
@@ -43,6 +53,9 @@ class StandIn:
     cut_at: dict[str, int] = field(default_factory=dict)  # file path -> byte offset where every GET stops
     corrupt: set[str] = field(default_factory=set)  # file paths served with one byte flipped
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, Range header)
+    write_token: str | None = None  # what uploads must carry
+    cut_uploads: bool = False  # every LFS upload's connection drops halfway through
+    lfs: dict[str, bytes] = field(default_factory=dict)  # uploaded LFS objects by sha256
 
     def start(self) -> str:
         standin = self
@@ -58,6 +71,12 @@ class StandIn:
 
             def do_GET(self):
                 standin.handle(self, head=False)
+
+            def do_POST(self):
+                standin.upload(self)
+
+            def do_PUT(self):
+                standin.upload(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -129,9 +148,9 @@ class StandIn:
         return [{"type": "directory", "path": f, "oid": git_blob_sha1(f.encode()), "size": 0}
                 for f in sorted(folders)] + entries
 
-    def send_json(self, h, head: bool, body) -> None:
+    def send_json(self, h, head: bool, body, status: int = 200) -> None:
         data = json.dumps(body).encode()
-        h.send_response(200)
+        h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
@@ -173,3 +192,95 @@ class StandIn:
             h.send_header("X-Error-Message", code)
         h.send_header("Content-Length", "0")
         h.end_headers()
+
+    # ---------------------------------------------------------------------------------- uploads
+
+    def upload(self, h: BaseHTTPRequestHandler) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path).lstrip("/")
+        self.requests.append((h.command, path, ""))
+        if h.command == "PUT" and path.startswith("lfs-upload/"):  # an LFS PUT carries no token
+            return self.put_object(h, path.removeprefix("lfs-upload/"))
+        body = h.rfile.read(int(h.headers.get("Content-Length", 0)))
+        if h.headers.get("Authorization") != f"Bearer {self.write_token}":
+            h.send_response(401)  # the hub's answer to a missing, wrong or read-only token
+            h.send_header("X-Error-Message", "Invalid credentials in Authorization header")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        parts = path.split("/")
+        if path == "api/repos/create":
+            request = json.loads(body)
+            repo_id = f"{request['organization']}/{request['name']}"
+            if repo_id in self.repos:  # the hub's 409 still names the repo's URL
+                return self.send_json(h, False, {"error": "You already created this model repo",
+                                                 "url": f"http://{h.headers['Host']}/{repo_id}"}, status=409)
+            self.repos[repo_id] = Repo({}, private=request.get("visibility") == "private")
+            return self.send_json(h, False, {"url": f"http://{h.headers['Host']}/{repo_id}"})
+        if path == "api/validate-yaml":
+            return self.send_json(h, False, {"errors": [], "warnings": []})
+        if len(parts) == 6 and parts[:2] == ["api", "models"]:
+            repo_id = "/".join(parts[2:4])
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                return self.error(h, 404, "RepoNotFound")
+            verb, revision = parts[4], parts[5]
+            if verb == "branch":
+                if revision in repo.branches:
+                    return self.error(h, 409)
+                repo.branches[revision] = dict(repo.files)
+                return self.send_json(h, False, {})
+            if revision != "main" and revision not in repo.branches:
+                return self.error(h, 404, "RevisionNotFound")
+            if verb == "preupload":
+                files = json.loads(body)["files"]
+                return self.send_json(h, False, {"files": [
+                    {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                     "shouldIgnore": False} for f in files]})
+            if verb == "commit":
+                return self.commit(h, repo_id, revision, body)
+        if len(parts) == 6 and parts[2:] == ["info", "lfs", "objects", "batch"] and parts[1].endswith(".git"):
+            objects = json.loads(body)["objects"]
+            host = h.headers["Host"]
+            return self.send_json(h, False, {"transfer": "basic", "objects": [
+                {"oid": o["oid"], "size": o["size"], "authenticated": True,
+                 **({} if o["oid"] in self.lfs else
+                    {"actions": {"upload": {"href": f"http://{host}/lfs-upload/{o['oid']}"}}})} for o in objects]})
+        return self.error(h, 404)
+
+    def put_object(self, h: BaseHTTPRequestHandler, oid: str) -> None:
+        size = int(h.headers.get("Content-Length", 0))
+        if self.cut_uploads:
+            h.rfile.read(size // 2)
+            h.close_connection = True
+            h.connection.shutdown(2)  # the connection drops mid-upload
+            return
+        data = h.rfile.read(size)
+        if hashlib.sha256(data).hexdigest() != oid:
+            return self.error(h, 400)
+        self.lfs[oid] = data
+        self.send_json(h, False, {})
+
+    def commit(self, h: BaseHTTPRequestHandler, repo_id: str, revision: str, body: bytes) -> None:
+        """One NDJSON commit: every file it names must be there (LFS objects uploaded), or nothing changes."""
+        repo = self.repos[repo_id]
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        files = dict(repo.files if revision == "main" else repo.branches[revision])
+        for line in lines:
+            value = line["value"]
+            if line["key"] == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif line["key"] == "lfsFile":
+                if value["oid"] not in self.lfs:
+                    return self.error(h, 422)
+                files[value["path"]] = self.lfs[value["oid"]]
+        header = next(line["value"] for line in lines if line["key"] == "header")
+        if revision == "main":
+            repo.files = files
+            repo.sha = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest())
+                                                      for k, v in files.items())).encode()).hexdigest()
+        else:
+            repo.branches[revision] = files
+        repo.commits.append(header["summary"])
+        oid = hashlib.sha1(body).hexdigest()
+        self.send_json(h, False, {"commitUrl": f"http://{h.headers['Host']}/{repo_id}/commit/{oid}",
+                                  "commitOid": oid, "pullRequestUrl": None})

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import SMALL, copy_reproduced, stage_env
 
 ALL_STAGES = ["demo-data", "fetch-models", "extract", "canny-edges", "train-lora", "generate-baseline",
-              "generate-lora", "metrics", "plots", "report"]
+              "generate-lora", "metrics", "plots", "report", "model-card"]
 
 
 def reproduce(root: Path) -> list[str]:
@@ -47,6 +47,7 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(repo, tmp_path):
                 "per_sample", "samples_grid", "metrics_chart", "deltas_chart", "edge_overlays", "report"):
         assert (tmp_path / p[key]).exists(), key
     assert (tmp_path / p["lora"] / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / p["lora"] / "README.md").is_file(), "model-card ran last"
     assert len(list((tmp_path / p["generated_lora"]).glob("*.png"))) == SMALL["extract.eval_products"]
 
     assert reproduce(tmp_path) == [], "a second repro runs nothing"
@@ -59,6 +60,13 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(repo, tmp_path):
     stale = subprocess.run([bundler], capture_output=True, text=True)
     assert stale.returncode == 1 and stale.stderr.strip().splitlines()[-1].startswith(
         "error: dvc status: generate-baseline, generate-lora"), stale.stderr
+    # fashion-publish refuses the same way, before any request: the card would not match the weights
+    publisher = subprocess.run([str(Path(sys.executable).parent / "fashion-publish"), "you/fashion-lora", "--dry-run"],
+                               capture_output=True, text=True)
+    refusal = publisher.stderr.strip().splitlines()[-1]
+    assert publisher.returncode == 1 and refusal.startswith("error: dvc status: generate-baseline, generate-lora") \
+        and refusal.endswith("not up to date, so the model card would describe other weights than these; "
+                             "run `dvc repro` first"), publisher.stderr
     # that this change reruns exactly generate-baseline, generate-lora, metrics, plots and report:
     # test_remotes.py's round trips check it, on a pulled clone, for both remotes
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from stages.common.cli import log
 from stages.common.errors import StageError
 
 SUMMARY_FILE = "metrics.json"   # DVCLive's names inside its folder
@@ -47,16 +48,32 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def live(folder: str):
+    """DVCLive writing `folder`: no dvc.yaml of its own (the pipeline's declares these files) and no
+    experiment of its own (`dvc exp run` makes one). Its experiment bookkeeping reads the git repo,
+    which fails on a repo without a commit yet (a fresh `git init`): then the files are written all
+    the same, without that bookkeeping."""
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    class Writer(Live):
+        def _init_dvc(self):
+            try:
+                super()._init_dvc()
+            except SCMError as err:
+                self._dvc_file = "dvc.yaml"
+                log.info("train-lora: DVCLive's experiment bookkeeping is off (%s); the log is written all the same",
+                         err)
+
+    return Writer(dir=folder, dvcyaml=None, save_dvc_exp=False)
+
+
 class TrainLog:
     """The writer's loggers. `history` is the checkpoint's: the loss rows and validation records
     (step, held-out loss, {eval index: PNG bytes}) of the steps already trained."""
 
     def __init__(self, paths, report_to: list[str], rows: list[dict], validations: list[dict]):
-        from dvclive import Live
-
-        # No dvc.yaml of DVCLive's own (the pipeline's declares these files) and no experiment of
-        # its own: `dvc exp run` makes one.
-        self.live = Live(dir=str(paths.train_log), dvcyaml=None, save_dvc_exp=False)
+        self.live = live(str(paths.train_log))
         self.board = None
         if "tensorboard" in report_to:
             try:
