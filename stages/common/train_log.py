@@ -89,7 +89,8 @@ class TrainLog:
             self.board = SummaryWriter(paths.tensorboard, purge_step=resumed + 1 if resumed else None)
         for record in validations:  # the history, into DVCLive only: TensorBoard kept its own
             self.validation(record, replay=True)
-        self.rows(rows, None, replay=True)
+        if rows:
+            self.rows(rows, None, replay=True)
 
     def rows(self, rows: list[dict], samples_per_s: float | None, replay: bool = False) -> None:
         for row in rows:
