@@ -143,6 +143,9 @@ def full_size_settings(sources: dict[str, Path], cuda: bool) -> dict:
     return {
         "demo.products": 160 if cuda else 8, "extract.train_products": 100 if cuda else 4,
         "extract.eval_products": 50 if cuda else 3, "train.max_steps": 20 if cuda else 2, "generate.steps": 2,
+        # validation on the GPU as a real run validates (steps 0, 10, 20); on a CPU once, small
+        "train.validate_every": 10 if cuda else 2, "train.validation_samples": 4 if cuda else 1,
+        "train.validation_loss_samples": 32 if cuda else 2, "train.validation_steps": 10 if cuda else 2,
         "generate.batch_size": 16 if cuda else 2, "plots.grid_samples": 2,
         "models.mode": "local", **{f"models.local.{k}": str(v) for k, v in sources.items()},
         "models.inception_sha256": digest["inception"], "models.alexnet_sha256": digest["alexnet"],

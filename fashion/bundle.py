@@ -27,7 +27,7 @@ import yaml
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.io import atomic_file, public_path
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 from stages.common.params import load_params
 
 LOCK_FILE = Path("dvc.lock")

@@ -22,8 +22,7 @@ from fashion.bundle import check_up_to_date
 from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.io import read_json
-from stages.common.lora_formats import CARD_FILE, CONFIG_FILE
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import CARD_FILE, LORA_CONFIG, LORA_WEIGHTS
 from stages.common.params import HUB_ID, load_params
 
 
@@ -74,7 +73,7 @@ def upload(args, files: dict[str, Path], token: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
-    config = read_json(files[CONFIG_FILE]) if CONFIG_FILE in files else {}
+    config = read_json(files[LORA_CONFIG]) if LORA_CONFIG in files else {}
     message = (f"fashion-publish: LoRA of {config.get('base_model_name', 'an SD 1.5 base')}, "
                f"{config.get('train', {}).get('max_steps', '?')} steps")
     try:

@@ -20,8 +20,8 @@ from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.figures import HEADLINE, HEADLINE_KEYS, SET_LEVEL, read_results, stand_ins
 from stages.common.io import atomic_file, read_json
-from stages.common.lora_formats import CARD_FILE, CARD_IMAGE, CONFIG_FILE, KOHYA_FILE
-from stages.common.models import LORA_WEIGHTS, check_lora
+from stages.common.dataset import CARD_FILE, CARD_IMAGE, LORA_CONFIG, LORA_WEIGHTS
+from stages.common.lora_formats import KOHYA_FILE
 from stages.common.params import load_params
 
 TAGS = ["lora", "controlnet", "text-to-image", "fashion", "stable-diffusion", "diffusers"]
@@ -156,8 +156,10 @@ def main() -> None:
     setup_logging()
     paths = load_params().paths
     folder = Path(paths.lora)
-    check_lora(folder)
-    config = read_json(folder / CONFIG_FILE)
+    for name in (LORA_WEIGHTS, KOHYA_FILE, LORA_CONFIG):
+        if not (folder / name).is_file():
+            raise StageError(f"{folder / name}: not found; run `dvc repro train-lora`")
+    config = read_json(folder / LORA_CONFIG)
     detail = read_results(paths.metrics_detail, HEADLINE_KEYS + ["backbones", "lora_minus_baseline"])
     generation = read_json(dataset.generated_dir(paths, "lora") / dataset.GENERATION_CONFIG)
     text = card_text(config, read_json(paths.model_sources), detail, generation, read_json(paths.split_summary),

@@ -54,8 +54,8 @@ from stages.common.cli import log, run_cli, setup_logging
 from stages.common.errors import StageError
 from stages.common.io import (atomic_file, fingerprint, remove_temps,
                               read_json, save_safetensors, source_files, write_json)
-from stages.common.lora_formats import CONFIG_FILE, KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_CONFIG, LORA_WEIGHTS
+from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
 from stages.common.params import load_params, model_keys, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 from stages.common.train_log import TrainLog
@@ -258,7 +258,7 @@ def main() -> None:
     save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
                      kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
                                     base_model))
-    write_json(out / CONFIG_FILE, {
+    write_json(out / LORA_CONFIG, {
         "train": model_keys(cfg), "resolution": params.extract.resolution, "base_model": paths.base_model,
         "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
         "canny": list(edges) if edges else None,

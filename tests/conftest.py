@@ -45,8 +45,8 @@ SMALL = {
     "train.max_steps": 4,
     # validation at steps 0, 2 and 4, cheaply: the live log, the held-out loss and the strip run in every training
     "train.validate_every": 2,
-    "train.validation_samples": 2,
-    "train.validation_loss_samples": 4,
+    "train.validation_samples": 1,
+    "train.validation_loss_samples": 2,
     "train.validation_steps": 2,
     "train.fixed_samples": 8,  # the demo's 64 cost every in-process training run 128 UNet passes
     # the seed recipe's batch (2 x 2, rank 4) and guidance, not the demo's: the suite checks accumulation and CFG

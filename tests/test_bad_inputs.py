@@ -31,7 +31,7 @@ from stages import extract
 from stages.common import dataset, fashiongen
 from stages.common.cli import run_cli
 from stages.common.io import TEMP_MARK
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 from tests.conftest import EPS, Project
 
 
@@ -442,6 +442,10 @@ CASES = [
          r"metrics/metrics_detail.json: not found; run `dvc repro metrics`"),
     Case("chart-missing-report", "report", delete("plots/deltas.png"),
          r"plots/deltas.png: not found; run `dvc repro plots`"),
+    Case("card-lora-missing", "model_card", delete("models/lora/training_config.json"),
+         r"models/lora/training_config.json: not found; run `dvc repro train-lora`"),
+    Case("card-grid-missing", "model_card", delete("plots/samples_grid.png"),
+         r"plots/samples_grid.png: not found; run `dvc repro plots`"),
     Case("train-log-missing", "report", delete("metrics/train/plots/metrics/loss.tsv"),
          r"metrics/train/plots/metrics: the training log is incomplete; run `dvc repro train-lora`"),
     Case("generated-missing-plots", "plots", delete("data/generated/baseline/000001.png"),

@@ -13,7 +13,7 @@ import yaml
 
 from fashion import bundle
 from stages.common.errors import StageError
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 
 
 @pytest.fixture

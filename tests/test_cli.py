@@ -11,7 +11,7 @@ import pytest
 
 from stages.common.cli import run_cli
 from stages.common.errors import StageError
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 from tests.conftest import REPO
 
 LOG_LINE = re.compile(r"\d\d:\d\d:\d\d \S+: ")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from stages.common.train_log import read_history
 from stages.common import dataset
 from stages.common.io import load_rgb, read_json
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 from stages.common import generation
 from tests.conftest import fill_generated, image_diff
 

@@ -26,14 +26,14 @@ from safetensors.torch import load_file
 from stages.common.train_log import read_history
 from stages.common import dataset
 from stages.common.io import load_rgb
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 from bench.full_size_models import build_full_size_sources, full_size_settings
 from tests.conftest import REPO, Project
 
 pytestmark = pytest.mark.fullsize
 CUDA = torch.cuda.is_available()
 STAGES = ["demo_data", "fetch_models", "extract", "canny_edges", "train_lora", "generate_baseline", "generate_lora",
-          "metrics", "plots", "report"]
+          "metrics", "plots", "report", "model_card"]
 LONG = " ".join(["red"] * 95)  # 97 CLIP tokens with BOS and EOS, cut at 77 everywhere; fits |S400
 
 

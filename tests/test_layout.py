@@ -55,7 +55,7 @@ def test_the_stage_layer_names_every_dvc_stage():
 
 def test_every_console_script_answers_help():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"fashion-exp", "fashion-bundle", "fashion-generate", "fashion-studio"}
+    assert set(scripts) == {"fashion-exp", "fashion-bundle", "fashion-generate", "fashion-studio", "fashion-publish"}
     for name in scripts:
         assert (BIN / name).is_file(), f"{name} is not installed: pip install -e '.[test]' (make test does)"
     running = {name: subprocess.Popen([str(BIN / name), "--help"], cwd=REPO, stdout=subprocess.PIPE,

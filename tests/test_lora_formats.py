@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stages.common.lora_formats import KOHYA_FILE, base_model_name, from_kohya, to_kohya
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 from tests.conftest import REPO
 
 REFERENCE = REPO / "tests" / "fixtures" / "sd15_unet_kohya_lora_modules.txt"

@@ -6,8 +6,8 @@ from huggingface_hub import ModelCard
 
 from stages import model_card
 from stages.common.io import read_json
-from stages.common.lora_formats import CARD_FILE, CARD_IMAGE, KOHYA_FILE
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import CARD_FILE, CARD_IMAGE, LORA_WEIGHTS
+from stages.common.lora_formats import KOHYA_FILE
 
 
 def test_the_card_is_a_hub_model_card_with_the_runs_numbers(finished_project):

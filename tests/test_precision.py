@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from stages.common import dataset, training
 from stages.common.io import read_json
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import LORA_WEIGHTS
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,7 @@ from huggingface_hub import ModelCard, constants, hf_hub_download
 
 from fashion import publish
 from stages.common.errors import StageError
-from stages.common.lora_formats import CARD_FILE
-from stages.common.models import LORA_WEIGHTS
+from stages.common.dataset import CARD_FILE, LORA_WEIGHTS
 from tests.hub_standin import StandIn
 
 TOKEN = "hf_write_token"

@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import GIT, copy_reproduced, stage_env
 
 pytestmark = pytest.mark.slow
-CHEAP = ["generate-baseline", "generate-lora", "metrics", "plots", "report"]  # what a generate param touches
+CHEAP = ["generate-baseline", "generate-lora", "metrics", "plots", "report", "model-card"]  # what a generate param touches
 
 
 def run(*args, cwd, env=None) -> str:

@@ -10,6 +10,8 @@ folders are written here and nowhere else (the folders themselves are `paths:` i
                                     000000_1.png, ...: the further images of a condition
                                     (generate.images_per_condition)
     <generated_*>/generation_config.json   the generate params that drew them
+    <lora>/pytorch_lora_weights.safetensors, fashion_lora_kohya.safetensors, training_config.json
+    <lora>/README.md, samples.png      the model card and the image it shows
     <eval_models>/backbones.json    names of the metric backbones, reported beside every number
     <eval_models>/inception/inception-2015-12-05.pt   clean-fid's Inception (TorchScript)
     <eval_models>/lpips/alexnet.pth  torchvision AlexNet state dict, the LPIPS backbone
@@ -29,6 +31,12 @@ TRAIN_IMAGES = "images.npy"
 TRAIN_CAPTIONS = "captions.json"
 EVAL_CONFIGS = "eval_configs.json"
 GENERATION_CONFIG = "generation_config.json"  # in each generated folder: how its images were drawn
+# The LoRA folder (paths.lora): train-lora's weights (diffusers' name) and config, model-card's card and its image.
+# The kohya copy's name lives with its format, in lora_formats.py.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_CONFIG = "training_config.json"
+CARD_FILE = "README.md"   # the hub reads a repo's card from this name
+CARD_IMAGE = "samples.png"
 GT_DIR = "gt"
 VARIANTS = ("baseline", "lora")
 BACKBONES_FILE = "backbones.json"

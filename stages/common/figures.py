@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-
-import pandas as pd
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from stages.common.dataset import STAND_IN
 from stages.common.errors import StageError
 from stages.common.io import csv_text_read, read_json
+
+if TYPE_CHECKING:  # imported where used: model-card reads this module's names without pandas and matplotlib
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 VARIANT_COLORS = {"baseline": "#7f7f7f", "lora": "#1f77b4"}
 DPI = 100  # figure inches * DPI = pixels
@@ -55,6 +57,8 @@ def read_results(path: str, required: list[str], stage: str = "metrics") -> dict
 
 
 def read_scores(path: str, indices: list[int] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
     """metrics' per-sample table, rows keyed by eval index; with `indices`, it must describe
     exactly those eval images. Prompts stay text (an empty or "NA" prompt is not a missing value)."""
     if not Path(path).is_file():

@@ -15,14 +15,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 
 KOHYA_FILE = "fashion_lora_kohya.safetensors"
-# The rest of the LoRA folder: what shaped the weights (train-lora), and the model card with its image
-# (model-card), the hub's names for them.
-CONFIG_FILE = "training_config.json"
-CARD_FILE = "README.md"
-CARD_IMAGE = "samples.png"
 # diffusers renames peft's lora_A/lora_B to lora.down/lora.up only for attention projections; a
 # LoRA on proj_in or a feed-forward layer keeps peft's names in the same file.
 _DIFFUSERS_KEY = re.compile(r"unet\.(?P<module>.+)\.lora(?:\.(?P<part>down|up)|_(?P<peft>A|B))\.weight")
@@ -36,6 +30,8 @@ def kohya_name(module: str) -> str:
 
 def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """diffusers LoRA keys to kohya keys, with each module's alpha as a scalar tensor."""
+    import torch  # here, not at the top: model-card and fashion-publish read this module's names only
+
     out = {}
     for key, value in state.items():
         match = _DIFFUSERS_KEY.fullmatch(key)

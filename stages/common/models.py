@@ -21,7 +21,6 @@ from stages.common.io import read_json, sha256_of
 from stages.common.model_layouts import check_folder
 from stages.common.params import SHA256
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def _quiet_loading() -> None:
@@ -105,7 +104,7 @@ def check_lora(folder: str | Path) -> Path:
     model loads: reading the safetensors header and key names costs milliseconds."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(folder) / LORA_WEIGHTS
+    path = Path(folder) / dataset.LORA_WEIGHTS
     if not path.is_file():
         raise StageError(f"{path}: not found; run `dvc repro train-lora` first")
     try:

@@ -74,7 +74,8 @@ class Validator:
                                      max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids
         self.control = (torch.from_numpy(np.stack(edges[:count])).permute(0, 3, 1, 2).float() / 255
                         if cfg.controlnet else None)
-        self.batch = cfg.micro_batch or cfg.batch_size
+        # No gradients and no optimiser state: inference fits a larger batch than a training step's
+        self.batch = max(cfg.micro_batch or cfg.batch_size, 8)
         pixels = torch.from_numpy(np.stack(gt[:count])).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             self.moments = torch.cat([m.vae.encode(pixels[s:s + self.batch].to(dev, dtype)).latent_dist.parameters
