@@ -60,7 +60,8 @@ def members(paths) -> dict[str, Path]:
     for _, path, stage in files:
         if not path.is_file():
             raise StageError(f"{path}: not found; " + (f"run `dvc repro {stage}`" if stage else "run `dvc repro`"))
-    files += [("lora", p, None) for p in sorted(Path(paths.lora).iterdir()) if p.is_file()]
+    files += [("lora", p, None) for p in sorted(Path(paths.lora).iterdir())
+              if p.is_file() and p.name != ".gitignore"]  # DVC's, not the run's
     entries: dict[str, Path] = {}
     for key, path, _ in files:
         name = entry_name(path, key, path.name) if key else path.as_posix()

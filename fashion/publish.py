@@ -15,6 +15,8 @@ halfway changes nothing on the hub, and a rerun sends only what is not there yet
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -58,13 +60,21 @@ def files_to_publish(folder: Path) -> dict[str, Path]:
 
 
 def network_error(err: BaseException | None) -> BaseException | None:
-    """The connection failure under `err`, if any: an OSError, or an error of the HTTP client
-    (httpx, or httpx2 in huggingface_hub 2), whichever huggingface_hub uses."""
+    """The connection failure under `err`, if any: an OSError, or a transport error of the HTTP
+    client (httpx, or httpx2 in huggingface_hub 2), not an HTTP status the hub answered."""
+    transport = tuple(importlib.import_module(name).TransportError for name in ("httpx", "httpx2")
+                      if importlib.util.find_spec(name))
     while err is not None:
-        if isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        if isinstance(err, (OSError, *transport)):
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def hub_message(err: Exception) -> str:
+    """What the hub said, on one line (its message, else the error's first non-empty line)."""
+    said = getattr(err, "server_message", None) or str(err)
+    return " ".join(line.strip() for line in said.splitlines() if line.strip())[:300]
 
 
 def upload(args, files: dict[str, Path], token: str) -> str:
@@ -87,8 +97,14 @@ def upload(args, files: dict[str, Path], token: str) -> str:
         if status in (401, 403):
             raise StageError(f"fashion-publish: the hub refused the token for {args.repo_id} ({status}); use one "
                              "that may write there: `hf auth login`, $HF_TOKEN or --token") from None
-        raise StageError(f"fashion-publish: the hub answered {status} for {args.repo_id} "
-                         f"({str(err).splitlines()[0][:200]}); nothing was committed") from None
+        raise StageError(f"fashion-publish: the hub answered {status} for {args.repo_id} ({hub_message(err)}); "
+                         "nothing was committed") from None
+    except ValueError as err:  # the hub's check of README.md's metadata, before any upload
+        if "README.md" not in str(err):
+            raise
+        raise StageError(f"fashion-publish: the hub refused the model card's metadata ({hub_message(err)}); "
+                         "nothing was uploaded: fix models/lora/README.md's front matter (`dvc repro model-card`)"
+                         ) from None
     except Exception as err:  # huggingface_hub wraps a failed upload in a RuntimeError
         cause = network_error(err)
         if cause is None:

@@ -42,10 +42,15 @@ def base_of(sources: dict) -> tuple[str, str, str]:
     return f"the demo's tiny UNet {kit}", LICENSE[mode], f"the demo's tiny canny ControlNet {kit}"
 
 
-def row(label: str, higher: bool, base: float, lora: float, delta: float, low, high, note: str = "") -> str:
-    interval = f" [{low:+.4g}, {high:+.4g}]" if low is not None else ""
-    return (f"| {label} ({'higher' if higher else 'lower'} is better) | {base:.4g} | {lora:.4g} | "
-            f"{delta:+.4g}{interval}{note} |")
+def number(value, sign: str = "") -> str:
+    """A value at 4 significant digits; n/a where the metrics stage had none (as the report shows it)."""
+    return "n/a" if value is None else f"{value:{sign}.4g}"
+
+
+def row(label: str, higher: bool, base, lora, delta, low, high, note: str = "") -> str:
+    interval = f" [{number(low, '+')}, {number(high, '+')}]" if low is not None else ""
+    return (f"| {label} ({'higher' if higher else 'lower'} is better) | {number(base)} | {number(lora)} | "
+            f"{number(delta, '+')}{interval}{note} |")
 
 
 def metrics_table(detail: dict) -> str:
@@ -80,8 +85,9 @@ def card_text(config: dict, sources: dict, detail: dict, generation: dict, split
     data = ("drawn garments of the embedded demo (a FashionGen-schema file)" if sources["mode"] == "tiny"
             else "FashionGen")
     train, headline = config["train"], detail["headline"]
-    front = ModelCardData(base_model=base, library_name="diffusers", license=licence, tags=TAGS,
-                          pipeline_tag="text-to-image", base_model_relation="adapter")
+    # base_model only where it is a hub id: the hub refuses a card whose base_model is not one of its models
+    hub = {"base_model": base, "base_model_relation": "adapter"} if sources["mode"] == "hub" else {}
+    front = ModelCardData(library_name="diffusers", license=licence, tags=TAGS, pipeline_tag="text-to-image", **hub)
     g = generation["generate"]
     files = "\n".join(f"| `{name}` | {what} | `{sha256(folder / name)}` |" for name, what in (
         (LORA_WEIGHTS, "diffusers / peft keys, the adapter config (rank, alpha) in its metadata"),

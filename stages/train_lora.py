@@ -196,7 +196,8 @@ def main() -> None:
     for step in progress:
         pending.append(t.step(step, batches, samples))
         checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps
-        validate = validator is not None and (step + 1) % cfg.validate_every == 0
+        # every validate_every steps, and at the end: the last column is always the LoRA that ships
+        validate = validator is not None and ((step + 1) % cfg.validate_every == 0 or step + 1 == cfg.max_steps)
         if len(pending) == READ_EVERY or checkpoint or validate:
             rows, pending = read_rows(pending), []
             loss_log += rows

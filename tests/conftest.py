@@ -47,7 +47,7 @@ SMALL = {
     "train.validate_every": 2,
     "train.validation_samples": 1,
     "train.validation_loss_samples": 2,
-    "train.validation_steps": 2,
+    "train.validation_steps": 1,
     "train.fixed_samples": 8,  # the demo's 64 cost every in-process training run 128 UNet passes
     # the seed recipe's batch (2 x 2, rank 4) and guidance, not the demo's: the suite checks accumulation and CFG
     "train.batch_size": 2,

@@ -23,6 +23,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import yaml
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack", ".h5", ".pt", ".pth", ".png")
 
 
@@ -216,7 +218,14 @@ class StandIn:
                                                  "url": f"http://{h.headers['Host']}/{repo_id}"}, status=409)
             self.repos[repo_id] = Repo({}, private=request.get("visibility") == "private")
             return self.send_json(h, False, {"url": f"http://{h.headers['Host']}/{repo_id}"})
-        if path == "api/validate-yaml":
+        if path == "api/validate-yaml":  # as the hub: a card's base_model must be a model on the hub
+            text = json.loads(body)["content"]
+            front = yaml.safe_load(text.split("---")[1]) if text.startswith("---") else {}
+            base = (front or {}).get("base_model")
+            if base is not None and base not in self.repos:
+                return self.send_json(h, False, {"errors": [
+                    {"message": f'"base_model" with value "{base}" is not valid. Use a model id from the Hub'}]},
+                    status=400)
             return self.send_json(h, False, {"errors": [], "warnings": []})
         if len(parts) == 6 and parts[:2] == ["api", "models"]:
             repo_id = "/".join(parts[2:4])

@@ -309,6 +309,9 @@ CASES = [
     Case("validate-every-above-max-steps", "train_lora", params(train__validate_every=10),
          r"params.yaml: train.validate_every: 10 is above train.max_steps \(4\), so no validation would run after "
          r"step 0; use at most 4, or 0 to turn validation off"),
+    Case("validations-too-many", "train_lora", params(train__max_steps=400, train__validate_every=2),
+         r"params.yaml: train.validate_every: 2 validates 200 times in train.max_steps \(400\); at most 100: use at "
+         r"least 4"),
     Case("validation-samples-above-the-eval-set", "train_lora", params(train__validation_samples=5),
          r"params.yaml: train.validation_samples: 5 is above the eval set's 4 products \(data/eval\); use at most 4"),
     Case("report-to-unknown", "train_lora", params(train__report_to=["wandb"]),

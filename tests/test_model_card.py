@@ -17,7 +17,8 @@ def test_the_card_is_a_hub_model_card_with_the_runs_numbers(finished_project):
     data = card.data.to_dict()
     assert data["library_name"] == "diffusers" and data["license"] == "mit"  # the tiny kit is the project's own
     assert {"lora", "controlnet", "text-to-image", "fashion"} <= set(data["tags"])
-    assert data["base_model"].startswith("the demo's tiny UNet") and data["base_model_relation"] == "adapter"
+    # not a hub model: no base_model (the hub refuses one it does not know); the text names it
+    assert "base_model" not in data and "for the demo's tiny UNet (models.seed=0)" in card.text
     detail = read_json(p.path("metrics_detail"))
     delta = detail["headline"]["lora_minus_baseline"]
     assert f"| {detail['headline']['lora']['lpips']:.4g} | {delta['lpips']:+.4g} [{delta['lpips_ci95_low']:+.4g}, " \
@@ -28,6 +29,11 @@ def test_the_card_is_a_hub_model_card_with_the_runs_numbers(finished_project):
         assert card.text.count(name) >= 2, name
     assert (folder / CARD_IMAGE).read_bytes() == p.path("samples_grid").read_bytes()
     assert f"![Samples: ground truth, edges, baseline, LoRA]({CARD_IMAGE})" in card.text
+
+
+def test_a_number_the_metrics_stage_left_out_is_n_a():
+    assert model_card.row("edge control", True, 0.5, None, None, None, None) == \
+        "| edge control (higher is better) | 0.5 | n/a | n/a |"
 
 
 def test_a_hub_base_names_its_ids_and_license():

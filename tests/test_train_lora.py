@@ -88,17 +88,18 @@ def test_the_log_is_live_and_validates(trained_project, monkeypatch):
     assert {i: sorted(steps) for i, steps in seen["images"].items()} == {0: [0, 2]}
     summary = json.loads((folder / train_log.SUMMARY_FILE).read_text())
     history = read_history(folder)
-    assert summary == {"grad_norm": history["grad_norm"].iloc[-1], "heldout_loss": summary["heldout_loss"],
+    assert summary == {"grad_norm": history["grad_norm"].iloc[-1],
+                       "heldout_loss": train_log.read_heldout(folder)["heldout_loss"].iloc[-1],
                        "loss": history["loss"].iloc[-1], "lr": history["lr"].iloc[-1], "step": 4}
     assert train_log.read_heldout(folder)["step"].tolist() == [0, 2, 4]
     assert log_files(p) == finished, "the same inputs write the same log, byte for byte"
     assert not (folder / "dvc.yaml").exists(), "the pipeline's dvc.yaml declares the files: DVCLive writes none"
 
 
-def test_validation_draws_what_generate_draws_and_a_fixed_heldout_loss(trained_project):
-    """The step-4 validation image is what the generate stages' pipeline draws with the saved LoRA
-    on that edge map, prompt and seed; step 0's is the base's. The held-out loss at step 0 is the
-    base UNet's on the same fixed inputs: only the weights move it."""
+def test_validation_draws_through_the_generate_code_and_a_fixed_heldout_loss(trained_project):
+    """The step-4 validation image is what the generate stages' loader and `draw` give with the
+    saved LoRA at validation's settings, on that edge map, prompt and seed; step 0's is the base's.
+    The held-out loss at step 0 is the base UNet's on the same fixed inputs: only the weights move it."""
     p = trained_project
     params = p.typed()
     cfg, paths = params.train, params.paths
@@ -120,6 +121,20 @@ def test_validation_draws_what_generate_draws_and_a_fixed_heldout_loss(trained_p
     heldout = train_log.read_heldout(paths.train_log).set_index("step")["heldout_loss"]
     assert base.heldout_loss() == pytest.approx(heldout[0], rel=1e-6)
     assert heldout[cfg.max_steps] != pytest.approx(heldout[0], rel=1e-4), "training moved it"
+
+
+def test_validation_changes_no_weight_and_validates_the_last_step(trained_project):
+    """Validation only measures: a run that validates (every 3 steps of 4: at 0, 3 and the last,
+    4) trains the same LoRA, to the bit, as one that does not, and with the UNet alone too (where
+    the ControlNet loads for the images only)."""
+    p = trained_project
+    p.run("train_lora", train__controlnet=False, train__validate_every=0)
+    alone = lora_weights(p)
+    assert train_log.read_heldout(p.path("train_log")) is None
+    p.run("train_lora", train__controlnet=False, train__validate_every=3)
+    assert train_log.read_heldout(p.path("train_log"))["step"].tolist() == [0, 3, 4]
+    for key, value in alone.items():
+        torch.testing.assert_close(lora_weights(p)[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_tensorboard_logs_the_same_scalars(trained_project):

@@ -57,10 +57,11 @@ def read_results(path: str, required: list[str], stage: str = "metrics") -> dict
 
 
 def read_scores(path: str, indices: list[int] | None = None) -> pd.DataFrame:
-    import pandas as pd
 
     """metrics' per-sample table, rows keyed by eval index; with `indices`, it must describe
     exactly those eval images. Prompts stay text (an empty or "NA" prompt is not a missing value)."""
+    import pandas as pd
+
     if not Path(path).is_file():
         raise StageError(f"{path}: not found; run `dvc repro metrics`")
     table = pd.read_csv(path, keep_default_na=False)

@@ -35,6 +35,7 @@ SHA256 = r"[0-9a-f]{64}"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+MAX_VALIDATIONS = 100  # train.validate_every: validations in one run, at most
 URL_TOKEN_ENV = "FASHION_URL_TOKEN"  # a token for models.*_url mirrors, sent as a header, never recorded
 
 
@@ -345,6 +346,11 @@ class Train:
         _check(self.validate_every <= self.max_steps, "train.validate_every",
                f"{self.validate_every} is above train.max_steps ({self.max_steps}), so no validation would run "
                f"after step 0; use at most {self.max_steps}, or 0 to turn validation off")
+        # each validation's images ride in every checkpoint, and the report draws a column per validation
+        _check(self.validate_every == 0 or self.max_steps // self.validate_every <= MAX_VALIDATIONS,
+               "train.validate_every", f"{self.validate_every} validates {self.max_steps // max(self.validate_every, 1)} "
+               f"times in train.max_steps ({self.max_steps}); at most {MAX_VALIDATIONS}: use at least "
+               f"{-(-self.max_steps // MAX_VALIDATIONS)}")
         _check(self.learning_rate > 0, "train.learning_rate", "must be positive")
         _check(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps",
                f"must be >= 0 and <= train.max_steps ({self.max_steps})")

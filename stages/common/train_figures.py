@@ -14,6 +14,8 @@ from stages.common.figures import TILE_INCHES
 from stages.common.io import load_rgb
 from stages.common.train_log import read_heldout, read_history, validation_images
 
+STRIP_COLUMNS = 12  # validated steps the report's strip shows at most
+
 
 def loss_figure(folder: str | Path) -> Figure:
     """The training loss per optimiser step and, where the run validated, the held-out loss: the
@@ -40,6 +42,8 @@ def validation_strip(folder: str | Path, prompts: dict[int, str]) -> Figure | No
     if not images:
         return None
     steps = sorted({step for per_step in images.values() for step in per_step})
+    if len(steps) > STRIP_COLUMNS:  # evenly spaced, the first (the base) and the last (the LoRA that ships) kept
+        steps = [steps[round(i * (len(steps) - 1) / (STRIP_COLUMNS - 1))] for i in range(STRIP_COLUMNS)]
     missing = [f"{index:06d}/{step}" for index, per_step in images.items() for step in steps if step not in per_step]
     if missing:
         raise StageError(f"{folder}: validation images missing ({', '.join(missing[:3])}); "

@@ -19,6 +19,7 @@ left by any other run is replaced, never appended to.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def live(folder: str):
                 log.info("train-lora: DVCLive's experiment bookkeeping is off (%s); the log is written all the same",
                          err)
 
+    os.environ.pop("DVCLIVE_RESUME", None)  # it would append to the folder: the log is rebuilt, never appended to
     return Writer(dir=folder, dvcyaml=None, save_dvc_exp=False)
 
 
@@ -82,22 +84,21 @@ class TrainLog:
                 raise StageError("params.yaml: train.report_to lists tensorboard, which is not installed; "
                                  "pip install -e '.[tensorboard]', or drop it from the list") from None
 
-            resumed = rows[-1]["step"] if rows else 0
-            if not resumed:
-                shutil.rmtree(paths.tensorboard, ignore_errors=True)  # a fresh run's curves start alone
-            # purge_step: events a killed run logged past its checkpoint are dropped, not drawn twice
-            self.board = SummaryWriter(paths.tensorboard, purge_step=resumed + 1 if resumed else None)
-        for record in validations:  # the history, into DVCLive only: TensorBoard kept its own
-            self.validation(record, replay=True)
+            # Rebuilt as DVCLive's folder is, with the history replayed: no other run's events, none past
+            # the checkpoint (only the replayed steps' samples/s is not kept)
+            shutil.rmtree(paths.tensorboard, ignore_errors=True)
+            self.board = SummaryWriter(paths.tensorboard)
+        for record in validations:  # the checkpoint's history
+            self.validation(record)
         if rows:
-            self.rows(rows, None, replay=True)
+            self.rows(rows, None)
 
-    def rows(self, rows: list[dict], samples_per_s: float | None, replay: bool = False) -> None:
+    def rows(self, rows: list[dict], samples_per_s: float | None) -> None:
         for row in rows:
             self.live.step = row["step"]
             for name in STEP_METRICS:
                 self.live.log_metric(name, row[name])
-                if self.board is not None and not replay:
+                if self.board is not None:
                     self.board.add_scalar(f"train/{name}", row[name], row["step"])
         if rows and samples_per_s is not None:
             self.live.log_metric(SPEED, samples_per_s)
@@ -105,17 +106,17 @@ class TrainLog:
                 self.board.add_scalar(f"train/{SPEED}", samples_per_s, rows[-1]["step"])
         self._summary()
 
-    def validation(self, record: dict, replay: bool = False) -> None:
+    def validation(self, record: dict) -> None:
         step = record["step"]
         self.live.step = step
         self.live.log_metric(HELDOUT, record[HELDOUT])
         for index, data in record["images"].items():
             image = Image.open(io.BytesIO(data))
             self.live.log_image(validation_image(index, step), image)
-            if self.board is not None and not replay:
+            if self.board is not None:
                 self.board.add_image(f"{VALIDATION}/{index:06d}", np.asarray(image.convert("RGB")), step,
                                      dataformats="HWC")
-        if self.board is not None and not replay:
+        if self.board is not None:
             self.board.add_scalar(f"{VALIDATION}/{HELDOUT}", record[HELDOUT], step)
         self._summary()
 

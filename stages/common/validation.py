@@ -2,9 +2,10 @@
 conditions, at step 0 (the base) and every N steps, logged by stages/common/train_log.py.
 
 - **Images.** The first `train.validation_samples` eval conditions (edge map, prompt, seed
-  `train.seed + index`) drawn with the current LoRA by the generate stages' `draw`, with UniPC at
-  `train.validation_steps` steps and `train.validation_guidance`, under the ControlNet whatever
-  `train.controlnet` says: they are what generate-lora would draw.
+  `train.seed + index`) drawn with the current LoRA through the generate stages' `draw`, under the
+  ControlNet whatever `train.controlnet` says, with validation's own sampler settings: UniPC at
+  `train.validation_steps` steps, `train.validation_guidance`, ControlNet scale 1, no negative
+  prompt. A view of the LoRA's progress, cheaper than generate-lora's images and not the same.
 - **A held-out denoising loss.** The first `train.validation_loss_samples` eval images, each with
   its own fixed latent draw and noise and a fixed timestep, the timesteps spread evenly over the
   schedule: only the weights move it between steps, unlike the training loss, whose timesteps are
