@@ -114,6 +114,10 @@ def upload(args, files: dict[str, Path], token: str) -> str:
     return commit.commit_url
 
 
+def size(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e6 else f"{count / 1e3:.1f} kB"
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging(network=True)
     args = parse(argv)
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     from huggingface_hub import constants, get_token
 
     where = f"{constants.ENDPOINT}/{args.repo_id}"
-    listing = "\n".join(f"  {name}  {path.stat().st_size / 1e6:.2f} MB" for name, path in files.items())
+    listing = "\n".join(f"  {name}  {size(path.stat().st_size)}" for name, path in files.items())
     if args.dry_run:
         print(f"would upload {len(files)} files to {where} (branch {args.revision}"
               f"{', private' if args.private else ''}), in one commit:\n{listing}")
