@@ -60,7 +60,7 @@ def log_files(project) -> dict:
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def test_the_log_is_live_and_validates(trained_project, monkeypatch):
+def test_the_log_is_live_validates_and_reaches_tensorboard(trained_project, monkeypatch):
     """Read while the run lasts (at its step-2 checkpoint), the DVCLive folder already holds every
     step so far, samples/s and validations at steps 0 and 2; the finished one holds steps 1..4,
     validations at 0, 2, 4 and no samples/s (it would differ between identical runs)."""
@@ -82,7 +82,7 @@ def test_the_log_is_live_and_validates(trained_project, monkeypatch):
     stray.parent.mkdir(parents=True)
     shutil.copy(next(folder.rglob("*.png")), stray)
     monkeypatch.setattr(train_lora, "save_checkpoint", save_and_look)
-    p.run("train_lora")
+    p.run("train_lora", train__report_to=["tensorboard"])
     assert seen["summary"]["step"] == 2 and seen["summary"]["samples_per_s"] > 0
     assert seen["history"]["step"].tolist() == [1, 2] and seen["heldout"]["step"].tolist() == [0, 2]
     assert {i: sorted(steps) for i, steps in seen["images"].items()} == {0: [0, 2]}
@@ -92,8 +92,18 @@ def test_the_log_is_live_and_validates(trained_project, monkeypatch):
                        "heldout_loss": train_log.read_heldout(folder)["heldout_loss"].iloc[-1],
                        "loss": history["loss"].iloc[-1], "lr": history["lr"].iloc[-1], "step": 4}
     assert train_log.read_heldout(folder)["step"].tolist() == [0, 2, 4]
-    assert log_files(p) == finished, "the same inputs write the same log, byte for byte"
+    assert log_files(p) == finished, "the same inputs write the same log, byte for byte (TensorBoard or not)"
     assert not (folder / "dvc.yaml").exists(), "the pipeline's dvc.yaml declares the files: DVCLive writes none"
+    # train.report_to: TensorBoard gets the same scalars and images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(p.path("tensorboard")), size_guidance={"images": 0}).Reload()
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == history["step"].tolist()
+    np.testing.assert_allclose([e.value for e in logged], history["loss"], rtol=1e-6)
+    assert [e.step for e in events.Scalars("validation/heldout_loss")] == [0, 2, 4]
+    assert len(events.Scalars("train/samples_per_s")) >= 1
+    assert events.Tags()["images"] == ["validation/000000"]
 
 
 def test_validation_draws_through_the_generate_code_and_a_fixed_heldout_loss(trained_project):
@@ -121,35 +131,6 @@ def test_validation_draws_through_the_generate_code_and_a_fixed_heldout_loss(tra
     heldout = train_log.read_heldout(paths.train_log).set_index("step")["heldout_loss"]
     assert base.heldout_loss() == pytest.approx(heldout[0], rel=1e-6)
     assert heldout[cfg.max_steps] != pytest.approx(heldout[0], rel=1e-4), "training moved it"
-
-
-def test_validation_changes_no_weight_and_validates_the_last_step(trained_project):
-    """Validation only measures: a run that validates (every 3 steps of 4: at 0, 3 and the last,
-    4) trains the same LoRA, to the bit, as one that does not, and with the UNet alone too (where
-    the ControlNet loads for the images only)."""
-    p = trained_project
-    p.run("train_lora", train__controlnet=False, train__validate_every=0)
-    alone = lora_weights(p)
-    assert train_log.read_heldout(p.path("train_log")) is None
-    p.run("train_lora", train__controlnet=False, train__validate_every=3)
-    assert train_log.read_heldout(p.path("train_log"))["step"].tolist() == [0, 3, 4]
-    for key, value in alone.items():
-        torch.testing.assert_close(lora_weights(p)[key], value, rtol=0, atol=0, msg=key)
-
-
-def test_tensorboard_logs_the_same_scalars(trained_project):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    p = trained_project
-    p.run("train_lora", train__report_to=["tensorboard"])
-    events = EventAccumulator(str(p.path("tensorboard")), size_guidance={"images": 0}).Reload()
-    history = read_history(p.path("train_log"))
-    logged = events.Scalars("train/loss")
-    assert [e.step for e in logged] == history["step"].tolist()
-    np.testing.assert_allclose([e.value for e in logged], history["loss"], rtol=1e-6)
-    assert [e.step for e in events.Scalars("validation/heldout_loss")] == [0, 2, 4]
-    assert len(events.Scalars("train/samples_per_s")) >= 1
-    assert events.Tags()["images"] == ["validation/000000"]
 
 
 def checkpoints(project):
@@ -277,10 +258,16 @@ def test_training_with_and_without_the_controlnet(trained_project):
     same draws. Canny thresholds that find no edge feed the ControlNet blank maps: a third curve."""
     p = trained_project
     under = read_history(p.path("train_log"))["loss"].to_numpy()
-    p.run("train_lora", train__controlnet=False)
-    alone = read_history(p.path("train_log"))["loss"].to_numpy()
+    p.run("train_lora", train__controlnet=False, train__validate_every=0)
+    alone, alone_weights = read_history(p.path("train_log"))["loss"].to_numpy(), lora_weights(p)
     # The same draws, so any difference is the ControlNet's (small on the suite's 2-step kit).
     assert len(alone) == len(under) and not np.array_equal(alone, under)
+    # Validation only measures: validating (every 3 of 4 steps: at 0, 3 and the last, 4) trains the same
+    # LoRA to the bit, here where the ControlNet loads for the validation images alone
+    p.run("train_lora", train__controlnet=False, train__validate_every=3)
+    assert train_log.read_heldout(p.path("train_log"))["step"].tolist() == [0, 3, 4]
+    for key, value in alone_weights.items():
+        torch.testing.assert_close(lora_weights(p)[key], value, rtol=0, atol=0, msg=key)
     p.run("train_lora", train__controlnet=True, canny__low_threshold=5000, canny__high_threshold=5000)
     blank = read_history(p.path("train_log"))["loss"].to_numpy()
     assert not np.array_equal(blank, under) and not np.array_equal(blank, alone), "blank maps, not none"
