@@ -168,9 +168,9 @@ def draw_pair(pipe, edges: Image.Image, prompt: str, seeds: list[int], cfg, dev,
     for start in range(0, len(seeds), cfg.batch_size):  # generate.batch_size images per call, as the stages
         batch = seeds[start:start + cfg.batch_size]
         inputs = ([edges] * len(batch), [prompt] * len(batch), batch)
-        pipe.unet.disable_lora()  # the baseline: the same pipeline without the LoRA
+        pipe.disable_lora()  # the baseline: the same pipeline without the LoRA (the text encoder's too)
         baseline += draw(pipe, *inputs, cfg, dev)
-        pipe.unet.enable_lora()
+        pipe.enable_lora()
         lora += draw(pipe, *inputs, cfg, dev, lora_scale)
     return baseline, lora
 

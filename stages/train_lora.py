@@ -46,7 +46,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
 
 from stages.common import dataset, distributed
@@ -59,7 +59,8 @@ from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metada
 from stages.common.params import load_params, model_keys, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 from stages.common.train_log import TrainLog
-from stages.common.training import Trainer, TrainSamples, encode_latents, fixed_sample_loss, read_rows
+from stages.common.training import (LORA_MODELS, Trainer, TrainSamples, encode_latents, fixed_sample_loss,
+                                    read_rows)
 from stages.common.validation import Validator, check_counts
 
 # Reading a loss waits for the GPU to finish its step, and the next step cannot be queued meanwhile:
@@ -170,7 +171,6 @@ def main() -> None:
         state = latest_checkpoint(checkpoints, expected, delete=False)
     start_step, loss_log, validations = 0, [], []
     if state is not None:
-        set_peft_model_state_dict(m.unet, state["lora"])
         t.load_state(state)
         start_step, loss_log, validations = state["step"], state["loss_log"], state["validations"]
         log.info("train-lora: resuming from step %d", start_step)
@@ -214,7 +214,7 @@ def main() -> None:
         if writer and checkpoint:
             save_checkpoint(checkpoints, {
                 "step": step + 1, "fingerprint": expected, "loss_log": loss_log, "validations": validations,
-                "scaler": scaler.state_dict(), "lora": get_peft_model_state_dict(m.unet),
+                "scaler": scaler.state_dict(), "lora": t.lora_state(),
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()})
     if not writer:  # the LoRA is the same in every process: one writes it
         distributed.finish()
@@ -229,16 +229,22 @@ def main() -> None:
     # File by file, each written whole: the folder also holds model-card's card and DVC's .gitignore
     out = Path(paths.lora)
     out.mkdir(parents=True, exist_ok=True)
-    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
-    # The adapter config (rank, alpha, target modules) goes into the file's metadata where
-    # diffusers' loaders look for it: without it every loader assumes alpha = rank, and a LoRA
-    # trained with alpha != rank comes back scaled by rank / alpha. Beside it, what made it.
+    # Each LoRA's weights with the adapter config (rank, alpha, target modules) that goes into the
+    # file's metadata where diffusers' loaders look for it: without it every loader assumes
+    # alpha = rank, and a LoRA trained with alpha != rank comes back scaled by rank / alpha.
     # Only the fields that define the adapter: diffusers rebuilds LoraConfig(**metadata), and a
     # field an older peft does not know would make the file unloadable there.
-    config = m.unet.peft_config["default"]
-    adapter = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
-               "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
-               "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights}
+    states, adapters = {}, {}
+    for name, model in zip(LORA_MODELS, t.adapted):
+        states[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        config = model.peft_config["default"]
+        adapters[name] = {"r": config.r, "lora_alpha": config.lora_alpha,
+                          "target_modules": sorted(config.target_modules), "rank_pattern": config.rank_pattern,
+                          "alpha_pattern": config.alpha_pattern, "use_dora": config.use_dora,
+                          "init_lora_weights": config.init_lora_weights}
+    if "text_encoder" in states:  # SD 1.5's names (transformers 5 dropped CLIP's text_model.): the hub's, kohya's
+        states["text_encoder"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
+                                  for k, v in states["text_encoder"].items()}
     # The params' digest, not the resume fingerprint: that one also hashes the code, so the
     # weights file would change with every edit to any stage.
     # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.
@@ -248,15 +254,18 @@ def main() -> None:
     params_digest = hashlib.sha256(train_params.encode()).hexdigest()[:16]
     sources = Path(paths.model_sources)
     base_model = base_model_name(read_json(sources) if sources.is_file() else None)
-    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
-                    {f"unet.{k}": v for k, v in adapter.items()}, sort_keys=True),  # keyed as diffusers packs it
+    metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(  # keyed as diffusers packs it
+                    {f"{name}.{k}": v for name, adapter in adapters.items() for k, v in adapter.items()}, sort_keys=True),
                 "fashion.train": train_params, "fashion.train_sha256": params_digest,
                 "fashion.base_model": base_model}
     StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS, safe_serialization=True,
+        out, unet_lora_layers=states["unet"], text_encoder_lora_layers=states.get("text_encoder"),
+        weight_name=LORA_WEIGHTS, safe_serialization=True,
         save_function=lambda weights, filename: save_safetensors(filename, weights, metadata))
     # The same weights for A1111, ComfyUI and kohya's tools
-    save_safetensors(out / KOHYA_FILE, to_kohya({f"unet.{k}": v for k, v in lora_state.items()}, cfg.alpha),
+    save_safetensors(out / KOHYA_FILE, to_kohya({f"{name}.{k}": v for name, state in states.items()
+                                                 for k, v in state.items()},
+                                                {"unet": cfg.alpha, "text_encoder": cfg.text_encoder_alpha}),
                      kohya_metadata(cfg.rank, cfg.alpha, params.extract.resolution, params_digest,
                                     base_model))
     write_json(out / LORA_CONFIG, {
@@ -264,7 +273,8 @@ def main() -> None:
         "base_model_name": base_model, "controlnet": paths.controlnet if cfg.controlnet else None,
         "canny": list(edges) if edges else None,
         "train_images": len(images), "dtype": str(dtype),
-        "lora_parameters": sum(p.numel() for p in t.lora_params), "lora_tensors": len(lora_state)})
+        "lora_parameters": sum(p.numel() for p in t.lora_params),
+        "lora_tensors": sum(len(state) for state in states.values())})
     write_json(paths.train_summary, summary)
     train_log.close()
     shutil.rmtree(checkpoints)  # the outputs are whole: DVC's cache keeps them from here

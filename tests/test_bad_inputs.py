@@ -345,6 +345,10 @@ CASES = [
     Case("target-module-not-a-layer", "train_lora", params(train__target_modules=["to_q", "to_out"]),
          r"train.target_modules: 'to_out' names a ModuleList, not a layer LoRA can wrap \(Linear, Conv or "
          r"Embedding\); the UNet's attention projections are to_k, to_out.0, to_q, to_v"),
+    Case("text-encoder-target-module-unknown", "train_lora",
+         params(train__text_encoder_rank=4, train__text_encoder_target_modules=["q_proj", "to_q"]),
+         r"train.text_encoder_target_modules: 'to_q' is not a module of the text encoder; the text encoder's "
+         r"layers are mlp.fc1, mlp.fc2, self_attn.k_proj, self_attn.out_proj, self_attn.q_proj, self_attn.v_proj"),
     Case("device-unknown", "train_lora", env("FASHION_DEVICE", "gpu"),
          r"FASHION_DEVICE='gpu' is not a device; use auto, cpu, cuda or cuda:N"),
     # --- several machines (launch.*)

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from stages.common.lora_formats import KOHYA_FILE, base_model_name, from_kohya, to_kohya
+from stages.common.lora_formats import KOHYA_FILE, base_model_name, from_kohya, peft_names, to_kohya
 from stages.common.dataset import LORA_WEIGHTS
 from tests.conftest import REPO
 
@@ -23,12 +23,13 @@ def test_kohya_export_round_trips_exactly(trained_project):
     p.run("train_lora", train__alpha=2 * rank, train__max_steps=2)
     diffusers_state = load_file(p.path("lora") / LORA_WEIGHTS)
     kohya = load_file(p.path("lora") / KOHYA_FILE)
-    expected = to_kohya(diffusers_state, 2 * rank)
+    expected = to_kohya(diffusers_state, {"unet": 2 * rank})
     assert kohya.keys() == expected.keys() and all(torch.equal(kohya[k], v) for k, v in expected.items())
     modules = sorted({k.removeprefix("unet.").rsplit(".lora.", 1)[0] for k in diffusers_state})
-    weights, alphas = from_kohya(kohya, modules)
-    assert weights.keys() == diffusers_state.keys()
-    assert all(torch.equal(weights[k], diffusers_state[k]) for k in weights), "bit-exact"
+    weights, alphas = from_kohya(kohya, {"unet": modules})
+    saved = peft_names(diffusers_state)
+    assert weights.keys() == saved.keys()
+    assert all(torch.equal(weights[k], saved[k]) for k in weights), "bit-exact"
     assert set(alphas.values()) == {2.0 * rank}
     with safe_open(p.path("lora") / KOHYA_FILE, "pt") as f:
         meta = f.metadata()
@@ -76,9 +77,9 @@ def test_a_lora_beyond_attention_exports_too(trained_project):
 
 
 def test_unknown_keys_are_refused():
-    with pytest.raises(ValueError, match="not a diffusers UNet LoRA key"):
-        to_kohya({"text_encoder.x.lora.down.weight": torch.zeros(1)}, 4)
+    with pytest.raises(ValueError, match="not a diffusers UNet or text encoder LoRA key"):
+        to_kohya({"text_encoder_2.x.lora.down.weight": torch.zeros(1)}, {"unet": 4})
     with pytest.raises(ValueError, match="twice"):
-        to_kohya({"unet.m.lora.down.weight": torch.zeros(1), "unet.m.lora_A.weight": torch.zeros(1)}, 4)
-    with pytest.raises(ValueError, match="not a kohya key of this UNet's modules"):
-        from_kohya({"lora_unet_nowhere.alpha": torch.tensor(4.0)}, ["down_blocks.0.attentions.0.proj_in"])
+        to_kohya({"unet.m.lora.down.weight": torch.zeros(1), "unet.m.lora_A.weight": torch.zeros(1)}, {"unet": 4})
+    with pytest.raises(ValueError, match="not a kohya key of these models' modules"):
+        from_kohya({"lora_unet_nowhere.alpha": torch.tensor(4.0)}, {"unet": ["down_blocks.0.attentions.0.proj_in"]})

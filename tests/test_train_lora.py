@@ -356,8 +356,10 @@ def test_each_step_is_shared_out_whole():
 
 def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
     """Every draw belongs to a sample, not to a micro-batch: 4 x 1, 2 x 2, 1 x 4 and 2 x 2 in one forward
-    pass (train.micro_batch: 4) are one run."""
+    pass (train.micro_batch: 4) are one run, with the per-sample knobs on too (Min-SNR-γ weights,
+    noise offset constants, caption dropout coins)."""
     p = trained_project
+    p.set({"train.snr_gamma": 5.0, "train.noise_offset": 0.1, "train.caption_dropout": 0.5})
     runs = []
     for batch, accumulation, micro in ((2, 2, 0), (4, 1, 0), (1, 4, 0), (2, 2, 4)):
         p.run("train_lora", train__batch_size=batch, train__grad_accumulation=accumulation, train__micro_batch=micro)

@@ -28,7 +28,7 @@ from stages.common.errors import StageError
 from stages.common.io import (ImageWriter, atomic_dir, check_images, fingerprint, load_rgb, read_json,
                               remove_temps, source_files, write_json)
 from stages.common.model_layouts import check_folder
-from stages.common.models import check_lora, load_controlnet_pipeline
+from stages.common.models import check_lora, load_controlnet_pipeline, lora_components
 from stages.common.params import load_params, what_keys
 from stages.common.runtime import compiled, device, free_cached_memory, inference_dtype, is_oom, peak_memory
 
@@ -87,10 +87,11 @@ def run(variant: str) -> None:
         pipe = load_controlnet_pipeline(paths.base_model, paths.controlnet, cfg.scheduler, dtype, dev,
                                         lora=paths.lora if variant == "lora" else None)
         if variant == "lora":
-            # One scale for the whole stage: fold the LoRA into the UNet's weights once, so every
-            # step runs the plain UNet, without two extra matmuls per attention projection.
-            # Within 1 level of the unfused LoRA (tests/test_fashion_generate.py draws it unfused).
-            pipe.fuse_lora(components=["unet"], lora_scale=cfg.lora_scale)
+            # One scale for the whole stage: fold the LoRA into the UNet's weights (and the text
+            # encoder's, if it has one) once, so every step runs the plain UNet, without two extra
+            # matmuls per attention projection. Within 1 level of the unfused LoRA
+            # (tests/test_fashion_generate.py draws it unfused).
+            pipe.fuse_lora(components=lora_components(pipe), lora_scale=cfg.lora_scale)
         pipe.unet = compiled(pipe.unet, cfg.compile, paths)
         pipe.controlnet = compiled(pipe.controlnet, cfg.compile, paths)
     distributed.barrier()  # every process has read the resume folder before the writer changes it

@@ -2,12 +2,14 @@
 diffusers' own file.
 
 diffusers: `unet.<module>.lora.down.weight` for attention projections, peft's
-           `unet.<module>.lora_A.weight` (and `lora_B`) for other layers (proj_in, ff.net.*),
+           `unet.<module>.lora_A.weight` (and `lora_B`) for other layers (proj_in, ff.net.*);
+           with train.text_encoder_rank, `text_encoder.text_model.<module>.lora_linear_layer.down.weight`;
            alpha in the file's adapter metadata.
 kohya:     `lora_unet_<module with dots as underscores>.lora_down.weight`, `.lora_up.weight`,
            and a scalar `.alpha` per module (scale = alpha / rank), plus the `ss_*` metadata
-           that A1111's LoRA browser shows. SD 1.x keeps diffusers' module names (down_blocks_0_...),
-           unlike SDXL's LDM names (input_blocks_...).
+           that A1111's LoRA browser shows; `lora_te_text_model_encoder_layers_0_self_attn_q_proj...`
+           for the text encoder. SD 1.x keeps diffusers' module names (down_blocks_0_...), unlike
+           SDXL's LDM names (input_blocks_...).
 """
 
 from __future__ import annotations
@@ -17,50 +19,66 @@ from pathlib import Path
 
 
 KOHYA_FILE = "fashion_lora_kohya.safetensors"
-# diffusers renames peft's lora_A/lora_B to lora.down/lora.up only for attention projections; a
-# LoRA on proj_in or a feed-forward layer keeps peft's names in the same file.
-_DIFFUSERS_KEY = re.compile(r"unet\.(?P<module>.+)\.lora(?:\.(?P<part>down|up)|_(?P<peft>A|B))\.weight")
-_KOHYA_KEY = re.compile(r"lora_unet_(?P<name>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
-_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up"}
+# diffusers renames peft's lora_A/lora_B to lora.down/lora.up for the UNet's attention projections
+# and to lora_linear_layer.down/up for the text encoder's; a LoRA on any other layer (proj_in,
+# ff.net.*, fc1) keeps peft's names in the same file.
+_DIFFUSERS_KEY = re.compile(r"(?P<model>unet|text_encoder)\.(?P<module>.+?)"
+                            r"\.(?:lora(?:_linear_layer)?\.(?P<part>down|up)|lora_(?P<peft>A|B))\.weight")
+_KOHYA_KEY = re.compile(r"(?P<name>lora_(?:unet|te)_.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+_PEFT_PART = {"lora_down.weight": "A", "lora_up.weight": "B"}
+# kohya's prefix per model; SD 1.x has one text encoder, "lora_te" (SDXL's are lora_te1, lora_te2)
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_DIFFUSERS_PART = re.compile(r"\.lora(?:_linear_layer)?\.(down|up)\.")
 
 
-def kohya_name(module: str) -> str:
-    return "lora_unet_" + module.replace(".", "_")
+def kohya_name(module: str, model: str = "unet") -> str:
+    """`module` of `model` as kohya names it: the text encoder's as transformers 4 named CLIP's
+    layers (text_model.encoder.layers.0...), as every SD 1.5 LoRA does."""
+    return KOHYA_PREFIX[model] + module.replace(".", "_")
 
 
-def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """diffusers LoRA keys to kohya keys, with each module's alpha as a scalar tensor."""
+def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """diffusers LoRA keys (unet.*, text_encoder.*) to kohya keys, with each module's alpha (its
+    model's, from `alphas`) as a scalar tensor."""
     import torch  # here, not at the top: model-card and fashion-publish read this module's names only
 
     out = {}
     for key, value in state.items():
         match = _DIFFUSERS_KEY.fullmatch(key)
         if match is None:
-            raise ValueError(f"{key}: not a diffusers UNet LoRA key")
-        name = kohya_name(match["module"])
+            raise ValueError(f"{key}: not a diffusers UNet or text encoder LoRA key")
+        name = kohya_name(match["module"], match["model"])
         part = match["part"] or {"A": "down", "B": "up"}[match["peft"]]
         if f"{name}.lora_{part}.weight" in out:
             raise ValueError(f"{key}: {match['module']}'s lora {part} weight given twice")
         out[f"{name}.lora_{part}.weight"] = value
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        out[f"{name}.alpha"] = torch.tensor(float(alphas[match["model"]]))
     return out
 
 
-def from_kohya(state: dict[str, torch.Tensor], modules: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """kohya keys back to diffusers keys, and each module's alpha. Underscores in a kohya name are
-    ambiguous (down_blocks_0 ...), so the UNet's module names say which were dots."""
-    by_name = {kohya_name(m): m for m in modules}
+def from_kohya(state: dict[str, torch.Tensor], modules: dict[str, list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """kohya keys back to diffusers keys with peft's lora_A / lora_B names (see peft_names), and
+    each module's alpha (keyed `model.module`).
+    Underscores in a kohya name are ambiguous (down_blocks_0 ...), so the models' module names
+    (`modules`, by model) say which were dots."""
+    by_name = {kohya_name(module, model): (model, module) for model, names in modules.items() for module in names}
     weights, alphas = {}, {}
     for key, value in state.items():
         match = _KOHYA_KEY.fullmatch(key)
-        if match is None or f"lora_unet_{match['name']}" not in by_name:
-            raise ValueError(f"{key}: not a kohya key of this UNet's modules")
-        module = by_name[f"lora_unet_{match['name']}"]
+        if match is None or match["name"] not in by_name:
+            raise ValueError(f"{key}: not a kohya key of these models' modules")
+        model, module = by_name[match["name"]]
         if match["part"] == "alpha":
-            alphas[module] = float(value)
+            alphas[f"{model}.{module}"] = float(value)
         else:
-            weights[f"unet.{module}.lora.{_PARTS[match['part']]}.weight"] = value
+            weights[f"{model}.{module}.lora_{_PEFT_PART[match['part']]}.weight"] = value
     return weights, alphas
+
+
+def peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA file's keys with peft's lora_A / lora_B, whatever the layer: from_kohya's form."""
+    return {_DIFFUSERS_PART.sub(lambda m: f".lora_{'A' if m[1] == 'down' else 'B'}.", key): value
+            for key, value in state.items()}
 
 
 def base_model_name(sources: dict | None) -> str:

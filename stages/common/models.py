@@ -120,21 +120,69 @@ def check_lora(folder: str | Path) -> Path:
     return path
 
 
-def check_target_modules(unet: torch.nn.Module, target_modules: list[str]) -> None:
-    """Every `train.target_modules` entry must name layers peft can give a LoRA (Linear, Conv,
-    Embedding) in the UNet; otherwise peft fails deep inside add_adapter, or matches nothing."""
+def has_text_encoder_lora(path: Path) -> bool:
+    """Whether a checked LoRA file (check_lora) holds text encoder weights (train.text_encoder_rank)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return any(k.startswith("text_encoder.") for k in f.keys())
+
+
+def add_text_encoder_lora(text_encoder, config, adapter_name: str = "default") -> None:
+    """`config`'s LoRA layers in the text encoder, through peft itself: transformers' own adapter
+    API (add_adapter, load_adapter) refuses peft 0.21, the newest release, from transformers 5.23
+    on (it asks for 0.22). peft's state-dict helpers find the config where transformers keeps it."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name)
+    text_encoder.peft_config = {**getattr(text_encoder, "peft_config", {}), adapter_name: config}
+
+
+def load_text_encoder_lora(pipe, path: Path, adapter_name: str) -> None:
+    """The text encoder's LoRA of a diffusers or kohya file, read and converted by diffusers'
+    public `lora_state_dict`, added through peft (see add_text_encoder_lora: not
+    load_lora_weights, whose last step is transformers' adapter API)."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    state, _, metadata = pipe.lora_state_dict(path.parent, weight_name=path.name, return_lora_metadata=True)
+    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+        {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}))
+    if not hasattr(pipe.text_encoder, "text_model"):  # transformers 5's CLIP: SD 1.5's names lose text_model.
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    config = {k.removeprefix("text_encoder."): v for k, v in (metadata or {}).items() if k.startswith("text_encoder.")}
+    if not config:
+        raise ValueError("no adapter metadata for the text encoder (its rank and alpha)")
+    add_text_encoder_lora(pipe.text_encoder, LoraConfig(**config), adapter_name)
+    result = set_peft_model_state_dict(pipe.text_encoder, state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise ValueError(f"text encoder LoRA keys that fit no layer: {result.unexpected_keys[0]}")
+
+
+def lora_components(pipe) -> list[str]:
+    """The pipeline's parts that carry a LoRA, for fuse_lora."""
+    return ["unet"] + (["text_encoder"] if getattr(pipe.text_encoder, "peft_config", None) else [])
+
+
+def check_target_modules(model: torch.nn.Module, target_modules: list[str], key: str = "train.target_modules",
+                         what: str = "UNet") -> None:
+    """Every entry of `key` must name layers peft can give a LoRA (Linear, Conv, Embedding) in
+    `model` (the UNet, or the text encoder); otherwise peft fails deep inside add_adapter, or
+    matches nothing. The error lists one block's layers, as they can be named."""
     wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
-    modules = dict(unet.named_modules())
+    modules = dict(model.named_modules())
     for target in target_modules:
         matches = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
         if matches and all(isinstance(m, wrappable) for m in matches):
             continue
-        attention = sorted({name.split(".attn1.")[1] for name, module in modules.items()
-                            if ".attn1." in name and isinstance(module, torch.nn.Linear)})
-        what = (f"names a {type(next(m for m in matches if not isinstance(m, wrappable))).__name__}, not a layer "
-                "LoRA can wrap (Linear, Conv or Embedding)" if matches else "is not a module of the UNet")
-        raise StageError(f"train.target_modules: {target!r} {what}; the UNet's attention projections are "
-                         f"{', '.join(attention)}")
+        block = ".attn1." if what == "UNet" else ".layers.0."  # SD 1.5's: attention; CLIP's: a whole layer
+        layers = sorted({name.split(block)[1] for name, module in modules.items()
+                         if block in name and isinstance(module, torch.nn.Linear)})
+        problem = (f"names a {type(next(m for m in matches if not isinstance(m, wrappable))).__name__}, not a layer "
+                   "LoRA can wrap (Linear, Conv or Embedding)" if matches else f"is not a module of the {what}")
+        listed = "attention projections" if what == "UNet" else "layers"
+        raise StageError(f"{key}: {target!r} {problem}; the {what}'s {listed} are {', '.join(layers)}")
 
 
 SCHEDULERS = {"unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler",
@@ -165,11 +213,12 @@ def load_controlnet_pipeline(base: str | Path, controlnet: str | Path, scheduler
                          f"(its scheduler config); use {', '.join(k for k in SCHEDULERS if k != scheduler)}")
     pipe.scheduler = chosen.from_config(pipe.scheduler.config)
     if lora_file is not None:
-        # Our LoRA is UNet-only; loading it into the UNet directly skips load_lora_weights'
-        # warning about a text encoder with no LoRA keys.
         with loading(lora_file, "train-lora"):
+            # Into the UNet directly: no load_lora_weights warning about a text encoder without LoRA keys
             pipe.unet.load_lora_adapter(lora_file.parent, weight_name=lora_file.name, prefix="unet",
                                         adapter_name="fashion")
+            if has_text_encoder_lora(lora_file):  # train.text_encoder_rank
+                load_text_encoder_lora(pipe, lora_file, "fashion")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

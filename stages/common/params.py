@@ -297,6 +297,23 @@ class Train:
                             "open (colour, texture), not the layout. false: the seed recipe, the UNet alone")
     target_modules: list[str] = _doc("UNet layers that get LoRA, by name or name suffix: the attention "
                                      "projections (to_q, attn2.to_k, ...), or proj_in, ff.net.2 and the like")
+    snr_gamma: float = _doc("Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma, kohya's "
+                            "--min_snr_gamma): each sample's loss times min(SNR, γ) / SNR for an epsilon model, "
+                            "min(SNR, γ) / (SNR + 1) for a v-prediction one (diffusers' fix, PR #5238); the paper "
+                            "uses 5; 0: off (the seed recipe)")
+    noise_offset: float = _doc("each sample's noise plus this times a per-channel constant drawn for it (diffusers' "
+                               "and kohya's --noise_offset): darker darks, brighter brights; 0.05 to 0.1 is usual; "
+                               "0: off")
+    caption_dropout: float = _doc("probability that a sample trains on the empty prompt (diffusers' "
+                                  "--proportion_empty_prompts, kohya's caption_dropout_rate): keeps the "
+                                  "unconditional branch of classifier-free guidance in tune; 0: off")
+    text_encoder_rank: int = _doc("LoRA rank on the text encoder too, trained at its own learning rate (kohya's "
+                                  "--text_encoder_lr): it re-teaches words; 0: the UNet alone (the seed recipe)")
+    text_encoder_alpha: float = _doc("the text encoder's LoRA alpha (scale = alpha / rank)")
+    text_encoder_learning_rate: float = _doc("peak AdamW learning rate of the text encoder's LoRA (same schedule)")
+    text_encoder_target_modules: list[str] = _doc("text encoder layers that get LoRA, by name or name suffix: "
+                                                  "q_proj, k_proj, v_proj, out_proj (diffusers'), plus fc1 and fc2 "
+                                                  "(kohya's)")
     random_flip: bool = _doc("random horizontal flip, p=0.5")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
         "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"
@@ -366,9 +383,15 @@ class Train:
         _check(self.batch_size * self.grad_accumulation % self.processes == 0, "train.processes",
                f"must divide batch_size x grad_accumulation ({self.batch_size * self.grad_accumulation}) so that "
                "every process gets as many samples")
-        _check(len(self.target_modules) > 0, "train.target_modules", "must name at least one module")
-        _check(len(set(self.target_modules)) == len(self.target_modules), "train.target_modules",
-               "names a module twice")
+        for name in ("target_modules", "text_encoder_target_modules"):
+            _check(len(getattr(self, name)) > 0, f"train.{name}", "must name at least one module")
+            _check(len(set(getattr(self, name))) == len(getattr(self, name)), f"train.{name}", "names a module twice")
+        _check(self.snr_gamma >= 0, "train.snr_gamma", "must be >= 0 (0: off; the paper's is 5)")
+        _check(self.noise_offset >= 0, "train.noise_offset", "must be >= 0 (0: off; 0.05 to 0.1 is usual)")
+        _check(0 <= self.caption_dropout <= 1, "train.caption_dropout", "must be in [0, 1] (a probability; 0: off)")
+        _check(self.text_encoder_rank >= 0, "train.text_encoder_rank", "must be >= 0 (0: no text encoder LoRA)")
+        _check(self.text_encoder_alpha > 0, "train.text_encoder_alpha", "must be positive (scale = alpha / rank)")
+        _check(self.text_encoder_learning_rate > 0, "train.text_encoder_learning_rate", "must be positive")
 
 
 @dataclass(frozen=True)

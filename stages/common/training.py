@@ -12,15 +12,16 @@ import os
 import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from stages.common import distributed
 from stages.common.edges import canny
-from stages.common.models import check_target_modules, load_training_models
+from stages.common.models import add_text_encoder_lora, check_target_modules, load_training_models
 from stages.common.runtime import compile_module, fused_adamw, uses_cuda_graphs
 
 
@@ -38,8 +39,8 @@ class TrainSamples(torch.utils.data.Dataset):
         self.images, self.flip, self.seed, self.edges = images, flip, seed, edges
         self.latent_shape, self.timesteps = latent_shape, timesteps
         self.moments = self.rows = None  # the latent cache: see use_cache()
-        self.input_ids = tokenizer(prompts, padding="max_length", truncation=True,
-                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        self.input_ids = tokenize(tokenizer, prompts)
+        self.empty_ids = tokenize(tokenizer, [""])[0]  # train.caption_dropout's prompt
         self._order = (-1, None)
 
     def __len__(self) -> int:
@@ -72,9 +73,14 @@ class TrainSamples(torch.utils.data.Dataset):
         latent_noise = torch.randn(self.latent_shape, generator=generator)
         noise = torch.randn(self.latent_shape, generator=generator)
         timestep = torch.randint(0, self.timesteps, (), generator=generator)
+        # After the draws above, so that they are the same whether or not the knobs that use these
+        # are on: train.noise_offset's per-channel constants and train.caption_dropout's coin.
+        offset = torch.randn((self.latent_shape[0], 1, 1), generator=generator)
+        coin = torch.rand((), generator=generator)
         # The cached latent distribution travels with the item, so the loader collates and pins it.
         moments = self.moments[self.rows[i, flipped]] if self.moments is not None else torch.empty(0)
-        return i, flipped, self.input_ids[i], moments, self.edge_map(i, flipped), latent_noise, noise, timestep
+        return (i, flipped, self.input_ids[i], moments, self.edge_map(i, flipped), latent_noise, noise, timestep,
+                offset, coin)
 
     def pixels(self, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images, mirrored where `flipped`. extract writes them at the training resolution,
@@ -92,6 +98,11 @@ class TrainSamples(torch.utils.data.Dataset):
             return torch.empty(0, dtype=torch.uint8)
         image = self.images[i]
         return torch.from_numpy(canny(np.ascontiguousarray(image[:, ::-1] if flipped else image), *self.edges))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
 
 
 def control_input(maps: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
@@ -119,18 +130,45 @@ def encode_latents(vae, samples: TrainSamples, pairs: list[tuple[int, int]], dty
     return moments
 
 
+def set_lora_enabled(models, enabled: bool) -> None:
+    """Turn the LoRA layers of `models` on or off (peft's layers, whoever added them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023) per sample, as diffusers' training scripts weigh since PR
+    #5238: min(SNR, γ) / SNR for an epsilon target, min(SNR, γ) / (SNR + 1) for v. The epsilon
+    case is computed as min(γ / SNR, 1): the same where SNR > 0, and 1 instead of 0 / 0 at a
+    zero-terminal-SNR schedule's last step."""
+    snr = compute_snr(scheduler, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
 def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, dtype, unet=None, control: torch.Tensor | None = None) -> torch.Tensor:
+                   timesteps: torch.Tensor, dtype, unet=None, control: torch.Tensor | None = None,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
     """The seed's objective, per sample. `latents` is either the cached latent distribution or
     pixels to encode (the recipe); either way the latent is mean + std x latent_noise, as
     diffusers' `latent_dist.sample()` computes it, so both paths train on the same numbers. With
     `control` (train.controlnet) the frozen ControlNet adds its residuals as in generation: it
-    does not depend on the LoRA, so it runs without gradients."""
+    does not depend on the LoRA, so it runs without gradients. `snr_gamma` > 0 weighs each
+    sample by Min-SNR-γ; the held-out and fixed-sample losses leave it at 0, so that they compare
+    between runs with and without it."""
     dev = input_ids.device
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         if not isinstance(latents, DiagonalGaussianDistribution):
             latents = m.vae.encode(latents.to(dtype)).latent_dist
         latents = (latents.mean + latents.std * latent_noise.to(latents.mean.dtype)) * m.vae.config.scaling_factor
+    # With gradients only where the text encoder has a LoRA (train.text_encoder_rank): frozen
+    # weights and integer ids record no graph.
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         text = m.text_encoder(input_ids)[0]
     noise = noise.to(latents.dtype)
     noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -145,7 +183,8 @@ def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tens
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         prediction = (unet if unet is not None else m.unet)(noisy, timesteps, text, **residuals).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return loss * min_snr_weights(m.noise_scheduler, timesteps, snr_gamma) if snr_gamma else loss
 
 
 @torch.no_grad()
@@ -155,24 +194,26 @@ def fixed_sample_loss(m, unet, samples: TrainSamples, count: int, dtype, dev, ba
     under the base UNet and under the base plus its LoRA. Both passes see the same inputs, so only
     the LoRA moves the second. From the pixels, not the latent cache, which need not hold these
     pairs. Eager even when the UNet is compiled: eval mode and toggled adapters would otherwise
-    cost a recompile each. Returns train-lora's summary metric."""
+    cost a recompile each. The text encoder's LoRA (train.text_encoder_rank) is toggled with the
+    UNet's. Returns train-lora's summary metric."""
     losses = {False: 0.0, True: 0.0}  # keyed by "LoRA enabled"
+    models = [unet, m.text_encoder]
     was_training = unet.training
     unet.eval()
     try:
         with torch.compiler.set_stance("force_eager"):
             for start in range(0, count, batch):
-                index, flipped, input_ids, _, maps, latent_noise, noise, timesteps = torch.utils.data.default_collate(
+                index, flipped, input_ids, _, maps, latent_noise, noise, timesteps, *_ = torch.utils.data.default_collate(
                     [samples[k] for k in range(start, min(start + batch, count))])
                 with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):  # encoded once for both
                     latents = m.vae.encode(samples.pixels(index, flipped).to(dev, dtype)).latent_dist
                 args = (input_ids.to(dev), latent_noise.to(dev), noise.to(dev), timesteps.to(dev), dtype, unet,
                         control_input(maps, dev))
                 for enabled in losses:
-                    unet.enable_adapters() if enabled else unet.disable_adapters()
+                    set_lora_enabled(models, enabled)
                     losses[enabled] += float(denoising_loss(m, latents, *args).sum()) / count
     finally:
-        unet.enable_adapters()
+        set_lora_enabled(models, True)
         unet.train(was_training)
     return {"fixed_samples": count, "denoising_loss_base": losses[False], "denoising_loss_lora": losses[True],
             "denoising_loss_change": losses[True] / losses[False] - 1}
@@ -186,6 +227,9 @@ def micro_batches(step: int, cfg, rank: int, processes: int) -> list[list[int]]:
     share, size = per_step // processes, cfg.micro_batch or cfg.batch_size
     first = step * per_step + rank * share
     return [list(range(start, min(start + size, first + share))) for start in range(first, first + share, size)]
+
+
+LORA_MODELS = ("unet", "text_encoder")  # the models that can get a LoRA, as diffusers' files prefix their keys
 
 
 class Trainer:
@@ -206,14 +250,25 @@ class Trainer:
         self.m = m = load_training_models(paths.base_model, dtype,
                                           paths.controlnet if cfg.controlnet or drawn else None)
         check_target_modules(m.unet, cfg.target_modules)
+        if cfg.text_encoder_rank:
+            check_target_modules(m.text_encoder, cfg.text_encoder_target_modules, "train.text_encoder_target_modules",
+                                 "text encoder")
         m.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                       target_modules=list(cfg.target_modules)))
+        if cfg.text_encoder_rank:  # after the UNet's: its gaussian init draws from the global RNG after the UNet's
+            add_text_encoder_lora(m.text_encoder, LoraConfig(
+                r=cfg.text_encoder_rank, lora_alpha=cfg.text_encoder_alpha, init_lora_weights="gaussian",
+                target_modules=list(cfg.text_encoder_target_modules)))
         for module in (m.unet, m.vae, m.text_encoder, m.controlnet):
             if module is not None:
                 module.to(dev)
-        cast_training_params(m.unet, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
+        self.adapted = [m.unet, m.text_encoder] if cfg.text_encoder_rank else [m.unet]  # the models with a LoRA
+        for module in self.adapted:
+            cast_training_params(module, dtype=torch.float32)  # frozen weights in `dtype`, LoRA in fp32
         m.unet.train()
-        self.lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+        self.unet_params = [p for p in m.unet.parameters() if p.requires_grad]
+        self.text_params = [p for p in m.text_encoder.parameters() if p.requires_grad]
+        self.lora_params = self.unet_params + self.text_params
         # Gradients accumulate into buffers allocated here, zeroed (not freed) after each step. Under
         # CUDA graphs (train.compile: reduce-overhead) a .grad that backward created would live in
         # the graph pool, and the next micro-batch's forward would free it before its backward
@@ -230,8 +285,11 @@ class Trainer:
         if self.processes > 1:
             self.unet = torch.nn.parallel.DistributedDataParallel(
                 m.unet, device_ids=[dev.index] if dev.type == "cuda" else None)
+        groups = [{"params": self.unet_params}]
+        if self.text_params:  # its own rate, on the same schedule (get_scheduler scales every group's)
+            groups.append({"params": self.text_params, "lr": cfg.text_encoder_learning_rate})
         self.optimizer = torch.optim.AdamW(
-            self.lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
             fused=fused_adamw(dev))
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -240,8 +298,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
         self.scale = self.scaler.get_scale()  # the loss scale as of the last update, read once per step
 
+    def lora_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each LoRA's weights as peft names them, by model (unet, text_encoder): a checkpoint's form."""
+        return {name: get_peft_model_state_dict(model) for name, model in zip(LORA_MODELS, self.adapted)}
+
     def load_state(self, state: dict) -> None:
-        """A checkpoint's optimiser, schedule and loss scale (the LoRA itself is the caller's)."""
+        """A checkpoint's LoRA weights, optimiser, schedule and loss scale."""
+        for name, model in zip(LORA_MODELS, self.adapted):
+            set_peft_model_state_dict(model, state["lora"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"]:  # empty unless the run used fp16, which the fingerprint pins
@@ -272,7 +336,11 @@ class Trainer:
         count = len(micro_batches(step, cfg, self.rank, self.processes))
         step_loss = torch.zeros((), device=dev)  # summed on the device
         for n in range(count):
-            index, flipped, input_ids, moments, maps, *draws = next(batches)
+            index, flipped, input_ids, moments, maps, latent_noise, noise, timesteps, offset, coin = next(batches)
+            if cfg.caption_dropout:  # the empty prompt where the sample's coin says so
+                input_ids = torch.where((coin < cfg.caption_dropout)[:, None], samples.empty_ids, input_ids)
+            if cfg.noise_offset:  # as diffusers' scripts: the offset noise is also the epsilon target
+                noise = noise + cfg.noise_offset * offset
             if samples.moments is not None:
                 latents = DiagonalGaussianDistribution(moments.to(dev, non_blocking=True).float())
             else:  # the seed recipe: the VAE at every step
@@ -283,13 +351,17 @@ class Trainer:
             sync = self.processes == 1 or n == count - 1
             with contextlib.nullcontext() if sync else self.unet.no_sync():
                 losses = denoising_loss(self.m, latents, input_ids.to(dev, non_blocking=True),
-                                        *(d.to(dev, non_blocking=True) for d in draws), self.dtype, self.unet,
-                                        control_input(maps, dev))
+                                        *(d.to(dev, non_blocking=True) for d in (latent_noise, noise, timesteps)),
+                                        self.dtype, self.unet, control_input(maps, dev), cfg.snr_gamma)
                 # Each sample weighs 1 / per_step in the step's mean; x processes undoes DDP's average.
                 loss = losses.sum() * self.processes / per_step
                 scaler.scale(loss).backward()
             step_loss += losses.detach().sum() / per_step
         step_loss = distributed.all_sum(step_loss)
+        if self.processes > 1 and self.text_params:  # DDP wraps the UNet alone: average the text encoder's here
+            flat = distributed.all_sum(torch.cat([p.grad.flatten() for p in self.text_params])) / self.processes
+            for p, grad in zip(self.text_params, flat.split([p.numel() for p in self.text_params]), strict=True):
+                p.grad.copy_(grad.view_as(p))  # in place: the buffers stay (see __init__)
         scaler.unscale_(optimizer)
         # A real list of parameters: upstream passed a consumed filter(), so it never clipped.
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf

@@ -31,7 +31,7 @@ from stages.common.errors import StageError
 from stages.common.generation import draw
 from stages.common.io import check_images, load_rgb
 from stages.common.train_log import HELDOUT, png
-from stages.common.training import denoising_loss
+from stages.common.training import denoising_loss, tokenize
 
 
 def check_counts(cfg, eval_data) -> list[dict]:
@@ -71,8 +71,7 @@ class Validator:
         self.latent_noise = torch.randn((count, *latent_shape), generator=generator)
         self.noise = torch.randn((count, *latent_shape), generator=generator)
         self.timesteps = ((torch.arange(count) + 0.5) * timesteps / count).long()
-        self.input_ids = m.tokenizer([c["prompt"] for c in configs[:count]], padding="max_length", truncation=True,
-                                     max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids
+        self.input_ids = tokenize(m.tokenizer, [c["prompt"] for c in configs[:count]])
         self.control = (torch.from_numpy(np.stack(edges[:count])).permute(0, 3, 1, 2).float() / 255
                         if cfg.controlnet else None)
         # No gradients and no optimiser state: inference fits a larger batch than a training step's
