@@ -21,7 +21,8 @@ def test_every_preset_validates():
     shipped = presets.load_presets()
     assert {"demo", "seed-5k-0.5k-s20", "seed-30k-3k-s20", "seed-30k-3k-s40"} <= set(shipped)
     for name in shipped:
-        cmd = presets.check(name, shipped, [])
+        cmd, runs = presets.check(name, shipped, [])
+        assert len(runs) == 1
         assert cmd[:5] == ["dvc", "exp", "run", "-n", name], "exp show names the experiment after its preset"
 
 
@@ -41,7 +42,7 @@ def test_the_seed_presets_say_what_the_seed_did():
 
 def test_user_overrides_go_through_and_are_checked_first():
     shipped = presets.load_presets()
-    cmd = presets.check("seed-30k-3k-s40", shipped, ["-S", "extract.h5=/data/x.h5", "--queue"])
+    cmd, _ = presets.check("seed-30k-3k-s40", shipped, ["-S", "extract.h5=/data/x.h5", "--queue"])
     assert cmd[-3:] == ["-S", "extract.h5=/data/x.h5", "--queue"] and "generate.steps=40" in cmd
     assert 'models.mode="hub"' in cmd
     with pytest.raises(ParamsError, match=r"presets.yaml: seed-30k-3k-s20: train.alpha: must be positive"):
@@ -76,3 +77,41 @@ def test_a_preset_starts_from_the_committed_params(tmp_path, monkeypatch):
 def test_string_values_stay_one_value_for_dvc():
     cmd = presets.command("x", {"generate.negative_prompt": "low quality, blurry", "generate.steps": 20}, [])
     assert cmd[-4:] == ["-S", 'generate.negative_prompt="low quality, blurry"', "-S", "generate.steps=20"]
+
+
+def test_a_sweep_expands_as_dvc_does_and_checks_every_point(capsys):
+    """DVC's own expansion (Hydra's grammar): a comma list, range() and choice() make a grid, one
+    experiment per point; a value that fails the schema is named with its point."""
+    shipped = presets.load_presets()
+    cmd, runs = presets.check("demo", shipped, ["-S", "train.rank=4,8", "-S", "generate.steps=range(10,31,10)",
+                                                "-S", "train.lr_scheduler=choice(cosine,linear)", "--queue"])
+    assert len(runs) == 12 and runs[0] == {"train.rank": 4, "generate.steps": 10, "train.lr_scheduler": "cosine"}
+    assert {(r["train.rank"], r["generate.steps"], r["train.lr_scheduler"]) for r in runs} == {
+        (rank, steps, scheduler) for rank in (4, 8) for steps in (10, 20, 30) for scheduler in ("cosine", "linear")}
+    assert cmd[-7:] == ["-S", "train.rank=4,8", "-S", "generate.steps=range(10,31,10)", "-S",
+                        "train.lr_scheduler=choice(cosine,linear)", "--queue"][-7:], "DVC expands it again itself"
+    with pytest.raises(ParamsError, match=r"^presets.yaml: demo, sweep run 3 of 4 \(train.rank=0, "
+                                          r"train.learning_rate=0.001\): train.rank: must be at least 1$"):
+        presets.check("demo", shipped, ["-S", "train.rank=4,0", "-S", "train.learning_rate=1e-3,5e-3"])
+    with pytest.raises(ParamsError, match=r"sweep run 2 of 2 \(train.caption_dropout=1.5\): "
+                                          r"train.caption_dropout: must be in \[0, 1\]"):
+        presets.check("demo", shipped, ["-S", "train.caption_dropout=0.1,1.5"])
+    with pytest.raises(StageError, match=r"^-S train.rank=4,: not DVC's -S grammar \(mismatched input"):
+        presets.check("demo", shipped, ["-S", "train.rank=4,"])
+
+    presets.main(["demo", "-S", "train.rank=4,16", "-S", "train.learning_rate=1e-3,5e-3", "--sweep"])
+    assert capsys.readouterr().out.splitlines() == [
+        "4 experiments:", "experiment  train.rank  train.learning_rate", "demo-1      4           0.001",
+        "demo-2      4           0.005", "demo-3      16          0.001", "demo-4      16          0.005"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-S", "train.rank=4,8"], r"^-S: a sweep of 2 experiments runs from DVC's queue: add --queue"),
+    (["-S", "train.rank=range(1,21)", "--queue"],
+     r"^-S: the sweep expands to 20 experiments, more than --max-runs 16; check it with --sweep, then add --yes"),
+    (["-S", "train.rank=4,8,16", "--queue", "--max-runs", "2"], r"more than --max-runs 2"),
+    (["--max-runs", "none"], r"^--max-runs none: expected a whole number of experiments, at least 1$"),
+])
+def test_a_sweep_queues_only_when_asked_and_only_as_large_as_allowed(args, message):
+    with pytest.raises(StageError, match=message):
+        presets.main(["demo", *args])
