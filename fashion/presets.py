@@ -57,13 +57,28 @@ def apply(data: dict, overrides: dict) -> dict:
 
 
 def user_overrides(args: list[str]) -> list[str]:
-    """The `-S key=value` overrides among the extra arguments, as written (DVC's Hydra grammar)."""
-    pairs = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-S", "--set-param")]
-    pairs += [arg.split("=", 1)[1] for arg in args if arg.startswith("--set-param=")]
+    """The `-S key=value` overrides among the extra arguments (-S x, -Sx, --set-param x,
+    --set-param=x), as written in DVC's Hydra grammar, less DVC's optional `params.yaml:` prefix."""
+    pairs = []
+    for i, arg in enumerate(args):
+        if arg in ("-S", "--set-param") and i + 1 < len(args):
+            pairs.append(args[i + 1])
+        elif arg.startswith("--set-param="):
+            pairs.append(arg.split("=", 1)[1])
+        elif arg.startswith("-S") and len(arg) > 2:
+            pairs.append(arg[2:])
+    overrides = []
     for pair in pairs:
-        if "=" not in pair:
+        key, sep, _ = pair.partition("=")
+        if not sep:
             raise StageError(f"-S {pair}: expected key=value")
-    return pairs
+        if ":" in key:
+            if key.split(":", 1)[0] != str(PARAMS_FILE):
+                raise StageError(f"-S {pair}: fashion-exp checks {PARAMS_FILE} only; set another file's params "
+                                 "with `dvc exp run -S`")
+            pair = pair.split(":", 1)[1]
+        overrides.append(pair)
+    return overrides
 
 
 def command(name: str, preset: dict, extra: list[str]) -> list[str]:
@@ -75,49 +90,56 @@ def preset_overrides(preset: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in preset.items()]
 
 
-def expand(overrides: list[str]) -> list[list[str]]:
-    """What DVC queues for these overrides, with DVC's own code: one list of key=value per
-    experiment. Hydra's sweep syntax expands (a,b,c; range(start, stop[, step]); choice(a, b)),
-    as a grid over the swept keys, in DVC's order; without a sweep, one experiment."""
-    from dvc.utils.hydra import get_hydra_sweeps
+def expand(overrides: list[str]) -> tuple[list[dict], bool]:
+    """What DVC queues for these overrides, with DVC's own code: each experiment's overrides as
+    Python values (read as DVC reads them; the last one of a key wins), and whether they sweep.
+    Hydra's sweep syntax (a,b,c; range(start, stop[, step]); choice(a, b)) makes a grid over the
+    swept keys, in DVC's order; without one, one experiment."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import get_hydra_sweeps, to_hydra_overrides
     from hydra.errors import HydraException
 
+    parsed = []
+    for override in overrides:  # one by one, so that the error names the one that does not parse
+        try:
+            parsed += to_hydra_overrides([override])
+        except HydraException as err:  # the grammar's message is several lines: its first says what
+            raise StageError(f"-S {override}: not DVC's -S grammar ({str(err).splitlines()[0]}); see "
+                             "https://hydra.cc/docs/advanced/override_grammar/basic") from None
     try:
-        return [sweep[str(PARAMS_FILE)] for sweep in get_hydra_sweeps({str(PARAMS_FILE): overrides})]
-    except HydraException as err:  # the grammar's message is several lines: its first says what
-        raise StageError(f"-S {' '.join(overrides)}: not DVC's -S grammar ({str(err).splitlines()[0]}); "
-                         "see https://hydra.cc/docs/advanced/override_grammar/basic") from None
+        sweeps = get_hydra_sweeps({str(PARAMS_FILE): overrides})
+    except InvalidArgumentError as err:  # glob(), which DVC refuses
+        raise StageError(f"-S: {err}") from None
+    runs = [{o.key_or_group: o.value() for o in to_hydra_overrides(sweep[str(PARAMS_FILE)])} for sweep in sweeps]
+    return runs, any(o.is_sweep_override() for o in parsed)
 
 
-def values(run: list[str]) -> dict:
-    """A run's key=value overrides as Python values, read as DVC reads them (the last one wins)."""
-    from dvc.utils.hydra import to_hydra_overrides
-
-    return {o.key_or_group: o.value() for o in to_hydra_overrides(run)}
+def swept_keys(runs: list[dict]) -> list[str]:
+    return [key for key in runs[0] if len({json.dumps(run[key]) for run in runs}) > 1]
 
 
-def check(name: str, presets: dict[str, dict], extra: list[str]) -> tuple[list[str], list[dict]]:
-    """The dvc command for preset `name`, and the overrides of each experiment it makes (one, or a
-    sweep's grid), once every one of them (preset and user -S) validates."""
+def check(name: str, presets: dict[str, dict], extra: list[str]) -> tuple[list[str], list[dict], bool]:
+    """The dvc command for preset `name`, the overrides of each experiment it makes (one, or a
+    sweep's grid) and whether it sweeps, once every experiment's params (preset and user -S)
+    validate."""
     if name not in presets:
         raise StageError(f"{PRESETS_FILE}: no preset {name!r}; the presets are {', '.join(presets)}")
-    runs = [values(run) for run in expand(preset_overrides(presets[name]) + user_overrides(extra))]
-    swept = [key for key in runs[0] if len({json.dumps(run[key]) for run in runs}) > 1]
-    params = read_yaml(PARAMS_FILE)
+    runs, sweep = expand(preset_overrides(presets[name]) + user_overrides(extra))
+    swept, params = swept_keys(runs), read_yaml(PARAMS_FILE)
     for number, run in enumerate(runs, 1):
         where = f"{PRESETS_FILE}: {name}" + (f", sweep run {number} of {len(runs)} ("
-                                              + ", ".join(f"{k}={run[k]}" for k in swept) + ")" if swept else "")
+                                              + ", ".join(f"{k}={run[k]}" for k in swept) + ")" if sweep else "")
         try:
             parse_params(apply(params, run), where)
         except ParamsError as err:  # parse_params names `where` itself; apply does not
             raise ParamsError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
-    return command(name, presets[name], extra), runs
+    return command(name, presets[name], extra), runs, sweep
 
 
-def grid(name: str, runs: list[dict]) -> str:
-    """The sweep as a table: the experiment names DVC gives it and each swept key's value."""
-    swept = [key for key in runs[0] if len({json.dumps(run[key]) for run in runs}) > 1]
-    rows = [["experiment", *swept]] + [[f"{name}-{n}" if len(runs) > 1 else name, *(json.dumps(run[k]) for k in swept)]
+def grid(name: str, runs: list[dict], sweep: bool) -> str:
+    """The experiments as a table: the names DVC gives them and each swept key's value."""
+    swept = swept_keys(runs)
+    rows = [["experiment", *swept]] + [[f"{name}-{n}" if sweep else name, *(json.dumps(run[k]) for k in swept)]
                                        for n, run in enumerate(runs, 1)]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -141,27 +163,28 @@ def main(argv: list[str] | None = None) -> None:
             print(__doc__.split("\n\n")[1])
         print("presets: " + ", ".join(presets))
         return
-    name, extra = args[0], args[1:]
-    ours = {flag: flag in extra for flag in ("--dry-run", "--sweep", "--yes")}
-    max_runs = DEFAULT_MAX_RUNS
-    if "--max-runs" in extra:
-        at = extra.index("--max-runs")
-        value = extra[at + 1] if at + 1 < len(extra) else ""
-        if not value.isdigit() or int(value) < 1:
-            raise StageError(f"--max-runs {value}: expected a whole number of experiments, at least 1")
-        max_runs, extra = int(value), extra[:at] + extra[at + 2:]
-    extra = [a for a in extra if a not in ours]
-    cmd, runs = check(name, presets, extra)
+    name, extra, max_runs = args[0], [], DEFAULT_MAX_RUNS
+    ours = {flag: flag in args[1:] for flag in ("--dry-run", "--sweep", "--yes")}
+    rest = iter(args[1:])
+    for arg in rest:  # our own flags out; the rest goes to dvc exp run
+        if arg == "--max-runs" or arg.startswith("--max-runs="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(rest, "")
+            if not value.isdigit() or int(value) < 1:
+                raise StageError(f"--max-runs {value}: expected a whole number of experiments, at least 1")
+            max_runs = int(value)
+        elif arg not in ours:
+            extra.append(arg)
+    check_params_clean()  # first: the check below reads params.yaml
+    cmd, runs, sweep = check(name, presets, extra)
     if ours["--sweep"]:  # the grid alone: nothing runs, nothing is queued
-        print(f"{len(runs)} experiment{'s' if len(runs) > 1 else ''}:\n" + grid(name, runs))
+        print(f"{len(runs)} experiment{'s' if len(runs) > 1 else ''}:\n" + grid(name, runs, sweep))
         return
-    if len(runs) > 1 and "--queue" not in extra:
-        raise StageError(f"-S: a sweep of {len(runs)} experiments runs from DVC's queue: add --queue, then "
-                         "`dvc queue start` (--sweep prints the grid)")
+    if sweep and "--queue" not in extra:
+        raise StageError(f"-S: a sweep ({len(runs)} experiment{'s' if len(runs) > 1 else ''}) runs from DVC's "
+                         "queue: add --queue, then `dvc queue start` (--sweep prints the grid)")
     if len(runs) > max_runs and not ours["--yes"]:
         raise StageError(f"-S: the sweep expands to {len(runs)} experiments, more than --max-runs {max_runs}; "
                          f"check it with --sweep, then add --yes (or --max-runs {len(runs)}) to queue them all")
-    check_params_clean()
     print("$ " + " ".join(cmd), flush=True)
     if not ours["--dry-run"]:
         sys.exit(subprocess.run(cmd).returncode)

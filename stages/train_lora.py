@@ -128,6 +128,15 @@ def cached_latents(vae, samples: TrainSamples, run: range, dtype, dev, folder: P
     samples.use_cache(pairs, load(parts[0]) if processes == 1 else torch.cat([load(part) for part in parts]))
 
 
+def text_encoder_keys(state: dict) -> dict:
+    """peft's text encoder LoRA keys as SD 1.5 LoRAs name them: with CLIP's text_model. (which
+    transformers 5 dropped), and lora_linear_layer.down/up on every layer, attention or MLP, the
+    form from which diffusers' loader infers the format (a bare lora_A on fc1 it cannot)."""
+    return {("" if k.startswith("text_model.") else "text_model.")
+            + k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+            for k, v in state.items()}
+
+
 def main() -> None:
     setup_logging()
     params = load_params()
@@ -236,15 +245,13 @@ def main() -> None:
     # field an older peft does not know would make the file unloadable there.
     states, adapters = {}, {}
     for name, model in zip(LORA_MODELS, t.adapted):
-        states[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        states[name] = (convert_state_dict_to_diffusers(get_peft_model_state_dict(model)) if name == "unet" else
+                        text_encoder_keys(get_peft_model_state_dict(model)))
         config = model.peft_config["default"]
         adapters[name] = {"r": config.r, "lora_alpha": config.lora_alpha,
                           "target_modules": sorted(config.target_modules), "rank_pattern": config.rank_pattern,
                           "alpha_pattern": config.alpha_pattern, "use_dora": config.use_dora,
                           "init_lora_weights": config.init_lora_weights}
-    if "text_encoder" in states:  # SD 1.5's names (transformers 5 dropped CLIP's text_model.): the hub's, kohya's
-        states["text_encoder"] = {k if k.startswith("text_model.") else f"text_model.{k}": v
-                                  for k, v in states["text_encoder"].items()}
     # The params' digest, not the resume fingerprint: that one also hashes the code, so the
     # weights file would change with every edit to any stage.
     # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.

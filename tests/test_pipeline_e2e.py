@@ -92,27 +92,30 @@ def test_back_to_a_configuration_trained_before_runs_nothing_expensive(repo, tmp
 
 
 @pytest.mark.slow
-def test_a_queued_sweep_reuses_its_lora_and_its_experiments_compare(repo, tmp_path):
-    """Two queued experiments on a new LoRA that differ only in generate.steps, one through a
-    preset: the first trains, the second takes the LoRA from the run-cache; then they compare.
-    (That a generate-only change never retrains: the test above and test_remotes.py.)"""
+def test_a_queued_sweep_trains_once_per_training_setting_and_its_experiments_compare(repo, tmp_path):
+    """fashion-exp queues a 2 x 2 sweep on a new LoRA (generate.steps x plots.grid_samples) and
+    `dvc queue start` runs it: the first experiment trains, the other three take the LoRA from the
+    run-cache, generate-lora runs once per generate.steps; then they compare."""
     queued = run_ok([str(Path(sys.executable).parent / "fashion-exp"), "demo", "-S", "train.rank=3",
-                     "-S", "generate.steps=5", "--queue"])
-    assert "dvc exp run -n demo" in queued and "--queue" in queued
-    dvc("exp", "run", "--queue", "-n", "steps-6", "-S", "train.rank=3", "-S", "generate.steps=6")
+                     "-S", "generate.steps=5,6", "-S", "plots.grid_samples=1,2", "--queue"])
+    assert "dvc exp run -n demo" in queued and "generate.steps=5,6" in queued
+    assert [f"Queued experiment 'demo-{n}'" in queued for n in (1, 2, 3, 4)] == [True] * 4, queued
     dvc("queue", "start")
-    for _ in range(600):
+    for _ in range(900):
         status = dvc("queue", "status")
         if "Running" not in status and "Queued" not in status:
             break
         time.sleep(1)
-    assert status.count("Success") >= 2, status
-    first, second = dvc("queue", "logs", "demo"), dvc("queue", "logs", "steps-6")
-    assert "Running stage 'train-lora'" in first and "Running stage 'generate-lora'" in first
-    assert "Stage 'train-lora' is cached - skipping run" in second and "Running stage 'train-lora'" not in second
-    assert "Running stage 'generate-lora'" in second
+    assert status.count("Success") == 4, status
+    logs = {n: dvc("queue", "logs", f"demo-{n}") for n in (1, 2, 3, 4)}  # (steps, grid): (5,1) (5,2) (6,1) (6,2)
+    ran = {n: {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+           for n, log in logs.items()}
+    assert "train-lora" in ran[1] and all("train-lora" not in ran[n] for n in (2, 3, 4)), ran
+    assert all("Stage 'train-lora' is cached - skipping run" in logs[n] for n in (2, 3, 4))
+    assert [("generate-lora" in ran[n], "plots" in ran[n]) for n in (1, 2, 3, 4)] == \
+        [(True, True), (False, True), (True, True), (False, True)], ran
 
-    diff = dvc("metrics", "diff", "demo", "steps-6")
+    diff = dvc("metrics", "diff", "demo-1", "demo-3")
     assert "lora.fid" in diff and "delta.lpips" in diff and "delta.kid_x1e3" in diff, "the terminal view's numbers"
     assert "_ci95_" not in diff, "intervals live in metrics_detail.json"
     assert max(map(len, diff.splitlines())) <= 100, "fits a terminal"
@@ -124,10 +127,9 @@ def test_a_queued_sweep_reuses_its_lora_and_its_experiments_compare(repo, tmp_pa
     lines = table.splitlines()
     assert max(map(len, lines)) <= 120 and "…" not in table, table
     for name in ("Experiment", "delta.lpips", "delta.edge_control", "delta.colour_match", "train.rank",
-                 "train.learning_rate"):
+                 "train.learning_rate", "demo-1", "demo-2", "demo-3", "demo-4"):
         assert name in table, (name, table)
-    assert "demo" in table and "steps-6" in table, "each experiment named after what made it"
-    dvc("plots", "diff", "demo", "steps-6", "-o", str(tmp_path / "plots_diff"))
+    dvc("plots", "diff", "demo-1", "demo-3", "-o", str(tmp_path / "plots_diff"))
     assert (tmp_path / "plots_diff" / "index.html").is_file()
 
 

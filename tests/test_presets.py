@@ -21,8 +21,8 @@ def test_every_preset_validates():
     shipped = presets.load_presets()
     assert {"demo", "seed-5k-0.5k-s20", "seed-30k-3k-s20", "seed-30k-3k-s40"} <= set(shipped)
     for name in shipped:
-        cmd, runs = presets.check(name, shipped, [])
-        assert len(runs) == 1
+        cmd, runs, sweep = presets.check(name, shipped, [])
+        assert len(runs) == 1 and not sweep
         assert cmd[:5] == ["dvc", "exp", "run", "-n", name], "exp show names the experiment after its preset"
 
 
@@ -42,7 +42,7 @@ def test_the_seed_presets_say_what_the_seed_did():
 
 def test_user_overrides_go_through_and_are_checked_first():
     shipped = presets.load_presets()
-    cmd, _ = presets.check("seed-30k-3k-s40", shipped, ["-S", "extract.h5=/data/x.h5", "--queue"])
+    cmd, _, _ = presets.check("seed-30k-3k-s40", shipped, ["-S", "extract.h5=/data/x.h5", "--queue"])
     assert cmd[-3:] == ["-S", "extract.h5=/data/x.h5", "--queue"] and "generate.steps=40" in cmd
     assert 'models.mode="hub"' in cmd
     with pytest.raises(ParamsError, match=r"presets.yaml: seed-30k-3k-s20: train.alpha: must be positive"):
@@ -83,13 +83,16 @@ def test_a_sweep_expands_as_dvc_does_and_checks_every_point(capsys):
     """DVC's own expansion (Hydra's grammar): a comma list, range() and choice() make a grid, one
     experiment per point; a value that fails the schema is named with its point."""
     shipped = presets.load_presets()
-    cmd, runs = presets.check("demo", shipped, ["-S", "train.rank=4,8", "-S", "generate.steps=range(10,31,10)",
-                                                "-S", "train.lr_scheduler=choice(cosine,linear)", "--queue"])
-    assert len(runs) == 12 and runs[0] == {"train.rank": 4, "generate.steps": 10, "train.lr_scheduler": "cosine"}
+    cmd, runs, sweep = presets.check("demo", shipped, ["-S", "train.rank=4,8", "-Sgenerate.steps=range(10,31,10)",
+                                                       "--set-param=params.yaml:train.lr_scheduler=choice(cosine,linear)",
+                                                       "--queue"])
+    assert sweep and len(runs) == 12
+    assert runs[0] == {"train.rank": 4, "generate.steps": 10, "train.lr_scheduler": "cosine"}
     assert {(r["train.rank"], r["generate.steps"], r["train.lr_scheduler"]) for r in runs} == {
         (rank, steps, scheduler) for rank in (4, 8) for steps in (10, 20, 30) for scheduler in ("cosine", "linear")}
-    assert cmd[-7:] == ["-S", "train.rank=4,8", "-S", "generate.steps=range(10,31,10)", "-S",
-                        "train.lr_scheduler=choice(cosine,linear)", "--queue"][-7:], "DVC expands it again itself"
+    assert cmd[-5:] == ["-S", "train.rank=4,8", "-Sgenerate.steps=range(10,31,10)",
+                        "--set-param=params.yaml:train.lr_scheduler=choice(cosine,linear)", "--queue"], \
+        "DVC expands it again itself"
     with pytest.raises(ParamsError, match=r"^presets.yaml: demo, sweep run 3 of 4 \(train.rank=0, "
                                           r"train.learning_rate=0.001\): train.rank: must be at least 1$"):
         presets.check("demo", shipped, ["-S", "train.rank=4,0", "-S", "train.learning_rate=1e-3,5e-3"])
@@ -97,7 +100,13 @@ def test_a_sweep_expands_as_dvc_does_and_checks_every_point(capsys):
                                           r"train.caption_dropout: must be in \[0, 1\]"):
         presets.check("demo", shipped, ["-S", "train.caption_dropout=0.1,1.5"])
     with pytest.raises(StageError, match=r"^-S train.rank=4,: not DVC's -S grammar \(mismatched input"):
-        presets.check("demo", shipped, ["-S", "train.rank=4,"])
+        presets.check("seed-30k-3k-s20", shipped, ["-S", "generate.steps=5", "-S", "train.rank=4,"])
+    with pytest.raises(StageError, match=r"^-S: Glob override 'train.target_modules=glob\(\*\)' is not supported"):
+        presets.check("demo", shipped, ["-S", "train.target_modules=glob(*)"])
+    with pytest.raises(StageError, match=r"^-S dvc.yaml:x=1: fashion-exp checks params.yaml only"):
+        presets.check("demo", shipped, ["-S", "dvc.yaml:x=1"])
+    _, runs, sweep = presets.check("demo", shipped, ["-S", "train.rank=choice(4)"])
+    assert sweep and runs == [{"train.rank": 4}], "a one-point sweep is still a sweep to DVC (named demo-1)"
 
     presets.main(["demo", "-S", "train.rank=4,16", "-S", "train.learning_rate=1e-3,5e-3", "--sweep"])
     assert capsys.readouterr().out.splitlines() == [
@@ -106,12 +115,21 @@ def test_a_sweep_expands_as_dvc_does_and_checks_every_point(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-S", "train.rank=4,8"], r"^-S: a sweep of 2 experiments runs from DVC's queue: add --queue"),
+    (["-S", "train.rank=4,8"], r"^-S: a sweep \(2 experiments\) runs from DVC's queue: add --queue"),
+    (["-S", "train.rank=range(4,5)"], r"^-S: a sweep \(1 experiment\) runs from DVC's queue"),
     (["-S", "train.rank=range(1,21)", "--queue"],
      r"^-S: the sweep expands to 20 experiments, more than --max-runs 16; check it with --sweep, then add --yes"),
     (["-S", "train.rank=4,8,16", "--queue", "--max-runs", "2"], r"more than --max-runs 2"),
+    (["-S", "train.rank=4,8,16", "--queue", "--max-runs=2"], r"more than --max-runs 2"),
     (["--max-runs", "none"], r"^--max-runs none: expected a whole number of experiments, at least 1$"),
 ])
 def test_a_sweep_queues_only_when_asked_and_only_as_large_as_allowed(args, message):
     with pytest.raises(StageError, match=message):
         presets.main(["demo", *args])
+
+
+def test_a_large_sweep_queues_with_yes_and_our_flags_stay_ours(capsys):
+    """--yes and --max-runs lift the limit; neither they nor --dry-run reach `dvc exp run`."""
+    for flags in (["--yes"], ["--max-runs", "20"], ["--max-runs=20"]):
+        presets.main(["demo", "-S", "train.rank=range(1,21)", "--queue", *flags, "--dry-run"])
+        assert capsys.readouterr().out.strip() == "$ dvc exp run -n demo -S train.rank=range(1,21) --queue"

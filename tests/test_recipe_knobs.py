@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 
 from stages.common import dataset, models, training
@@ -117,6 +118,52 @@ def test_the_noise_offset_and_caption_dropout_reach_the_loss_as_drawn(trained_pr
     assert not torch.equal(samples.empty_ids, samples.input_ids[0])
 
 
+def test_a_text_encoder_lora_learns_through_the_controlnet_too(trained_project):
+    """Under train.controlnet the frozen ControlNet reads the text encoder's embeddings: the text
+    encoder LoRA's gradient is plain autograd's through both networks, not the UNet's path alone."""
+    from peft import LoraConfig
+
+    paths = trained_project.typed().paths
+    m = models.load_training_models(paths.base_model, torch.float32, paths.controlnet)
+    models.add_text_encoder_lora(m.text_encoder, LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                                            target_modules=["q_proj", "v_proj"]))
+    lora = [q for q in m.text_encoder.parameters() if q.requires_grad]
+    with torch.no_grad():  # a nonzero up-projection: a fresh LoRA's is zero, and so the down's gradient
+        for q in lora:
+            q.normal_(0, 0.1)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    noise, latent_noise = torch.randn(2, 4, 8, 8, generator=generator), torch.zeros(2, 4, 8, 8)
+    control = torch.rand(2, 3, 64, 64, generator=generator)
+    ids, timesteps = m.tokenizer(["a red skirt", "a blue coat"], padding="max_length", max_length=77,
+                                 return_tensors="pt").input_ids, torch.tensor([100, 600])
+    posterior = DiagonalGaussianDistribution(torch.cat([latents / m.vae.config.scaling_factor,
+                                                        torch.full_like(latents, -30.0)], dim=1))
+
+    def gradient(loss):
+        for q in lora:
+            q.grad = None
+        loss.sum().backward()
+        return torch.cat([q.grad.flatten() for q in lora])
+
+    ours = gradient(training.denoising_loss(m, posterior, ids, latent_noise, noise, timesteps, torch.float32,
+                                            control=control))
+    noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+    def loss(detach_control: bool):
+        text = m.text_encoder(ids)[0]
+        down, mid = m.controlnet(noisy, timesteps, text.detach() if detach_control else text, controlnet_cond=control,
+                                 return_dict=False)
+        prediction = m.unet(noisy, timesteps, text, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample
+        return ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+
+    torch.testing.assert_close(ours, gradient(loss(False)), rtol=1e-4, atol=1e-7)
+    unet_path_only = gradient(loss(True))
+    assert (ours - unet_path_only).abs().max() > 1e-3 * ours.abs().max(), "the ControlNet's path carries gradient"
+
+
 @pytest.mark.slow
 def test_a_text_encoder_lora_loads_everywhere_as_trained(trained_project, monkeypatch):
     """train.text_encoder_rank: 4 (alpha 8, so scale 2) on kohya's six layers. The text encoder
@@ -191,3 +238,17 @@ def test_a_text_encoder_lora_loads_everywhere_as_trained(trained_project, monkey
         ours.enable_lora()
         ours.fuse_lora(components=models.lora_components(ours))  # generate-lora's
         torch.testing.assert_close(ours.text_encoder(ids)[0], expected, rtol=0, atol=1e-6)
+
+    # An MLP-only text encoder LoRA: lora_linear_layer names on fc1 and fc2 too, which
+    # diffusers' loader reads (a bare lora_A there it cannot place)
+    p.run("train_lora", train__text_encoder_target_modules=["fc1", "fc2"], train__max_steps=2,
+          train__validate_every=0)
+    assert all(".mlp.fc" in k and ".lora_linear_layer." in k for k in lora_weights(p) if k.startswith("text_encoder."))
+    public = StableDiffusionPipeline.from_pretrained(paths.base_model, safety_checker=None,
+                                                     requires_safety_checker=False)
+    public.load_lora_weights(paths.lora, weight_name=LORA_WEIGHTS)
+    ours = models.load_controlnet_pipeline(paths.base_model, paths.controlnet, "unipc", torch.float32,
+                                           torch.device("cpu"), lora=paths.lora)
+    with torch.no_grad():
+        assert (ours.text_encoder(ids)[0] - base(ids)[0]).abs().max() > 1e-4
+        torch.testing.assert_close(ours.text_encoder(ids)[0], public.text_encoder(ids)[0], rtol=0, atol=1e-6)

@@ -357,9 +357,10 @@ def test_each_step_is_shared_out_whole():
 def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
     """Every draw belongs to a sample, not to a micro-batch: 4 x 1, 2 x 2, 1 x 4 and 2 x 2 in one forward
     pass (train.micro_batch: 4) are one run, with the per-sample knobs on too (Min-SNR-γ weights,
-    noise offset constants, caption dropout coins)."""
+    noise offset constants, caption dropout coins) and a text encoder LoRA."""
     p = trained_project
-    p.set({"train.snr_gamma": 5.0, "train.noise_offset": 0.1, "train.caption_dropout": 0.5})
+    p.set({"train.snr_gamma": 5.0, "train.noise_offset": 0.1, "train.caption_dropout": 0.5,
+           "train.text_encoder_rank": 2})
     runs = []
     for batch, accumulation, micro in ((2, 2, 0), (4, 1, 0), (1, 4, 0), (2, 2, 4)):
         p.run("train_lora", train__batch_size=batch, train__grad_accumulation=accumulation, train__micro_batch=micro)
@@ -373,11 +374,14 @@ def test_the_split_into_micro_batches_changes_only_rounding(trained_project):
 def test_two_machines_train_as_one_process_and_resume_its_checkpoint(trained_project, monkeypatch, capfd, caplog):
     """launch.machines: 2 on 127.0.0.1, one process each (gloo on the CPU, as NCCL on GPUs): machine
     1 starts first and waits for machine 0; together they pick up a one-process checkpoint, one
-    process writes, and the LoRA and loss curve are the one-process run's. (One machine's
+    process writes, and the LoRA and loss curve are the one-process run's. With a text encoder
+    LoRA too, whose gradients DDP (on the UNet) does not average: the step does. (One machine's
     train.processes: 2 is the same launch with other flags: test_generate runs it.)"""
     p = trained_project
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    p.run("train_lora", train__text_encoder_rank=2, train__text_encoder_learning_rate=5e-3)
     unbroken, unbroken_log = lora_weights(p), read_history(p.path("train_log"))
+    assert any(k.startswith("text_encoder.") for k in unbroken)
     kill_after_step(p, monkeypatch)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -81,6 +81,13 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def broadcast(tensors) -> None:
+    """Process 0's values in every process, in place."""
+    if dist.is_initialized():
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
+
+
 def finish() -> None:
     if dist.is_initialized():
         dist.barrier()

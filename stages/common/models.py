@@ -138,22 +138,28 @@ def add_text_encoder_lora(text_encoder, config, adapter_name: str = "default") -
     text_encoder.peft_config = {**getattr(text_encoder, "peft_config", {}), adapter_name: config}
 
 
-def load_text_encoder_lora(pipe, path: Path, adapter_name: str) -> None:
-    """The text encoder's LoRA of a diffusers or kohya file, read and converted by diffusers'
-    public `lora_state_dict`, added through peft (see add_text_encoder_lora: not
+def load_text_encoder_lora(pipe, path: str | Path, adapter_name: str) -> None:
+    """The text encoder's LoRA of train-lora's diffusers file (text_encoder.* keys, the adapter
+    config in its metadata), added through peft (see add_text_encoder_lora: not
     load_lora_weights, whose last step is transformers' adapter API)."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file, safe_open
 
-    state, _, metadata = pipe.lora_state_dict(path.parent, weight_name=path.name, return_lora_metadata=True)
-    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
-        {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}))
-    if not hasattr(pipe.text_encoder, "text_model"):  # transformers 5's CLIP: SD 1.5's names lose text_model.
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    config = {k.removeprefix("text_encoder."): v for k, v in (metadata or {}).items() if k.startswith("text_encoder.")}
+    from stages.common.lora_formats import peft_names
+
+    with safe_open(path, framework="pt") as f:
+        metadata = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    config = {k.removeprefix("text_encoder."): v for k, v in metadata.items() if k.startswith("text_encoder.")}
     if not config:
         raise ValueError("no adapter metadata for the text encoder (its rank and alpha)")
+    state = {k.removeprefix("text_encoder."): v for k, v in peft_names(load_file(path)).items()
+             if k.startswith("text_encoder.")}
+    if not hasattr(pipe.text_encoder, "text_model"):  # transformers 5's CLIP: SD 1.5's names lose text_model.
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
     add_text_encoder_lora(pipe.text_encoder, LoraConfig(**config), adapter_name)
     result = set_peft_model_state_dict(pipe.text_encoder, state, adapter_name=adapter_name)
     if result.unexpected_keys:
@@ -170,7 +176,10 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str], key:
     """Every entry of `key` must name layers peft can give a LoRA (Linear, Conv, Embedding) in
     `model` (the UNet, or the text encoder); otherwise peft fails deep inside add_adapter, or
     matches nothing. The error lists one block's layers, as they can be named."""
-    wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+    # The UNet's LoRA may sit on any layer peft wraps; the text encoder's only on Linear ones, the
+    # layers whose keys both file formats name (CLIP's embeddings would not export)
+    wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding) if what == "UNet" \
+        else (torch.nn.Linear,)
     modules = dict(model.named_modules())
     for target in target_modules:
         matches = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
@@ -179,8 +188,9 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str], key:
         block = ".attn1." if what == "UNet" else ".layers.0."  # SD 1.5's: attention; CLIP's: a whole layer
         layers = sorted({name.split(block)[1] for name, module in modules.items()
                          if block in name and isinstance(module, torch.nn.Linear)})
+        kinds = "Linear, Conv or Embedding" if what == "UNet" else "Linear"
         problem = (f"names a {type(next(m for m in matches if not isinstance(m, wrappable))).__name__}, not a layer "
-                   "LoRA can wrap (Linear, Conv or Embedding)" if matches else f"is not a module of the {what}")
+                   f"LoRA can wrap ({kinds})" if matches else f"is not a module of the {what}")
         listed = "attention projections" if what == "UNet" else "layers"
         raise StageError(f"{key}: {target!r} {problem}; the {what}'s {listed} are {', '.join(layers)}")
 

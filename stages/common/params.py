@@ -300,7 +300,8 @@ class Train:
     snr_gamma: float = _doc("Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma, kohya's "
                             "--min_snr_gamma): each sample's loss times min(SNR, γ) / SNR for an epsilon model, "
                             "min(SNR, γ) / (SNR + 1) for a v-prediction one (diffusers' fix, PR #5238); the paper "
-                            "uses 5; 0: off (the seed recipe)")
+                            "uses 5; 0: off (the seed recipe). The logged training loss is the weighted one: compare "
+                            "runs by the held-out loss, which stays the plain MSE")
     noise_offset: float = _doc("each sample's noise plus this times a per-channel constant drawn for it (diffusers' "
                                "and kohya's --noise_offset): darker darks, brighter brights; 0.05 to 0.1 is usual; "
                                "0: off")
@@ -311,9 +312,9 @@ class Train:
                                   "--text_encoder_lr): it re-teaches words; 0: the UNet alone (the seed recipe)")
     text_encoder_alpha: float = _doc("the text encoder's LoRA alpha (scale = alpha / rank)")
     text_encoder_learning_rate: float = _doc("peak AdamW learning rate of the text encoder's LoRA (same schedule)")
-    text_encoder_target_modules: list[str] = _doc("text encoder layers that get LoRA, by name or name suffix: "
-                                                  "q_proj, k_proj, v_proj, out_proj (diffusers'), plus fc1 and fc2 "
-                                                  "(kohya's)")
+    text_encoder_target_modules: list[str] = _doc("text encoder Linear layers that get LoRA, by name or name "
+                                                  "suffix: q_proj, k_proj, v_proj, out_proj (diffusers'), plus fc1 "
+                                                  "and fc2 (kohya's)")
     random_flip: bool = _doc("random horizontal flip, p=0.5")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _doc(
         "auto: bf16 where the GPU has it, fp16 + GradScaler otherwise, fp32 on CPU"

@@ -148,7 +148,9 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     snr = compute_snr(scheduler, timesteps)
     if scheduler.config.prediction_type == "epsilon":
         return (gamma / snr).clamp(max=1)
-    return snr.clamp(max=gamma) / (snr + 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return snr.clamp(max=gamma) / (snr + 1)
+    raise ValueError(f"prediction_type {scheduler.config.prediction_type!r}: the recipe trains epsilon or v")
 
 
 def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tensor, noise: torch.Tensor,
@@ -158,9 +160,9 @@ def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tens
     pixels to encode (the recipe); either way the latent is mean + std x latent_noise, as
     diffusers' `latent_dist.sample()` computes it, so both paths train on the same numbers. With
     `control` (train.controlnet) the frozen ControlNet adds its residuals as in generation: it
-    does not depend on the LoRA, so it runs without gradients. `snr_gamma` > 0 weighs each
-    sample by Min-SNR-γ; the held-out and fixed-sample losses leave it at 0, so that they compare
-    between runs with and without it."""
+    runs without gradients unless the text encoder has a LoRA, whose embeddings it reads.
+    `snr_gamma` > 0 weighs each sample by Min-SNR-γ; the held-out and fixed-sample losses leave it
+    at 0, so that they compare between runs with and without it."""
     dev = input_ids.device
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         if not isinstance(latents, DiagonalGaussianDistribution):
@@ -178,7 +180,9 @@ def denoising_loss(m, latents, input_ids: torch.Tensor, latent_noise: torch.Tens
         target = m.noise_scheduler.get_velocity(latents, noise, timesteps)
     residuals = {}
     if control is not None:
-        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        # Frozen weights: with a text encoder LoRA, gradients flow through it to the LoRA's embeddings
+        with torch.set_grad_enabled(text.requires_grad), \
+                torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             down, mid = m.controlnet(noisy, timesteps, text, controlnet_cond=control.to(dev, dtype), return_dict=False)
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -269,6 +273,8 @@ class Trainer:
         self.unet_params = [p for p in m.unet.parameters() if p.requires_grad]
         self.text_params = [p for p in m.text_encoder.parameters() if p.requires_grad]
         self.lora_params = self.unet_params + self.text_params
+        # DDP (below) starts every process from process 0's UNet; the text encoder is not in it
+        distributed.broadcast(p.data for p in self.text_params)
         # Gradients accumulate into buffers allocated here, zeroed (not freed) after each step. Under
         # CUDA graphs (train.compile: reduce-overhead) a .grad that backward created would live in
         # the graph pool, and the next micro-batch's forward would free it before its backward
