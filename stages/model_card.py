@@ -93,13 +93,16 @@ def card_text(config: dict, sources: dict, detail: dict, generation: dict, split
         (LORA_WEIGHTS, "diffusers / peft keys, the adapter config (rank, alpha) in its metadata"),
         (KOHYA_FILE, "kohya keys with per-module alpha: A1111, ComfyUI, kohya's sd-scripts")))
     params = "\n".join(f"| `{key}` | `{value}` |" for key, value in train.items())
+    text_encoder = (f"; and on the text encoder, rank {train['text_encoder_rank']}, alpha "
+                    f"{train['text_encoder_alpha']:g}, on {', '.join(train['text_encoder_target_modules'])}"
+                    if train.get("text_encoder_rank") else "")
     return f"""---
 {front.to_yaml()}
 ---
 
 # A FashionGen LoRA for {base}, under a canny ControlNet
 
-A LoRA (rank {train['rank']}, alpha {train['alpha']:g}, on {', '.join(train['target_modules'])}) trained for
+A LoRA (rank {train['rank']}, alpha {train['alpha']:g}, on {', '.join(train['target_modules'])}{text_encoder}) trained for
 {train['max_steps']} steps on {config['train_images']} images of {split['train']['products']} products, {data},
 at {config['resolution']} px, {"under " + controlnet if train['controlnet'] else "on the UNet alone"}. Use it
 with {controlnet}: a canny edge map gives the garment's shape, the prompt its colour and kind.

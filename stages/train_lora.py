@@ -13,6 +13,10 @@ the ControlNet gives anyway. Two deliberate differences: gradients are clipped f
 clip_grad_norm_ got an exhausted generator and clipped nothing), and a resumed run reloads the
 LoRA (diffusers #12689).
 
+The recipe knobs beyond the seed (all off by default, stages/common/training.py): Min-SNR-γ
+(`train.snr_gamma`), a noise offset, caption dropout, and a LoRA on the text encoder too
+(`train.text_encoder_rank`, its own learning rate), saved beside the UNet's in both files.
+
 With `train.cache_latents` (the default) each (image, flip) pair the run draws is encoded once,
 in batches, before the first step, and every step samples from the stored latent distribution
 (mean and log-variance): the same objective and the same random draws as encoding at every step,
@@ -45,8 +49,6 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
 
 from stages.common import dataset, distributed
@@ -55,7 +57,7 @@ from stages.common.errors import StageError
 from stages.common.io import (atomic_file, fingerprint, remove_temps,
                               read_json, save_safetensors, source_files, write_json)
 from stages.common.dataset import LORA_CONFIG, LORA_WEIGHTS
-from stages.common.lora_formats import KOHYA_FILE, base_model_name, kohya_metadata, to_kohya
+from stages.common.lora_formats import KOHYA_FILE, base_model_name, diffusers_states, kohya_metadata, to_kohya
 from stages.common.params import load_params, model_keys, what_keys
 from stages.common.runtime import device, peak_memory, seed_everything, training_dtype
 from stages.common.train_log import TrainLog
@@ -126,15 +128,6 @@ def cached_latents(vae, samples: TrainSamples, run: range, dtype, dev, folder: P
     distributed.barrier()
     # One process keeps the file's mapping (no copy); several each hold a copy of the whole.
     samples.use_cache(pairs, load(parts[0]) if processes == 1 else torch.cat([load(part) for part in parts]))
-
-
-def text_encoder_keys(state: dict) -> dict:
-    """peft's text encoder LoRA keys as SD 1.5 LoRAs name them: with CLIP's text_model. (which
-    transformers 5 dropped), and lora_linear_layer.down/up on every layer, attention or MLP, the
-    form from which diffusers' loader infers the format (a bare lora_A on fc1 it cannot)."""
-    return {("" if k.startswith("text_model.") else "text_model.")
-            + k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
-            for k, v in state.items()}
 
 
 def main() -> None:
@@ -238,20 +231,7 @@ def main() -> None:
     # File by file, each written whole: the folder also holds model-card's card and DVC's .gitignore
     out = Path(paths.lora)
     out.mkdir(parents=True, exist_ok=True)
-    # Each LoRA's weights with the adapter config (rank, alpha, target modules) that goes into the
-    # file's metadata where diffusers' loaders look for it: without it every loader assumes
-    # alpha = rank, and a LoRA trained with alpha != rank comes back scaled by rank / alpha.
-    # Only the fields that define the adapter: diffusers rebuilds LoraConfig(**metadata), and a
-    # field an older peft does not know would make the file unloadable there.
-    states, adapters = {}, {}
-    for name, model in zip(LORA_MODELS, t.adapted):
-        states[name] = (convert_state_dict_to_diffusers(get_peft_model_state_dict(model)) if name == "unet" else
-                        text_encoder_keys(get_peft_model_state_dict(model)))
-        config = model.peft_config["default"]
-        adapters[name] = {"r": config.r, "lora_alpha": config.lora_alpha,
-                          "target_modules": sorted(config.target_modules), "rank_pattern": config.rank_pattern,
-                          "alpha_pattern": config.alpha_pattern, "use_dora": config.use_dora,
-                          "init_lora_weights": config.init_lora_weights}
+    states, adapters = diffusers_states(dict(zip(LORA_MODELS, t.adapted)))
     # The params' digest, not the resume fingerprint: that one also hashes the code, so the
     # weights file would change with every edit to any stage.
     # What shapes the weights only: how-knobs (processes, workers, the latent cache) leave them as they are.

@@ -81,6 +81,33 @@ def peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for key, value in state.items()}
 
 
+def diffusers_states(models: dict[str, torch.nn.Module]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each model's LoRA (by unet / text_encoder) keyed as diffusers' file names it, and its
+    adapter config (rank, alpha, target modules) for the file's metadata, where diffusers' loaders
+    look for it: without it every loader assumes alpha = rank, and a LoRA trained with alpha !=
+    rank comes back scaled by rank / alpha. Only the fields that define the adapter: diffusers
+    rebuilds LoraConfig(**metadata), and a field an older peft does not know would make the file
+    unloadable there. The text encoder's keys are SD 1.5 LoRAs': with CLIP's text_model. (which
+    transformers 5 dropped) and lora_linear_layer.down/up on every layer, attention or MLP, the
+    form from which diffusers' loader infers the format (a bare lora_A on fc1 it cannot)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    states, adapters = {}, {}
+    for name, model in models.items():
+        state = get_peft_model_state_dict(model)
+        states[name] = convert_state_dict_to_diffusers(state) if name == "unet" else {
+            ("" if k.startswith("text_model.") else "text_model.")
+            + k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+            for k, v in state.items()}
+        config = model.peft_config["default"]
+        adapters[name] = {"r": config.r, "lora_alpha": config.lora_alpha,
+                          "target_modules": sorted(config.target_modules), "rank_pattern": config.rank_pattern,
+                          "alpha_pattern": config.alpha_pattern, "use_dora": config.use_dora,
+                          "init_lora_weights": config.init_lora_weights}
+    return states, adapters
+
+
 def base_model_name(sources: dict | None) -> str:
     """What a LoRA was trained on, from fetch-models' models/sources.json: the hub id at the commit
     it resolved to, the local folder, or the tiny kit (pretrained, or random with no pretraining)."""
