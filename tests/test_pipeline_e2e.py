@@ -75,27 +75,13 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_back_to_a_configuration_trained_before_runs_nothing_expensive(repo, tmp_path):
-    """A -> B -> A: the run-cache restores train-lora and generate-lora."""
-    params = repo
-    a = (tmp_path / "params.yaml").read_text()
-    params["train"]["rank"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    b = repro_log(tmp_path)
-    assert "train-lora: 4 steps (0 resumed)" in b and "generate-lora: drew 4 images" in b
-    (tmp_path / "params.yaml").write_text(a)
-    back = repro_log(tmp_path)
-    for stage in ("train-lora", "generate-lora"):
-        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
-    assert "train-lora: 4 steps" not in back and "drew" not in back, "no training step, no image drawn"
-    assert not (tmp_path / params["paths"]["resume"]).exists() or not any((tmp_path / params["paths"]["resume"]).iterdir())
-
-
-@pytest.mark.slow
 def test_a_queued_sweep_trains_once_per_training_setting_and_its_experiments_compare(repo, tmp_path):
     """fashion-exp queues a 2 x 2 sweep on a new LoRA (generate.steps x plots.grid_samples) and
     `dvc queue start` runs it: the first experiment trains, the other three take the LoRA from the
-    run-cache, generate-lora runs once per generate.steps; then they compare."""
+    run-cache, generate-lora runs once per generate.steps; then they compare. Then A -> B -> A in
+    the workspace: B, a point the queue ran, and A, what the workspace had, each come back from
+    the run-cache without a training step or a drawn image."""
+    a = (tmp_path / "params.yaml").read_text()
     queued = run_ok([str(Path(sys.executable).parent / "fashion-exp"), "demo", "-S", "train.rank=3",
                      "-S", "generate.steps=5,6", "-S", "plots.grid_samples=1,2", "--queue"])
     assert "dvc exp run -n demo" in queued and "generate.steps=5,6" in queued
@@ -131,6 +117,17 @@ def test_a_queued_sweep_trains_once_per_training_setting_and_its_experiments_com
         assert name in table, (name, table)
     dvc("plots", "diff", "demo-1", "demo-3", "-o", str(tmp_path / "plots_diff"))
     assert (tmp_path / "plots_diff" / "index.html").is_file()
+
+    b = {**repo, "train": {**repo["train"], "rank": 3}, "generate": {**repo["generate"], "steps": 6},
+         "plots": {**repo["plots"], "grid_samples": 1}}  # demo-3's point
+    for params in (yaml.safe_dump(b, sort_keys=False), a):
+        (tmp_path / "params.yaml").write_text(params)
+        back = repro_log(tmp_path)
+        for stage in ("train-lora", "generate-lora"):
+            assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
+        assert "train-lora: 4 steps" not in back and "drew" not in back, "no training step, no image drawn"
+    resume = tmp_path / repo["paths"]["resume"]
+    assert not resume.exists() or not any(resume.iterdir())
 
 
 def dvc(*args: str) -> str:
