@@ -147,8 +147,8 @@ def full_size_settings(sources: dict[str, Path], cuda: bool) -> dict:
         "train.validate_every": 10 if cuda else 2, "train.validation_samples": 4 if cuda else 1,
         "train.validation_loss_samples": 32 if cuda else 2, "train.validation_steps": 10 if cuda else 2,
         "generate.batch_size": 16 if cuda else 2, "plots.grid_samples": 2,
-        # the recipe knobs on the GPU, once each: a text encoder LoRA (through the ControlNet, CUDA
-        # graphs where train.compile asks), Min-SNR-γ, noise offset, caption dropout
+        # the recipe knobs on the GPU, once each: a text encoder LoRA (through the ControlNet),
+        # Min-SNR-γ, noise offset, caption dropout (tests/test_cuda.py runs one under CUDA graphs)
         **({"train.text_encoder_rank": 4, "train.snr_gamma": 5.0, "train.noise_offset": 0.05,
             "train.caption_dropout": 0.1} if cuda else {}),
         "models.mode": "local", **{f"models.local.{k}": str(v) for k, v in sources.items()},

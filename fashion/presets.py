@@ -65,8 +65,8 @@ def user_overrides(args: list[str]) -> list[str]:
             pairs.append(args[i + 1])
         elif arg.startswith("--set-param="):
             pairs.append(arg.split("=", 1)[1])
-        elif arg.startswith("-S") and len(arg) > 2:
-            pairs.append(arg[2:])
+        elif arg.startswith("-S") and len(arg) > 2:  # -Sx, and -S=x as argparse reads it
+            pairs.append(arg[3:] if arg.startswith("-S=") else arg[2:])
     overrides = []
     for pair in pairs:
         key, sep, _ = pair.partition("=")
@@ -106,9 +106,13 @@ def expand(overrides: list[str]) -> tuple[list[dict], bool]:
         except HydraException as err:  # the grammar's message is several lines: its first says what
             raise StageError(f"-S {override}: not DVC's -S grammar ({str(err).splitlines()[0]}); see "
                              "https://hydra.cc/docs/advanced/override_grammar/basic") from None
+    for override in parsed:  # DVC shuffles on its own: the grid printed here would name other points
+        if override.is_sweep_override() and getattr(override.value(), "shuffle", False):
+            raise StageError(f"-S {override.input_line}: shuffle() queues in an order fashion-exp cannot show; list "
+                             "the values instead")
     try:
         sweeps = get_hydra_sweeps({str(PARAMS_FILE): overrides})
-    except InvalidArgumentError as err:  # glob(), which DVC refuses
+    except (InvalidArgumentError, HydraException) as err:  # glob() and interval(), which DVC cannot expand
         raise StageError(f"-S: {err}") from None
     runs = [{o.key_or_group: o.value() for o in to_hydra_overrides(sweep[str(PARAMS_FILE)])} for sweep in sweeps]
     return runs, any(o.is_sweep_override() for o in parsed)
@@ -127,8 +131,8 @@ def check(name: str, presets: dict[str, dict], extra: list[str]) -> tuple[list[s
     runs, sweep = expand(preset_overrides(presets[name]) + user_overrides(extra))
     swept, params = swept_keys(runs), read_yaml(PARAMS_FILE)
     for number, run in enumerate(runs, 1):
-        where = f"{PRESETS_FILE}: {name}" + (f", sweep run {number} of {len(runs)} ("
-                                              + ", ".join(f"{k}={run[k]}" for k in swept) + ")" if sweep else "")
+        point = f" ({', '.join(f'{k}={run[k]}' for k in swept)})" if swept else ""
+        where = f"{PRESETS_FILE}: {name}" + (f", sweep run {number} of {len(runs)}{point}" if sweep else "")
         try:
             parse_params(apply(params, run), where)
         except ParamsError as err:  # parse_params names `where` itself; apply does not
@@ -169,12 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     for arg in rest:  # our own flags out; the rest goes to dvc exp run
         if arg == "--max-runs" or arg.startswith("--max-runs="):
             value = arg.split("=", 1)[1] if "=" in arg else next(rest, "")
-            if not value.isdigit() or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise StageError(f"--max-runs {value}: expected a whole number of experiments, at least 1")
             max_runs = int(value)
         elif arg not in ours:
             extra.append(arg)
-    check_params_clean()  # first: the check below reads params.yaml
+    if not ours["--sweep"]:  # first: the check below reads params.yaml (--sweep only shows it)
+        check_params_clean()
     cmd, runs, sweep = check(name, presets, extra)
     if ours["--sweep"]:  # the grid alone: nothing runs, nothing is queued
         print(f"{len(runs)} experiment{'s' if len(runs) > 1 else ''}:\n" + grid(name, runs, sweep))

@@ -351,7 +351,7 @@ CASES = [
          r"layers are mlp.fc1, mlp.fc2, self_attn.k_proj, self_attn.out_proj, self_attn.q_proj, self_attn.v_proj"),
     Case("text-encoder-target-module-not-linear", "train_lora",
          params(train__text_encoder_rank=4, train__text_encoder_target_modules=["token_embedding"]),
-         r"train.text_encoder_target_modules: 'token_embedding' names a Embedding, not a layer LoRA can wrap "
+         r"train.text_encoder_target_modules: 'token_embedding' names an Embedding, not a layer LoRA can wrap "
          r"\(Linear\); the text encoder's layers are mlp.fc1"),
     Case("device-unknown", "train_lora", env("FASHION_DEVICE", "gpu"),
          r"FASHION_DEVICE='gpu' is not a device; use auto, cpu, cuda or cuda:N"),

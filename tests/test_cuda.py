@@ -71,13 +71,16 @@ def test_metrics_agree_between_cpu_and_cuda(on_cuda, monkeypatch, tf32):
                                            err_msg=f"{variant}.{key}")
 
 
-def test_cuda_graphs_train_the_seeds_two_micro_batches_under_the_controlnet(on_cuda):
+@pytest.mark.parametrize("text_encoder_rank", [0, 2], ids=["unet", "and-text-encoder"])
+def test_cuda_graphs_train_the_seeds_two_micro_batches_under_the_controlnet(on_cuda, text_encoder_rank):
     """train.compile: reduce-overhead with 2 x 2: each micro-batch's backward accumulates into
     gradient buffers outside the graph pool (pytorch#169545 otherwise), and the compiled text
     encoder and ControlNet replay their graphs per micro-batch. The loss curve follows the eager
-    one (bf16 or fp16 rounding apart)."""
+    one (bf16 or fp16 rounding apart). With a text encoder LoRA the compiled text encoder trains
+    and the compiled ControlNet passes gradients back to it."""
     p = on_cuda
-    p.run("train_lora", train__batch_size=2, train__grad_accumulation=2, train__controlnet=True, train__max_steps=6)
+    p.run("train_lora", train__batch_size=2, train__grad_accumulation=2, train__controlnet=True, train__max_steps=6,
+          train__text_encoder_rank=text_encoder_rank, train__compile="none")
     eager = read_history(p.path("train_log"))
     p.run("train_lora", train__compile="reduce-overhead")
     graphed = read_history(p.path("train_log"))

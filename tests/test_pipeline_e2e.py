@@ -120,14 +120,13 @@ def test_a_queued_sweep_trains_once_per_training_setting_and_its_experiments_com
 
     b = {**repo, "train": {**repo["train"], "rank": 3}, "generate": {**repo["generate"], "steps": 6},
          "plots": {**repo["plots"], "grid_samples": 1}}  # demo-3's point
-    for params in (yaml.safe_dump(b, sort_keys=False), a):
+    for params, point in ((yaml.safe_dump(b, sort_keys=False), "demo-3"), (a, "HEAD")):
         (tmp_path / "params.yaml").write_text(params)
+        assert dvc("params", "diff", point).strip() == "", f"the workspace's params are {point}'s"
         back = repro_log(tmp_path)
         for stage in ("train-lora", "generate-lora"):
             assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
         assert "train-lora: 4 steps" not in back and "drew" not in back, "no training step, no image drawn"
-    resume = tmp_path / repo["paths"]["resume"]
-    assert not resume.exists() or not any(resume.iterdir())
 
 
 def dvc(*args: str) -> str:

@@ -12,9 +12,15 @@ from stages.common.params import ParamsError
 from tests.conftest import REPO
 
 
+CHECK_PARAMS_CLEAN = presets.check_params_clean
+
+
 @pytest.fixture(autouse=True)
 def at_repo(monkeypatch):
+    """At the repo's root, whatever its params.yaml's git state (test_a_preset_starts_from_the_committed_params
+    checks that refusal)."""
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(presets, "check_params_clean", lambda: None)
 
 
 def test_every_preset_validates():
@@ -66,12 +72,12 @@ def test_a_preset_starts_from_the_committed_params(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     for cmd in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
         subprocess.run([*git, *cmd], check=True)
-    presets.check_params_clean()
+    CHECK_PARAMS_CLEAN()
     edited = re.sub(r"max_steps: \d+", "max_steps: 5", (REPO / "params.yaml").read_text(), count=1)
     assert edited != (REPO / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(edited)
     with pytest.raises(StageError, match=r"params.yaml: differs from HEAD \(the last experiment applied its params\)"):
-        presets.check_params_clean()
+        CHECK_PARAMS_CLEAN()
 
 
 def test_string_values_stay_one_value_for_dvc():
@@ -107,6 +113,12 @@ def test_a_sweep_expands_as_dvc_does_and_checks_every_point(capsys):
         presets.check("demo", shipped, ["-S", "dvc.yaml:x=1"])
     _, runs, sweep = presets.check("demo", shipped, ["-S", "train.rank=choice(4)"])
     assert sweep and runs == [{"train.rank": 4}], "a one-point sweep is still a sweep to DVC (named demo-1)"
+    with pytest.raises(ParamsError, match=r"^presets.yaml: demo, sweep run 1 of 1: train.rank: must be at least 1$"):
+        presets.check("demo", shipped, ["-S=train.rank=choice(0)"])
+    with pytest.raises(StageError, match=r"^-S: BasicSweeper does not support sweep type : INTERVAL_SWEEP"):
+        presets.check("demo", shipped, ["-S", "train.learning_rate=interval(1e-4,1e-3)"])
+    with pytest.raises(StageError, match=r"^-S train.rank=shuffle\(4,8\): shuffle\(\) queues in an order"):
+        presets.check("demo", shipped, ["-S", "train.rank=shuffle(4,8)"])
 
     presets.main(["demo", "-S", "train.rank=4,16", "-S", "train.learning_rate=1e-3,5e-3", "--sweep"])
     assert capsys.readouterr().out.splitlines() == [
@@ -122,6 +134,7 @@ def test_a_sweep_expands_as_dvc_does_and_checks_every_point(capsys):
     (["-S", "train.rank=4,8,16", "--queue", "--max-runs", "2"], r"more than --max-runs 2"),
     (["-S", "train.rank=4,8,16", "--queue", "--max-runs=2"], r"more than --max-runs 2"),
     (["--max-runs", "none"], r"^--max-runs none: expected a whole number of experiments, at least 1$"),
+    (["--max-runs=²"], r"^--max-runs ²: expected a whole number"),
 ])
 def test_a_sweep_queues_only_when_asked_and_only_as_large_as_allowed(args, message):
     with pytest.raises(StageError, match=message):

@@ -237,7 +237,8 @@ def test_a_text_encoder_lora_loads_everywhere_as_trained(trained_project, monkey
     # diffusers' loader reads (a bare lora_A there it cannot place)
     p.run("train_lora", train__text_encoder_target_modules=["fc1", "fc2"], train__max_steps=2,
           train__validate_every=0)
-    assert all(".mlp.fc" in k and ".lora_linear_layer." in k for k in lora_weights(p) if k.startswith("text_encoder."))
+    text_keys = [k for k in lora_weights(p) if k.startswith("text_encoder.")]
+    assert len(text_keys) == 2 * 2 * 12 and all(".mlp.fc" in k and ".lora_linear_layer." in k for k in text_keys)
     public = StableDiffusionPipeline.from_pretrained(paths.base_model, safety_checker=None,
                                                      requires_safety_checker=False)
     public.load_lora_weights(paths.lora, weight_name=LORA_WEIGHTS)

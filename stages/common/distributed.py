@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -81,7 +82,7 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast(tensors) -> None:
+def broadcast(tensors: Iterable[torch.Tensor]) -> None:
     """Process 0's values in every process, in place."""
     if dist.is_initialized():
         for tensor in tensors:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 
 KOHYA_FILE = "fashion_lora_kohya.safetensors"
-# diffusers renames peft's lora_A/lora_B to lora.down/lora.up for the UNet's attention projections
-# and to lora_linear_layer.down/up for the text encoder's; a LoRA on any other layer (proj_in,
-# ff.net.*, fc1) keeps peft's names in the same file.
+# diffusers renames peft's lora_A/lora_B to lora.down/lora.up for the UNet's attention projections;
+# a LoRA on another UNet layer (proj_in, ff.net.*) keeps peft's names in the same file. The text
+# encoder's layers are all lora_linear_layer.down/up (diffusers_states).
 _DIFFUSERS_KEY = re.compile(r"(?P<model>unet|text_encoder)\.(?P<module>.+?)"
                             r"\.(?:lora(?:_linear_layer)?\.(?P<part>down|up)|lora_(?P<peft>A|B))\.weight")
 _KOHYA_KEY = re.compile(r"(?P<name>lora_(?:unet|te)_.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")

@@ -162,8 +162,10 @@ def load_text_encoder_lora(pipe, path: str | Path, adapter_name: str) -> None:
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     add_text_encoder_lora(pipe.text_encoder, LoraConfig(**config), adapter_name)
     result = set_peft_model_state_dict(pipe.text_encoder, state, adapter_name=adapter_name)
-    if result.unexpected_keys:
-        raise ValueError(f"text encoder LoRA keys that fit no layer: {result.unexpected_keys[0]}")
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"text encoder LoRA keys that fit no layer ({result.unexpected_keys[:1]}) or layers without "
+                         f"their weights ({missing[:1]})")
 
 
 def lora_components(pipe) -> list[str]:
@@ -189,8 +191,9 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str], key:
         layers = sorted({name.split(block)[1] for name, module in modules.items()
                          if block in name and isinstance(module, torch.nn.Linear)})
         kinds = "Linear, Conv or Embedding" if what == "UNet" else "Linear"
-        problem = (f"names a {type(next(m for m in matches if not isinstance(m, wrappable))).__name__}, not a layer "
-                   f"LoRA can wrap ({kinds})" if matches else f"is not a module of the {what}")
+        kind = type(next(m for m in matches if not isinstance(m, wrappable))).__name__ if matches else ""
+        problem = (f"names {'an' if kind[:1] in 'AEIOU' else 'a'} {kind}, not a layer LoRA can wrap ({kinds})"
+                   if matches else f"is not a module of the {what}")
         listed = "attention projections" if what == "UNet" else "layers"
         raise StageError(f"{key}: {target!r} {problem}; the {what}'s {listed} are {', '.join(layers)}")
 

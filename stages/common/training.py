@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from stages.common import distributed
 from stages.common.edges import canny
+from stages.common.errors import StageError
 from stages.common.models import add_text_encoder_lora, check_target_modules, load_training_models
 from stages.common.runtime import compile_module, fused_adamw, uses_cuda_graphs
 
@@ -254,6 +255,9 @@ class Trainer:
         self.m = m = load_training_models(paths.base_model, dtype,
                                           paths.controlnet if cfg.controlnet or drawn else None)
         check_target_modules(m.unet, cfg.target_modules)
+        if m.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):  # the targets denoising_loss knows
+            raise StageError(f"{paths.base_model}: its scheduler predicts {m.noise_scheduler.config.prediction_type!r}; "
+                             "the recipe trains an epsilon or a v_prediction model")
         if cfg.text_encoder_rank:
             check_target_modules(m.text_encoder, cfg.text_encoder_target_modules, "train.text_encoder_target_modules",
                                  "text encoder")
