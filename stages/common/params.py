@@ -309,7 +309,7 @@ class Train:
                                   "--proportion_empty_prompts, kohya's caption_dropout_rate): keeps the "
                                   "unconditional branch of classifier-free guidance in tune; 0: off")
     text_encoder_rank: int = _doc("LoRA rank on the text encoder too, trained at its own learning rate (kohya's "
-                                  "--text_encoder_lr): it re-teaches words; 0: the UNet alone (the seed recipe)")
+                                  "--text_encoder_lr), for words the base reads otherwise; 0: the UNet alone (the seed recipe)")
     text_encoder_alpha: float = _doc("the text encoder's LoRA alpha (scale = alpha / rank)")
     text_encoder_learning_rate: float = _doc("peak AdamW learning rate of the text encoder's LoRA (same schedule)")
     text_encoder_target_modules: list[str] = _doc("text encoder Linear layers that get LoRA, by name or name "
