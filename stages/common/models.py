@@ -120,14 +120,6 @@ def check_lora(folder: str | Path) -> Path:
     return path
 
 
-def has_text_encoder_lora(path: Path) -> bool:
-    """Whether a checked LoRA file (check_lora) holds text encoder weights (train.text_encoder_rank)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return any(k.startswith("text_encoder.") for k in f.keys())
-
-
 def add_text_encoder_lora(text_encoder, config, adapter_name: str = "default") -> None:
     """`config`'s LoRA layers in the text encoder, through peft itself: transformers' own adapter
     API (add_adapter, load_adapter) refuses peft 0.21, the newest release, from transformers 5.23
@@ -140,24 +132,26 @@ def add_text_encoder_lora(text_encoder, config, adapter_name: str = "default") -
 
 def load_text_encoder_lora(pipe, path: str | Path, adapter_name: str) -> None:
     """The text encoder's LoRA of train-lora's diffusers file (text_encoder.* keys, the adapter
-    config in its metadata), added through peft (see add_text_encoder_lora: not
-    load_lora_weights, whose last step is transformers' adapter API)."""
+    config in its metadata), if it has one (train.text_encoder_rank), added through peft (see
+    add_text_encoder_lora: not load_lora_weights, whose last step is transformers' adapter API)."""
     import json
 
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.utils import convert_state_dict_to_peft
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file, safe_open
+    from safetensors import safe_open
 
-    from stages.common.lora_formats import peft_names
-
-    with safe_open(path, framework="pt") as f:
+    with safe_open(path, framework="pt") as f:  # the text encoder's tensors only
+        keys = [k for k in f.keys() if k.startswith("text_encoder.")]
+        if not keys:
+            return
         metadata = json.loads((f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
+        # lora_linear_layer.down/up on every layer (train-lora writes them so): diffusers' converter names them as peft
+        state = convert_state_dict_to_peft({k.removeprefix("text_encoder."): f.get_tensor(k) for k in keys})
     config = {k.removeprefix("text_encoder."): v for k, v in metadata.items() if k.startswith("text_encoder.")}
     if not config:
         raise ValueError("no adapter metadata for the text encoder (its rank and alpha)")
-    state = {k.removeprefix("text_encoder."): v for k, v in peft_names(load_file(path)).items()
-             if k.startswith("text_encoder.")}
     if not hasattr(pipe.text_encoder, "text_model"):  # transformers 5's CLIP: SD 1.5's names lose text_model.
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     add_text_encoder_lora(pipe.text_encoder, LoraConfig(**config), adapter_name)
@@ -173,28 +167,30 @@ def lora_components(pipe) -> list[str]:
     return ["unet"] + (["text_encoder"] if getattr(pipe.text_encoder, "peft_config", None) else [])
 
 
+# What a LoRA may wrap in each model, where one block's layers are listed in the error, and what
+# they are called. The UNet's on any layer peft wraps; the text encoder's on Linear ones only, the
+# layers whose keys both file formats name (CLIP's embeddings would not export).
+_TARGETS = {"UNet": ((torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding), "Linear, Conv or Embedding",
+                     ".attn1.", "attention projections"),
+            "text encoder": ((torch.nn.Linear,), "Linear", ".layers.0.", "layers")}
+
+
 def check_target_modules(model: torch.nn.Module, target_modules: list[str], key: str = "train.target_modules",
                          what: str = "UNet") -> None:
-    """Every entry of `key` must name layers peft can give a LoRA (Linear, Conv, Embedding) in
-    `model` (the UNet, or the text encoder); otherwise peft fails deep inside add_adapter, or
-    matches nothing. The error lists one block's layers, as they can be named."""
-    # The UNet's LoRA may sit on any layer peft wraps; the text encoder's only on Linear ones, the
-    # layers whose keys both file formats name (CLIP's embeddings would not export)
-    wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding) if what == "UNet" \
-        else (torch.nn.Linear,)
+    """Every entry of `key` must name layers peft can give a LoRA in `model` (the UNet, or the
+    text encoder: `what`); otherwise peft fails deep inside add_adapter, or matches nothing. The
+    error lists one block's layers, as they can be named."""
+    wrappable, kinds, block, listed = _TARGETS[what]
     modules = dict(model.named_modules())
     for target in target_modules:
         matches = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
         if matches and all(isinstance(m, wrappable) for m in matches):
             continue
-        block = ".attn1." if what == "UNet" else ".layers.0."  # SD 1.5's: attention; CLIP's: a whole layer
         layers = sorted({name.split(block)[1] for name, module in modules.items()
                          if block in name and isinstance(module, torch.nn.Linear)})
-        kinds = "Linear, Conv or Embedding" if what == "UNet" else "Linear"
         kind = type(next(m for m in matches if not isinstance(m, wrappable))).__name__ if matches else ""
         problem = (f"names {'an' if kind[:1] in 'AEIOU' else 'a'} {kind}, not a layer LoRA can wrap ({kinds})"
                    if matches else f"is not a module of the {what}")
-        listed = "attention projections" if what == "UNet" else "layers"
         raise StageError(f"{key}: {target!r} {problem}; the {what}'s {listed} are {', '.join(layers)}")
 
 
@@ -230,8 +226,7 @@ def load_controlnet_pipeline(base: str | Path, controlnet: str | Path, scheduler
             # Into the UNet directly: no load_lora_weights warning about a text encoder without LoRA keys
             pipe.unet.load_lora_adapter(lora_file.parent, weight_name=lora_file.name, prefix="unet",
                                         adapter_name="fashion")
-            if has_text_encoder_lora(lora_file):  # train.text_encoder_rank
-                load_text_encoder_lora(pipe, lora_file, "fashion")
+            load_text_encoder_lora(pipe, lora_file, "fashion")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
